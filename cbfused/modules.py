@@ -1,0 +1,83 @@
+"""``nn.Module`` losses, mirroring ``torch.nn``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _ops
+from .weights import CountsLike, check_beta, class_balanced_weights
+
+__all__ = ["ClassBalancedLoss"]
+
+
+class ClassBalancedLoss(nn.Module):
+    """Class-balanced loss as a module. The class weights live in the ``weight`` buffer
+    (float64): they move with ``.to()`` and are saved in ``state_dict``.
+
+    See :func:`cbfused.class_balanced_loss` for the formulas and arguments.
+
+    Example::
+
+        counts = cbfused.class_counts(train_labels, num_classes)   # whole training set
+        criterion = cbfused.ClassBalancedLoss(counts, beta=0.999, loss_type="focal", gamma=0.5)
+        loss = criterion(model(x), y)
+    """
+
+    weight: torch.Tensor
+
+    def __init__(
+        self,
+        samples_per_class: CountsLike | None = None,
+        beta: float = 0.9999,
+        loss_type: str = "focal",
+        gamma: float = 1.0,
+        alpha: float | None = None,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        zero_count: str = "error",
+        weights: torch.Tensor | CountsLike | None = None,
+    ) -> None:
+        super().__init__()
+        _ops.loss_type_code(loss_type)
+        _ops.reduction_code(reduction)
+        if not gamma >= 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        if alpha is not None and loss_type in ("softmax", "softmax_focal"):
+            raise ValueError(f"alpha applies to the sigmoid-based losses only, not to loss_type={loss_type!r}")
+        if (samples_per_class is None) == (weights is None):
+            raise ValueError("give exactly one of samples_per_class (with beta) or weights")
+        if weights is None:
+            w = class_balanced_weights(samples_per_class, beta, zero_count=zero_count)
+            self.beta: float | None = check_beta(beta)
+        else:
+            w = torch.as_tensor(weights, dtype=torch.float64).detach().clone()
+            if w.dim() != 1:
+                raise ValueError(f"weights must be 1-D [C], got shape {list(w.shape)}")
+            self.beta = None
+        self.register_buffer("weight", w)
+        self.loss_type = loss_type
+        self.gamma = float(gamma)
+        self.alpha = alpha
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.numel()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return _ops.cb_loss(
+            logits, target, self.weight, self.loss_type, self.gamma, self.alpha, self.reduction, self.ignore_index
+        )
+
+    def extra_repr(self) -> str:
+        parts = [f"num_classes={self.num_classes}", f"loss_type={self.loss_type!r}"]
+        if self.beta is not None:
+            parts.append(f"beta={self.beta}")
+        if self.loss_type in ("focal", "softmax_focal"):
+            parts.append(f"gamma={self.gamma}")
+        if self.alpha is not None:
+            parts.append(f"alpha={self.alpha}")
+        parts.append(f"reduction={self.reduction!r}")
+        return ", ".join(parts)

@@ -1,0 +1,104 @@
+"""Pure-PyTorch implementations of every cbfused loss: the oracle for the tests and the
+benchmark's eager baseline. Never on the fast path.
+
+Computes in float64 (or the dtype given by ``compute_dtype``) with plain, stable torch ops
+and returns the logits' dtype. Same arguments and semantics as :mod:`cbfused.functional`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .weights import class_balanced_weights
+
+__all__ = ["class_balanced_weights", "class_balanced_loss", "sigmoid_focal_loss"]
+
+
+def _targets(x: torch.Tensor, target: torch.Tensor, w: torch.Tensor, ignore_index: int):
+    """-> (t [N, C] float, s [N] sample weights, valid [N] or None)."""
+    c = x.shape[1]
+    if target.is_floating_point():
+        t = target.to(x.dtype)
+        return t, t @ w, None
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target)).long()
+    t = F.one_hot(y, c).to(x.dtype) * valid.unsqueeze(1).to(x.dtype)
+    s = w[y] * valid.to(x.dtype)
+    return t, s, valid
+
+
+def class_balanced_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+    loss_type: str = "focal",
+    gamma: float = 1.0,
+    alpha: float | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Reference class-balanced loss (see ``cbfused.class_balanced_loss``)."""
+    x = logits.to(compute_dtype)
+    w = weights.to(device=x.device, dtype=compute_dtype)
+    t, s, valid = _targets(x, target, w, ignore_index)
+    if loss_type in ("softmax", "softmax_focal"):
+        logp = F.log_softmax(x, dim=1)
+        if loss_type == "softmax":
+            per = -(t * logp).sum(1)
+        else:
+            one_minus_p = -torch.expm1(logp)
+            per = (t * one_minus_p.pow(gamma) * -logp).sum(1)
+    elif loss_type in ("sigmoid", "focal"):
+        bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+        if loss_type == "focal":
+            bce = torch.exp(-gamma * t * x - gamma * F.softplus(-x)) * bce
+        if alpha is not None:
+            bce = (alpha * t + (1 - alpha) * (1 - t)) * bce
+        per = bce.sum(1)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    loss = s * per
+    if reduction == "none":
+        out = loss
+    elif reduction == "sum":
+        out = loss.sum()
+    elif reduction in ("mean", "weighted_mean"):
+        if reduction == "weighted_mean":
+            d = s.sum()
+        elif valid is not None:
+            d = valid.sum().to(x.dtype)
+        else:
+            d = t.sum()
+        out = torch.where(d > 0, loss.sum() / torch.where(d > 0, d, torch.ones_like(d)), loss.sum() * 0)
+    else:
+        raise ValueError(f"unknown reduction {reduction!r}")
+    return out.to(logits.dtype)
+
+
+def sigmoid_focal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2,
+    reduction: str = "none",
+    weight: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Reference for :func:`cbfused.sigmoid_focal_loss` (torchvision's formula)."""
+    x = inputs.to(compute_dtype)
+    t = targets.to(compute_dtype)
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+    if weight is not None:
+        loss = loss * weight.to(compute_dtype)
+    if reduction == "mean":
+        loss = loss.mean() if loss.numel() else loss.sum()
+    elif reduction == "sum":
+        loss = loss.sum()
+    return loss.to(inputs.dtype)

@@ -1,0 +1,49 @@
+// Input validation and output allocation shared by every backend (host only).
+// Error messages name the tensor, the problem and the value.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace cbfused {
+
+struct CbLossPlan {
+  int64_t N = 0;
+  int64_t C = 0;
+  bool hard = true;     // integer class targets (else float [N, C] targets)
+  at::Tensor target;    // int64 [N] or floating [N, C] with unit column stride
+  at::Tensor logits;    // [N, C] with unit column stride
+  at::Tensor weight;    // [C], accumulation dtype, contiguous
+};
+
+// Validates the arguments of cbfused::cb_loss and normalises the layouts the
+// kernels accept (unit stride along classes, int64 targets, weights in the
+// accumulation type).
+CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target,
+                         const at::Tensor& class_weight, int64_t loss_type, double gamma,
+                         double alpha, int64_t reduction);
+
+// The op's outputs: loss ([] or [N]), grad ([N, C] or [0]), inv_norm ([]).
+struct CbLossOutputs {
+  at::Tensor loss;
+  at::Tensor grad;
+  at::Tensor inv_norm;
+};
+CbLossOutputs alloc_cb_loss(const CbLossPlan& plan, int64_t reduction, bool compute_grad);
+
+struct FocalPlan {
+  at::Tensor inputs;   // contiguous
+  at::Tensor targets;  // contiguous, same shape and dtype
+  at::Tensor weight;   // [K] in the accumulation type, or undefined
+  int64_t K = 1;       // the last dimension (classes), 1 for a 0-d input
+  int64_t rows = 0;    // numel / K
+};
+
+FocalPlan check_sigmoid_focal(const at::Tensor& inputs, const at::Tensor& targets,
+                              const std::optional<at::Tensor>& weight, double gamma,
+                              int64_t reduction);
+
+std::string shape_str(const at::Tensor& t);
+
+}  // namespace cbfused

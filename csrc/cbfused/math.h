@@ -1,0 +1,185 @@
+// Per-element and per-row math shared by the CPU and CUDA kernels.
+//
+// One copy of every formula. Each formula is a template over T, the arithmetic
+// type: `float` / `double` on the host and the device, and
+// `at::vec::Vectorized<float|double>` in the CPU kernels (cpu/vec_ops.h
+// specialises MathOps for it). The semantics are those of
+// shared/design/losses.md; the derivations are in README.md ("Numerics").
+//
+// Every binary term is written as a convex combination in t and u = 1 - t so
+// that nothing cancels at saturated logits:
+//   bce(x, t)   = t * softplus(-x) + u * softplus(x)
+//   d bce / dx  = u * sigmoid(x) - t * sigmoid(-x)
+//   focal z     = t * softplus(x) + u * softplus(-x),   m = exp(-gamma * z)
+// which equal softplus(x) - t x, sigmoid(x) - t and t x + softplus(-x) exactly.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CBF_HD __host__ __device__ __forceinline__
+#else
+#define CBF_HD inline
+#endif
+
+namespace cbfused {
+
+// Loss kinds, shared by the op schema (ints) and the Python layer (_ops.py).
+enum LossType : int64_t { kSoftmax = 0, kSigmoid = 1, kFocal = 2, kSoftmaxFocal = 3 };
+enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2, kWeightedMean = 3 };
+
+// Primitive operations on T. Mask is what comparisons return and select takes.
+template <typename T>
+struct MathOps;
+
+template <typename T>
+struct ScalarMathOps {
+  using Mask = bool;
+  static CBF_HD T exp(T x) { return ::exp(x); }
+  static CBF_HD T log(T x) { return ::log(x); }
+  static CBF_HD T log1p(T x) { return ::log1p(x); }
+  static CBF_HD T expm1(T x) { return ::expm1(x); }
+  static CBF_HD T abs(T x) { return ::fabs(x); }
+  static CBF_HD T max(T a, T b) { return a > b ? a : b; }
+  static CBF_HD Mask ge(T a, T b) { return a >= b; }
+  static CBF_HD Mask gt(T a, T b) { return a > b; }
+  static CBF_HD T select(Mask m, T if_true, T if_false) { return m ? if_true : if_false; }
+};
+
+template <>
+struct MathOps<float> : ScalarMathOps<float> {
+  static CBF_HD float exp(float x) { return ::expf(x); }
+  static CBF_HD float log(float x) { return ::logf(x); }
+  static CBF_HD float log1p(float x) { return ::log1pf(x); }
+  static CBF_HD float expm1(float x) { return ::expm1f(x); }
+  static CBF_HD float abs(float x) { return ::fabsf(x); }
+};
+
+template <>
+struct MathOps<double> : ScalarMathOps<double> {};
+
+// softplus(x), softplus(-x), sigmoid(x) and sigmoid(-x) from one exp and one
+// log1p, each accurate to a few ulp for every finite x (no log(1 + exp(x))).
+template <typename T>
+struct Logistic {
+  T sp_pos;   // softplus(x)  = log(1 + e^x)
+  T sp_neg;   // softplus(-x) = log(1 + e^-x)
+  T sig_pos;  // sigmoid(x)
+  T sig_neg;  // sigmoid(-x) = 1 - sigmoid(x), without the cancellation
+};
+
+template <typename T>
+CBF_HD Logistic<T> logistic(T x) {
+  using O = MathOps<T>;
+  const T zero(0), one(1);
+  const T e = O::exp(-O::abs(x));  // in (0, 1]
+  const T l = O::log1p(e);
+  const T r = one / (one + e);
+  const T er = e * r;
+  const auto pos = O::ge(x, zero);
+  Logistic<T> out;
+  out.sp_pos = O::max(x, zero) + l;
+  out.sp_neg = O::max(-x, zero) + l;
+  out.sig_pos = O::select(pos, r, er);
+  out.sig_neg = O::select(pos, er, r);
+  return out;
+}
+
+// Class-balanced paper's sigmoid focal term (losses.md, "focal"), for a target
+// t in [0, 1], gamma >= 0 and alpha_t already folded into `scale`:
+//   loss = m * bce,  m = exp(-gamma * (t x + softplus(-x)))
+//   dloss/dx = m * ((sigmoid(x) - t) + gamma * (1 - sigmoid(x) - t) * bce)
+// kFocal = false gives the plain sigmoid cross-entropy (gamma = 0).
+template <bool kFocal, bool kGrad, typename T, typename G>
+CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad) {
+  using O = MathOps<T>;
+  const T u = T(1) - t;
+  const Logistic<T> L = logistic(x);
+  const T bce = t * L.sp_neg + u * L.sp_pos;
+  const T d1 = u * L.sig_pos - t * L.sig_neg;  // sigmoid(x) - t
+  if constexpr (!kFocal) {
+    loss = bce;
+    if constexpr (kGrad) grad = d1;
+  } else {
+    const T g(gamma);
+    const T m = O::exp(-g * (t * L.sp_pos + u * L.sp_neg));
+    loss = m * bce;
+    if constexpr (kGrad) {
+      const T d2 = u * L.sig_neg - t * L.sig_pos;  // 1 - sigmoid(x) - t
+      grad = m * (d1 + g * d2 * bce);
+    }
+  }
+}
+
+// torchvision.ops.sigmoid_focal_loss's term, exactly its semantics for soft
+// targets too: loss = bce * (1 - p_t)^gamma, p_t = p t + (1 - p)(1 - t).
+//   B = 1 - p_t = u sigmoid(x) + t sigmoid(-x),  m = B^gamma
+//   dm/dx = gamma * m * sigmoid(x) sigmoid(-x) (u - t) / B
+// For binary t this equals binary_term<true>. B = 0 only when t is 0 or 1 and
+// x saturates past the dtype's range; there m -> 0 (gamma > 0) and dm -> 0.
+template <bool kGrad, typename T, typename G>
+CBF_HD void torchvision_focal_term(T x, T t, G gamma, T& loss, T& grad) {
+  using O = MathOps<T>;
+  const T zero(0), one(1);
+  const T u = one - t;
+  const Logistic<T> L = logistic(x);
+  const T bce = t * L.sp_neg + u * L.sp_pos;
+  const T B = u * L.sig_pos + t * L.sig_neg;
+  const T g(gamma);
+  const auto b_pos = O::gt(B, zero);
+  const T safe_B = O::select(b_pos, B, one);
+  const T m = O::select(b_pos, O::exp(g * O::log(safe_B)), gamma == G(0) ? one : zero);
+  loss = m * bce;
+  if constexpr (kGrad) {
+    const T d1 = u * L.sig_pos - t * L.sig_neg;
+    const T dm = O::select(b_pos, g * m * L.sig_pos * L.sig_neg * (u - t) / safe_B, zero);
+    grad = dm * bce + m * d1;
+  }
+}
+
+// Softmax focal factors for log p (p = softmax probability of a class):
+//   loss factor  (1 - p)^gamma * (-log p)
+//   G            = (1 - p)^gamma * (1 - gamma * p * log p / (1 - p))  >= 0
+// so that d[(1 - p_y)^gamma (-log p_y)] / dz_k = G * (p_k - [k == y]).
+// 1 - p is -expm1(log p): exact as p -> 1, where 1 - p would cancel, and the
+// ratio log p / (1 - p) tends to -1 there; (1 - p)^gamma is exp(gamma log(1 - p))
+// with the limits 0^gamma = 0 (gamma > 0) and 0^0 = 1, so gamma < 1 never
+// produces the inf * 0 of d/dp (1 - p)^gamma.
+template <typename T>
+struct SoftmaxFocal {
+  T loss;  // (1 - p)^gamma * (-log p)
+  T G;
+};
+
+template <bool kFocal, typename T, typename G>
+CBF_HD SoftmaxFocal<T> softmax_focal(T logp, G gamma) {
+  using O = MathOps<T>;
+  SoftmaxFocal<T> out;
+  if constexpr (!kFocal) {
+    out.loss = -logp;
+    out.G = T(1);
+  } else {
+    const T zero(0), one(1);
+    const T g(gamma);
+    const T q = -O::expm1(logp);  // 1 - p
+    const T p = O::exp(logp);
+    const auto q_pos = O::gt(q, zero);
+    const T safe_q = O::select(q_pos, q, one);
+    const T pw = O::select(q_pos, O::exp(g * O::log(safe_q)), gamma == G(0) ? one : zero);
+    const T ratio = O::select(q_pos, logp / safe_q, -one);  // log p / (1 - p)
+    out.loss = pw * (-logp);
+    out.G = pw * (one - g * p * ratio);
+  }
+  return out;
+}
+
+// alpha_t = alpha t + (1 - alpha)(1 - t) (torchvision's alpha); alpha < 0 means
+// "no alpha" and gives 1.
+template <typename T, typename G>
+CBF_HD T alpha_t(T t, G alpha) {
+  if (alpha < G(0)) return T(1);
+  return T(alpha) * t + T(G(1) - alpha) * (T(1) - t);
+}
+
+}  // namespace cbfused

@@ -1,0 +1,134 @@
+#include "cbfused/checks.h"
+
+#include <ATen/Functions.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <sstream>
+
+#include "cbfused/math.h"
+
+namespace cbfused {
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+namespace {
+
+bool is_supported_float(at::ScalarType s) {
+  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
+}
+
+at::ScalarType acc_type_of(at::ScalarType s) {
+  return s == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Unit stride along the class dimension; any row stride (e.g. a column slice of a
+// wider tensor) is read in place.
+at::Tensor unit_class_stride(const at::Tensor& t) {
+  if (t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1) && t.stride(0) >= 0) return t;
+  return t.contiguous();
+}
+
+void check_common(double gamma, int64_t reduction) {
+  TORCH_CHECK(std::isfinite(gamma) && gamma >= 0, "cbfused: gamma must be a finite number >= 0, got ",
+              gamma);
+  TORCH_CHECK(reduction >= kNone && reduction <= kWeightedMean, "cbfused: unknown reduction code ",
+              reduction);
+}
+
+}  // namespace
+
+CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target,
+                         const at::Tensor& class_weight, int64_t loss_type, double gamma,
+                         double alpha, int64_t reduction) {
+  TORCH_CHECK(loss_type >= kSoftmax && loss_type <= kSoftmaxFocal, "cbfused: unknown loss type code ",
+              loss_type);
+  check_common(gamma, reduction);
+  TORCH_CHECK(std::isfinite(alpha) && alpha <= 1, "cbfused: alpha must be in [0, 1] (or negative to disable), got ",
+              alpha);
+  TORCH_CHECK(logits.dim() == 2, "cbfused: logits must be 2-D [N, C], got shape ", shape_str(logits));
+  TORCH_CHECK(is_supported_float(logits.scalar_type()),
+              "cbfused: logits must be float16, bfloat16, float32 or float64, got ", logits.scalar_type());
+  CbLossPlan plan;
+  plan.N = logits.size(0);
+  plan.C = logits.size(1);
+  TORCH_CHECK(plan.C >= 1, "cbfused: logits need at least one class, got shape ", shape_str(logits));
+  TORCH_CHECK(target.device() == logits.device(), "cbfused: target is on ", target.device(),
+              " but logits are on ", logits.device());
+  TORCH_CHECK(class_weight.device() == logits.device(), "cbfused: class weights are on ",
+              class_weight.device(), " but logits are on ", logits.device(),
+              " (build them on the logits' device, or use ClassBalancedLoss, which moves with .to())");
+  TORCH_CHECK(class_weight.dim() == 1 && class_weight.size(0) == plan.C,
+              "cbfused: class weights must have shape [", plan.C, "] (one per class), got ",
+              shape_str(class_weight));
+  TORCH_CHECK(class_weight.is_floating_point(), "cbfused: class weights must be floating point, got ",
+              class_weight.scalar_type());
+
+  const auto ts = target.scalar_type();
+  if (ts == at::kLong || ts == at::kInt) {
+    plan.hard = true;
+    TORCH_CHECK(target.dim() == 1 && target.size(0) == plan.N,
+                "cbfused: class-index target must have shape [", plan.N, "] for logits of shape ",
+                shape_str(logits), ", got ", shape_str(target));
+    plan.target = ts == at::kLong ? target : target.to(at::kLong);
+  } else if (target.is_floating_point()) {
+    plan.hard = false;
+    TORCH_CHECK(target.sizes() == logits.sizes(), "cbfused: float (multi-hot / soft) target must have the logits' shape ",
+                shape_str(logits), ", got ", shape_str(target));
+    TORCH_CHECK(ts == logits.scalar_type(), "cbfused: float target dtype ", ts,
+                " does not match the logits' dtype ", logits.scalar_type());
+    plan.target = unit_class_stride(target);
+  } else {
+    TORCH_CHECK(false, "cbfused: target must be int64 / int32 class indices or a float [N, C] tensor, got dtype ",
+                ts);
+  }
+  plan.logits = unit_class_stride(logits);
+  plan.weight = class_weight.to(acc_type_of(logits.scalar_type())).contiguous();
+  return plan;
+}
+
+CbLossOutputs alloc_cb_loss(const CbLossPlan& plan, int64_t reduction, bool compute_grad) {
+  const auto opts = plan.logits.options();
+  CbLossOutputs out;
+  out.loss = reduction == kNone ? at::empty({plan.N}, opts) : at::empty({}, opts);
+  out.grad = compute_grad ? at::empty({plan.N, plan.C}, opts) : at::empty({0}, opts);
+  out.inv_norm = at::empty({}, opts.dtype(acc_type_of(plan.logits.scalar_type())));
+  return out;
+}
+
+FocalPlan check_sigmoid_focal(const at::Tensor& inputs, const at::Tensor& targets,
+                              const std::optional<at::Tensor>& weight, double gamma,
+                              int64_t reduction) {
+  check_common(gamma, reduction);
+  TORCH_CHECK(reduction != kWeightedMean, "cbfused: sigmoid_focal_loss takes reduction none, sum or mean");
+  TORCH_CHECK(is_supported_float(inputs.scalar_type()),
+              "cbfused: inputs must be float16, bfloat16, float32 or float64, got ", inputs.scalar_type());
+  TORCH_CHECK(targets.sizes() == inputs.sizes(), "cbfused: targets must have the inputs' shape ",
+              shape_str(inputs), ", got ", shape_str(targets));
+  TORCH_CHECK(targets.device() == inputs.device(), "cbfused: targets are on ", targets.device(),
+              " but inputs are on ", inputs.device());
+  TORCH_CHECK(targets.scalar_type() == inputs.scalar_type(), "cbfused: targets dtype ",
+              targets.scalar_type(), " does not match the inputs' dtype ", inputs.scalar_type());
+  FocalPlan plan;
+  plan.inputs = inputs.contiguous();
+  plan.targets = targets.contiguous();
+  plan.K = inputs.dim() == 0 ? 1 : inputs.size(-1);
+  plan.rows = plan.K == 0 ? 0 : inputs.numel() / plan.K;
+  if (weight.has_value() && weight->defined()) {
+    const auto& w = *weight;
+    TORCH_CHECK(w.device() == inputs.device(), "cbfused: weight is on ", w.device(), " but inputs are on ",
+                inputs.device());
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == plan.K, "cbfused: weight must have shape [", plan.K,
+                "] (one per class, the inputs' last dimension), got ", shape_str(w));
+    TORCH_CHECK(w.is_floating_point(), "cbfused: weight must be floating point, got ", w.scalar_type());
+    plan.weight = w.to(acc_type_of(inputs.scalar_type())).contiguous();
+  }
+  return plan;
+}
+
+}  // namespace cbfused

@@ -1,0 +1,466 @@
+// Fused CPU kernels: one pass per row computes the class-balanced loss and,
+// when asked, its gradient w.r.t. the logits (for reduction 'sum'; the
+// backward scales it by grad_output and by the mean's 1/D).
+//
+// Parallel over fixed chunks of rows whose partial sums are combined in chunk
+// order: the bits do not depend on the number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "cbfused/checks.h"
+#include "cbfused/math.h"
+#include "cpu/vec_ops.h"
+
+namespace cbfused {
+namespace cpu {
+namespace {
+
+// Rows per chunk: about kChunkElems logits, independent of the thread count.
+constexpr int64_t kChunkElems = 1 << 14;
+
+template <typename scalar_t>
+struct Args {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = nullptr;
+  int64_t x_stride = 0;
+  const int64_t* y = nullptr;  // hard targets
+  const scalar_t* t = nullptr;  // float targets
+  int64_t t_stride = 0;
+  const acc_t* w = nullptr;  // class weights [C]
+  scalar_t* grad = nullptr;  // [N, C] contiguous, or null
+  int64_t C = 0;
+  acc_t gamma = 0;
+  acc_t alpha = -1;
+  int64_t ignore_index = -100;
+  bool weighted = false;  // denominator of the mean: sum of sample weights
+};
+
+template <typename acc_t>
+struct RowOut {
+  acc_t loss = 0;   // s_i * l_i
+  acc_t denom = 0;  // this row's share of the mean's D
+};
+
+[[noreturn]] void target_out_of_range(int64_t y, int64_t C, int64_t i, int64_t ignore_index) {
+  TORCH_CHECK(false, "cbfused: target ", y, " is out of range for ", C, " classes (sample ", i,
+              "); class indices must be in [0, ", C, ") or equal ignore_index (", ignore_index, ")");
+}
+
+template <typename acc_t>
+[[noreturn]] void float_target_out_of_range(acc_t v, int64_t i) {
+  TORCH_CHECK(false, "cbfused: float target ", v, " in row ", i,
+              " is outside [0, 1]; float targets are multi-hot labels or class probabilities");
+}
+
+// Reads the float target row: s = sum_c t_c w_c, T = sum_c t_c; checks 0 <= t <= 1.
+template <typename scalar_t>
+inline void target_row_sums(const Args<scalar_t>& a, const scalar_t* t, int64_t i,
+                            at::opmath_type<scalar_t>& s, at::opmath_type<scalar_t>& T) {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  V sv(0), Tv(0), lo(0), hi(0);
+  for (int64_t j = 0; j < a.C; j += IO::kStep) {
+    const int64_t n = std::min(IO::kStep, a.C - j);
+    V tv[IO::kVecs];
+    IO::load(t + j, n, tv);
+    for (int v = 0; v < IO::kVecs; ++v) {
+      const int64_t nv = IO::lanes(n, v);
+      if (nv == 0) break;
+      const V wv = V::loadu(a.w + j + v * IO::kLanes, nv);
+      sv = at::vec::fmadd(tv[v], wv, sv);
+      Tv = Tv + tv[v];
+      lo = at::vec::minimum(lo, tv[v]);
+      hi = at::vec::maximum(hi, tv[v]);
+    }
+  }
+  // minimum / maximum propagate NaN, so a NaN target fails the check too.
+  alignas(64) acc_t l[IO::kLanes], h[IO::kLanes];
+  lo.store(l);
+  hi.store(h);
+  for (int64_t k = 0; k < IO::kLanes; ++k) {
+    if (!(l[k] >= acc_t(0))) float_target_out_of_range(l[k], i);
+    if (!(h[k] <= acc_t(1))) float_target_out_of_range(h[k], i);
+  }
+  s = IO::hsum(sv);
+  T = IO::hsum(Tv);
+}
+
+// One-hot target vectors for the block [j, j + kStep) of a row with class y.
+template <typename IO>
+inline void one_hot_block(int64_t y, int64_t j, typename IO::V* tv) {
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  if (y < j || y >= j + IO::kStep) {
+    for (int v = 0; v < IO::kVecs; ++v) tv[v] = V(0);
+    return;
+  }
+  alignas(64) acc_t buf[IO::kStep] = {};
+  buf[y - j] = acc_t(1);
+  for (int v = 0; v < IO::kVecs; ++v) tv[v] = V::loadu(buf + v * IO::kLanes);
+}
+
+// Sigmoid cross-entropy and the paper's sigmoid focal loss, one row:
+//   l = s * sum_c alpha_t * m * bce(x_c, t_c),  grad_c = s * d/dx_c(...)
+template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
+RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i) {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  const int64_t C = a.C;
+  const scalar_t* x = a.x + i * a.x_stride;
+  const scalar_t* t = kHard ? nullptr : a.t + i * a.t_stride;
+  scalar_t* g = kGrad ? a.grad + i * C : nullptr;
+  RowOut<acc_t> out;
+  acc_t s = 0;
+  int64_t y = -1;
+  if constexpr (kHard) {
+    y = a.y[i];
+    if (y == a.ignore_index) {
+      if constexpr (kGrad) std::fill(g, g + C, scalar_t(0));
+      return out;
+    }
+    if (y < 0 || y >= C) target_out_of_range(y, C, i, a.ignore_index);
+    s = a.w[y];
+    out.denom = a.weighted ? s : acc_t(1);
+  } else {
+    acc_t T = 0;
+    target_row_sums(a, t, i, s, T);
+    out.denom = a.weighted ? s : T;
+  }
+  const bool has_alpha = a.alpha >= acc_t(0);
+  const V sv(s);
+  V lacc(0);
+  for (int64_t j = 0; j < C; j += IO::kStep) {
+    const int64_t n = std::min(IO::kStep, C - j);
+    V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
+    IO::load(x + j, n, xv);
+    if constexpr (kHard) {
+      one_hot_block<IO>(y, j, tv);
+    } else {
+      IO::load(t + j, n, tv);
+    }
+    for (int v = 0; v < IO::kVecs; ++v) {
+      V lv, dv;
+      binary_term<kFocal, kGrad>(xv[v], tv[v], a.gamma, lv, dv);
+      if (has_alpha) {
+        const V at = alpha_t(tv[v], a.alpha);
+        lv = lv * at;
+        if constexpr (kGrad) dv = dv * at;
+      }
+      lacc = lacc + IO::keep(lv, IO::lanes(n, v), acc_t(0));
+      if constexpr (kGrad) gv[v] = dv * sv;
+    }
+    if constexpr (kGrad) IO::store(g + j, n, gv);
+  }
+  out.loss = s * IO::hsum(lacc);
+  return out;
+}
+
+// Softmax cross-entropy and softmax focal loss, one row:
+//   hard:  l = s * (1 - p_y)^gamma * (-log p_y),  grad_k = s * G * (p_k - [k == y])
+//   float: l = s * sum_c t_c (1 - p_c)^gamma (-log p_c),
+//          grad_k = s * (p_k * sum_c t_c G_c - t_k G_k)
+template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
+RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i) {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  const int64_t C = a.C;
+  const scalar_t* x = a.x + i * a.x_stride;
+  const scalar_t* t = kHard ? nullptr : a.t + i * a.t_stride;
+  scalar_t* g = kGrad ? a.grad + i * C : nullptr;
+  RowOut<acc_t> out;
+  int64_t y = -1;
+  acc_t s = 0, T = 0;
+  if constexpr (kHard) {
+    y = a.y[i];
+    if (y == a.ignore_index) {
+      if constexpr (kGrad) std::fill(g, g + C, scalar_t(0));
+      return out;
+    }
+    if (y < 0 || y >= C) target_out_of_range(y, C, i, a.ignore_index);
+    s = a.w[y];
+    out.denom = a.weighted ? s : acc_t(1);
+  } else {
+    target_row_sums(a, t, i, s, T);
+    out.denom = a.weighted ? s : T;
+  }
+
+  // Pass 1: the row's max (padding lanes hold -inf).
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  V mv(kNegInf);
+  for (int64_t j = 0; j < C; j += IO::kStep) {
+    const int64_t n = std::min(IO::kStep, C - j);
+    V xv[IO::kVecs];
+    IO::load(x + j, n, xv);
+    for (int v = 0; v < IO::kVecs; ++v) {
+      const int64_t nv = IO::lanes(n, v);
+      if (nv == 0) break;
+      mv = at::vec::maximum(mv, IO::keep(xv[v], nv, kNegInf));
+    }
+  }
+  const acc_t mx = IO::hmax(mv);
+  const V mxv(mx);
+
+  // Pass 2: sum of exp(x - max) (and, for float-target cross-entropy, sum t x).
+  V ev(0), txv(0);
+  for (int64_t j = 0; j < C; j += IO::kStep) {
+    const int64_t n = std::min(IO::kStep, C - j);
+    V xv[IO::kVecs], tv[IO::kVecs];
+    IO::load(x + j, n, xv);
+    if constexpr (!kHard && !kFocal) IO::load(t + j, n, tv);
+    for (int v = 0; v < IO::kVecs; ++v) {
+      const int64_t nv = IO::lanes(n, v);
+      if (nv == 0) break;
+      ev = ev + IO::keep((xv[v] - mxv).exp(), nv, acc_t(0));
+      if constexpr (!kHard && !kFocal) txv = at::vec::fmadd(tv[v], xv[v], txv);
+    }
+  }
+  const acc_t lse = mx + std::log(IO::hsum(ev));
+  const V lsev(lse);
+
+  // The per-row coefficients of the gradient: grad_k = cp * p_k - ct_k.
+  acc_t cp = 0;  // coefficient of p_k
+  acc_t cy = 0;  // hard targets: the extra term at k = y
+  if constexpr (kHard) {
+    const acc_t logp = acc_t(x[y]) - lse;
+    const auto f = softmax_focal<kFocal>(logp, a.gamma);
+    out.loss = s * f.loss;
+    cp = s * f.G;
+    // grad_y = cp * (p_y - 1) = -cp * (1 - p_y), with 1 - p_y = -expm1(log p_y).
+    cy = -cp * -std::expm1(logp);
+  } else if constexpr (!kFocal) {
+    // sum_c t_c (lse - x_c) = T lse - sum t x.
+    out.loss = s * (T * lse - IO::hsum(txv));
+    cp = s * T;
+  } else {
+    // Pass 3 (float-target focal): sum_c t_c * focal loss, sum_c t_c G_c.
+    V lv(0), gsum(0);
+    for (int64_t j = 0; j < C; j += IO::kStep) {
+      const int64_t n = std::min(IO::kStep, C - j);
+      V xv[IO::kVecs], tv[IO::kVecs];
+      IO::load(x + j, n, xv);
+      IO::load(t + j, n, tv);
+      for (int v = 0; v < IO::kVecs; ++v) {
+        const int64_t nv = IO::lanes(n, v);
+        if (nv == 0) break;
+        const auto f = softmax_focal<true>(xv[v] - lsev, a.gamma);
+        lv = lv + IO::keep(tv[v] * f.loss, nv, acc_t(0));
+        gsum = gsum + IO::keep(tv[v] * f.G, nv, acc_t(0));
+      }
+    }
+    out.loss = s * IO::hsum(lv);
+    cp = s * IO::hsum(gsum);
+  }
+
+  if constexpr (kGrad) {
+    const V cpv(cp), sv(s);
+    for (int64_t j = 0; j < C; j += IO::kStep) {
+      const int64_t n = std::min(IO::kStep, C - j);
+      V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
+      IO::load(x + j, n, xv);
+      if constexpr (!kHard) IO::load(t + j, n, tv);
+      for (int v = 0; v < IO::kVecs; ++v) {
+        const V lp = xv[v] - lsev;
+        V gk = cpv * lp.exp();
+        if constexpr (!kHard) {
+          if constexpr (kFocal) {
+            gk = gk - sv * tv[v] * softmax_focal<true>(lp, a.gamma).G;
+          } else {
+            gk = gk - sv * tv[v];
+          }
+        }
+        gv[v] = gk;
+      }
+      IO::store(g + j, n, gv);
+    }
+    if constexpr (kHard) g[y] = static_cast<scalar_t>(cy);
+  }
+  return out;
+}
+
+// Runs `row` over all N rows in fixed chunks. Writes the per-row loss when
+// `per_row` is given; returns the totals of loss and denominator.
+template <typename scalar_t, typename RowFn>
+std::pair<double, double> run_rows(int64_t N, int64_t C, scalar_t* per_row, const RowFn& row) {
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(C, 1));
+  const int64_t chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
+  std::vector<double> loss_part(chunks, 0.0), denom_part(chunks, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t i0 = c * rows_per_chunk, i1 = std::min(N, i0 + rows_per_chunk);
+      at::opmath_type<scalar_t> l = 0, d = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const auto r = row(i);
+        if (per_row) per_row[i] = static_cast<scalar_t>(r.loss);
+        l += r.loss;
+        d += r.denom;
+      }
+      loss_part[c] = l;
+      denom_part[c] = d;
+    }
+  });
+  double l = 0, d = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    l += loss_part[c];
+    d += denom_part[c];
+  }
+  return {l, d};
+}
+
+template <typename scalar_t, bool kGrad, bool kHard>
+std::pair<double, double> dispatch_loss(const Args<scalar_t>& a, int64_t loss_type, int64_t N,
+                                        scalar_t* per_row) {
+  switch (loss_type) {
+    case kSoftmax:
+      return run_rows<scalar_t>(N, a.C, per_row,
+                                [&](int64_t i) { return softmax_row<scalar_t, false, kGrad, kHard>(a, i); });
+    case kSoftmaxFocal:
+      return run_rows<scalar_t>(N, a.C, per_row,
+                                [&](int64_t i) { return softmax_row<scalar_t, true, kGrad, kHard>(a, i); });
+    case kSigmoid:
+      return run_rows<scalar_t>(N, a.C, per_row,
+                                [&](int64_t i) { return sigmoid_row<scalar_t, false, kGrad, kHard>(a, i); });
+    default:
+      return run_rows<scalar_t>(N, a.C, per_row,
+                                [&](int64_t i) { return sigmoid_row<scalar_t, true, kGrad, kHard>(a, i); });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                           const at::Tensor& class_weight, int64_t loss_type,
+                                                           double gamma, double alpha, int64_t reduction,
+                                                           int64_t ignore_index, bool compute_grad) {
+  const CbLossPlan plan = check_cb_loss(logits, target, class_weight, loss_type, gamma, alpha, reduction);
+  CbLossOutputs out = alloc_cb_loss(plan, reduction, compute_grad);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.logits.scalar_type(), "cbfused_cb_loss_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Args<scalar_t> a;
+    a.x = plan.logits.const_data_ptr<scalar_t>();
+    a.x_stride = plan.N > 0 ? plan.logits.stride(0) : 0;
+    if (plan.hard) {
+      a.y = plan.target.const_data_ptr<int64_t>();
+      TORCH_CHECK(plan.N == 0 || plan.target.stride(0) == 1 || plan.N == 1, "internal: target stride");
+    } else {
+      a.t = plan.target.const_data_ptr<scalar_t>();
+      a.t_stride = plan.N > 0 ? plan.target.stride(0) : 0;
+    }
+    a.w = plan.weight.const_data_ptr<acc_t>();
+    a.grad = compute_grad ? out.grad.mutable_data_ptr<scalar_t>() : nullptr;
+    a.C = plan.C;
+    a.gamma = static_cast<acc_t>(gamma);
+    a.alpha = static_cast<acc_t>(alpha);
+    a.ignore_index = ignore_index;
+    a.weighted = reduction == kWeightedMean;
+    scalar_t* per_row = reduction == kNone ? out.loss.mutable_data_ptr<scalar_t>() : nullptr;
+    std::pair<double, double> tot;
+    if (compute_grad) {
+      tot = plan.hard ? dispatch_loss<scalar_t, true, true>(a, loss_type, plan.N, per_row)
+                      : dispatch_loss<scalar_t, true, false>(a, loss_type, plan.N, per_row);
+    } else {
+      tot = plan.hard ? dispatch_loss<scalar_t, false, true>(a, loss_type, plan.N, per_row)
+                      : dispatch_loss<scalar_t, false, false>(a, loss_type, plan.N, per_row);
+    }
+    const bool mean = reduction == kMean || reduction == kWeightedMean;
+    // D = 0 (empty batch, every sample ignored): loss 0 and gradient 0, never NaN.
+    const double inv = mean ? (tot.second > 0 ? 1.0 / tot.second : 0.0) : 1.0;
+    if (reduction != kNone) out.loss.fill_(tot.first * inv);
+    out.inv_norm.fill_(inv);
+  });
+  return {out.loss, out.grad, out.inv_norm};
+}
+
+// torchvision.ops.sigmoid_focal_loss semantics, elementwise, with an optional
+// weight per class (the last dimension).
+template <typename scalar_t, bool kGrad>
+double focal_elementwise(const FocalPlan& p, double gamma, double alpha, double grad_scale,
+                         scalar_t* loss_out, scalar_t* grad) {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  const scalar_t* x = p.inputs.const_data_ptr<scalar_t>();
+  const scalar_t* t = p.targets.const_data_ptr<scalar_t>();
+  const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
+  const int64_t K = p.K;
+  const acc_t g = static_cast<acc_t>(gamma), al = static_cast<acc_t>(alpha);
+  const bool has_alpha = al >= acc_t(0);
+  const V gs(static_cast<acc_t>(grad_scale));
+  scalar_t dummy = 0;
+  // Rows of K elements; the per-row "loss" is the row's sum.
+  auto res = run_rows<scalar_t>(p.rows, K, nullptr, [&](int64_t i) {
+    RowOut<acc_t> out;
+    V lacc(0);
+    const int64_t base = i * K;
+    for (int64_t j = 0; j < K; j += IO::kStep) {
+      const int64_t n = std::min(IO::kStep, K - j);
+      V xv[IO::kVecs], tv[IO::kVecs], lv[IO::kVecs], gv[IO::kVecs];
+      IO::load(x + base + j, n, xv);
+      IO::load(t + base + j, n, tv);
+      for (int v = 0; v < IO::kVecs; ++v) {
+        const int64_t nv = IO::lanes(n, v);
+        V l, d;
+        torchvision_focal_term<kGrad>(xv[v], tv[v], g, l, d);
+        if (has_alpha) {
+          const V at = alpha_t(tv[v], al);
+          l = l * at;
+          if constexpr (kGrad) d = d * at;
+        }
+        if (w && nv > 0) {
+          const V wv = V::loadu(w + j + v * IO::kLanes, nv);
+          l = l * wv;
+          if constexpr (kGrad) d = d * wv;
+        }
+        lv[v] = l;
+        if constexpr (kGrad) gv[v] = d * gs;
+        lacc = lacc + IO::keep(l, nv, acc_t(0));
+      }
+      if (loss_out) IO::store(loss_out + base + j, n, lv);
+      if constexpr (kGrad) IO::store(grad + base + j, n, gv);
+    }
+    out.loss = IO::hsum(lacc);
+    return out;
+  });
+  (void)dummy;
+  return res.first;
+}
+
+std::tuple<at::Tensor, at::Tensor> sigmoid_focal_cpu(const at::Tensor& inputs, const at::Tensor& targets,
+                                                     const std::optional<at::Tensor>& weight, double alpha,
+                                                     double gamma, int64_t reduction, bool compute_grad) {
+  const FocalPlan plan = check_sigmoid_focal(inputs, targets, weight, gamma, reduction);
+  const auto opts = inputs.options();
+  at::Tensor loss = reduction == kNone ? at::empty(inputs.sizes(), opts) : at::empty({}, opts);
+  at::Tensor grad = compute_grad ? at::empty(inputs.sizes(), opts) : at::empty({0}, opts);
+  const int64_t numel = inputs.numel();
+  // 'mean' is over all elements (torchvision); an empty input gives 0, not NaN.
+  const double scale = reduction == kMean ? (numel > 0 ? 1.0 / static_cast<double>(numel) : 0.0) : 1.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs.scalar_type(), "cbfused_sigmoid_focal_cpu", [&] {
+    scalar_t* lptr = reduction == kNone ? loss.mutable_data_ptr<scalar_t>() : nullptr;
+    // For 'none' the gradient is per element (scaled by grad_output later).
+    const double gscale = reduction == kNone ? 1.0 : scale;
+    double total = compute_grad
+                       ? focal_elementwise<scalar_t, true>(plan, gamma, alpha, gscale, lptr,
+                                                           grad.mutable_data_ptr<scalar_t>())
+                       : focal_elementwise<scalar_t, false>(plan, gamma, alpha, gscale, lptr, nullptr);
+    if (reduction != kNone) loss.fill_(total * scale);
+  });
+  return {loss, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cbfused, CPU, m) {
+  m.impl("cb_loss", &cb_loss_cpu);
+  m.impl("sigmoid_focal", &sigmoid_focal_cpu);
+}
+
+}  // namespace cpu
+}  // namespace cbfused

@@ -1,0 +1,42 @@
+// Every schema of the cbfused library, defined once. Backends register their
+// kernels with TORCH_LIBRARY_IMPL in cpu/ and cuda/; Python attaches the fake
+// (meta) kernels and autograd in cbfused/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef CBFUSED_CPU_CAPABILITY_NAME
+#define CBFUSED_CPU_CAPABILITY_NAME "DEFAULT"
+#endif
+#ifdef CBFUSED_WITH_CUDA
+#define CBFUSED_CUDA_FLAG "1"
+#else
+#define CBFUSED_CUDA_FLAG "0"
+#endif
+
+TORCH_LIBRARY(cbfused, m) {
+  // Class-balanced loss. Returns (loss, grad, inv_norm): loss is [] or [N] (reduction
+  // 'none'); grad is d(sum of per-sample losses)/d(logits), [N, C], when compute_grad
+  // (else [0]); inv_norm is 1/D for the means (0 when D = 0), 1 otherwise.
+  m.def(
+      "cb_loss(Tensor logits, Tensor target, Tensor class_weight, int loss_type, float gamma, "
+      "float alpha, int reduction, int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+  // torchvision.ops.sigmoid_focal_loss semantics with an optional per-class weight.
+  // Returns (loss, grad): grad already carries the mean's 1/numel.
+  m.def(
+      "sigmoid_focal(Tensor inputs, Tensor targets, Tensor? weight, float alpha, float gamma, "
+      "int reduction, bool compute_grad) -> (Tensor, Tensor)");
+}
+
+static PyObject* build_info(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:s,s:s}", "cpu_capability", CBFUSED_CPU_CAPABILITY_NAME, "cuda",
+                       CBFUSED_CUDA_FLAG);
+}
+
+static PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "How this extension was built."},
+    {nullptr, nullptr, 0, nullptr}};
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  return PyModule_Create(&module_def);
+}
