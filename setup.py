@@ -83,7 +83,8 @@ def want_cuda(cuda_sources: list[str]) -> tuple[bool, str]:
 
 def extensions():
     cap = cpu_capability()
-    cxx = ["-O3", "-fno-math-errno", f"-DCPU_CAPABILITY={cap}", f'-DCBFUSED_CPU_CAPABILITY_NAME="{cap}"']
+    # -fopenmp: at::parallel_for is an inline OpenMP template (torch's own libgomp serves it).
+    cxx = ["-O3", "-fno-math-errno", "-fopenmp", f"-DCPU_CAPABILITY={cap}", f'-DCBFUSED_CPU_CAPABILITY_NAME="{cap}"']
     cxx += CPU_FLAGS[cap]
     sources = ["csrc/ops.cpp", "csrc/checks.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
@@ -98,11 +99,16 @@ def extensions():
             sources + cuda_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
         )
         print(f"cbfused: building CPU ({cap}) + CUDA kernels ({why}); archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
     else:
         ext = cpp_extension.CppExtension(
-            "cbfused._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}
+            "cbfused._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
         )
         print(f"cbfused: building CPU kernels only ({cap}); CUDA skipped: {why}")
     return [ext]

@@ -2,19 +2,22 @@
 
 The kernels compute the loss and, when a gradient is needed, d(loss)/d(logits) in
 the same pass (for the un-normalised sum). The backward only scales that saved
-gradient by ``grad_output`` (and by the mean's 1/D), in place when the autograd
-graph is not kept.
+gradient by ``grad_output`` (and by the mean's 1/D). With ``grad_mode=2`` (what the
+public API passes: it never hands the gradient buffer out) it scales it in place when
+the autograd graph is not kept, so forward+backward holds one N x C buffer, not two.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import _C  # noqa: F401  (importing it registers the ops)
 
 LOSS_TYPES = {"softmax": 0, "sigmoid": 1, "focal": 2, "softmax_focal": 3}
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2, "weighted_mean": 3}
 _NONE = REDUCTIONS["none"]
+GRAD_NONE, GRAD_KEEP, GRAD_REUSE = 0, 1, 2
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -34,11 +37,17 @@ def reduction_code(reduction: str, allowed: tuple[str, ...] = tuple(REDUCTIONS))
     return REDUCTIONS[reduction]
 
 
-def _needs_grad(t: torch.Tensor) -> bool:
-    return t.requires_grad and torch.is_grad_enabled()
+def _grad_mode(t: torch.Tensor) -> int:
+    return GRAD_REUSE if (t.requires_grad and torch.is_grad_enabled()) else GRAD_NONE
 
 
-def _scale_saved_grad(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _is_plain_eager(*tensors: torch.Tensor) -> bool:
+    if _get_current_dispatch_mode() is not None:
+        return False
+    return all(type(t) is torch.Tensor for t in tensors)
+
+
+def _scale_saved_grad(grad: torch.Tensor, scale: torch.Tensor, may_reuse: bool) -> torch.Tensor:
     """grad * scale; in place (no second N x C buffer) when nothing can read `grad` again."""
     if torch.is_grad_enabled():
         # create_graph=True: the saved gradient is a constant here, so a second
@@ -48,7 +57,8 @@ def _scale_saved_grad(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
                 "cbfused losses support first derivatives only (backward with create_graph=True is not supported)"
             )
         return grad * scale
-    if torch.compiler.is_compiling():
+    if not may_reuse or torch.compiler.is_compiling() or not _is_plain_eager(grad, scale):
+        # Traced (AOTAutograd, make_fx, fake / functional tensors): stay functional.
         return grad * scale
     try:
         keep_graph = torch._C._autograd._get_current_graph_task_keep_graph()
@@ -63,28 +73,28 @@ def _scale_saved_grad(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.register_fake("cbfused::cb_loss")
-def _cb_loss_fake(logits, target, class_weight, loss_type, gamma, alpha, reduction, ignore_index, compute_grad):
+def _cb_loss_fake(logits, target, class_weight, loss_type, gamma, alpha, reduction, ignore_index, grad_mode):
     torch._check(logits.dim() == 2, lambda: f"cbfused: logits must be 2-D [N, C], got {logits.dim()}-D")
     n, c = logits.shape
     loss = logits.new_empty((n,)) if reduction == _NONE else logits.new_empty(())
-    grad = logits.new_empty((n, c)) if compute_grad else logits.new_empty((0,))
+    grad = logits.new_empty((n, c)) if grad_mode else logits.new_empty((0,))
     inv_norm = logits.new_empty((), dtype=_acc_dtype(logits.dtype))
     return loss, grad, inv_norm
 
 
 def _cb_loss_setup(ctx, inputs, output):
     ctx.reduction = inputs[6]
-    ctx.compute_grad = inputs[8]
+    ctx.grad_mode = inputs[8]
     _, grad, inv_norm = output
     ctx.save_for_backward(grad, inv_norm)
 
 
 def _cb_loss_backward(ctx, g_loss, _g_grad, _g_inv):
     grad, inv_norm = ctx.saved_tensors
-    if not ctx.compute_grad:
-        raise RuntimeError("cbfused: cb_loss ran with compute_grad=False, so it saved no gradient to backpropagate")
+    if not ctx.grad_mode:
+        raise RuntimeError("cbfused: cb_loss ran with grad_mode=0, so it saved no gradient to backpropagate")
     scale = g_loss.unsqueeze(-1) if ctx.reduction == _NONE else g_loss * inv_norm
-    return _scale_saved_grad(grad, scale), None, None, None, None, None, None, None, None
+    return _scale_saved_grad(grad, scale, ctx.grad_mode == GRAD_REUSE), None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("cbfused::cb_loss", _cb_loss_backward, setup_context=_cb_loss_setup)
@@ -112,7 +122,7 @@ def cb_loss(
         if not 0.0 <= a <= 1.0:
             raise ValueError(f"alpha must be in [0, 1] (or None), got {alpha}")
     loss, _, _ = torch.ops.cbfused.cb_loss.default(
-        logits, target, class_weight, lt, float(gamma), a, red, int(ignore_index), _needs_grad(logits)
+        logits, target, class_weight, lt, float(gamma), a, red, int(ignore_index), _grad_mode(logits)
     )
     return loss
 
@@ -122,22 +132,22 @@ def cb_loss(
 
 
 @torch.library.register_fake("cbfused::sigmoid_focal")
-def _sigmoid_focal_fake(inputs, targets, weight, alpha, gamma, reduction, compute_grad):
+def _sigmoid_focal_fake(inputs, targets, weight, alpha, gamma, reduction, grad_mode):
     loss = torch.empty_like(inputs, memory_format=torch.contiguous_format) if reduction == _NONE else inputs.new_empty(())
-    grad = torch.empty_like(inputs, memory_format=torch.contiguous_format) if compute_grad else inputs.new_empty((0,))
+    grad = torch.empty_like(inputs, memory_format=torch.contiguous_format) if grad_mode else inputs.new_empty((0,))
     return loss, grad
 
 
 def _sigmoid_focal_setup(ctx, inputs, output):
-    ctx.compute_grad = inputs[6]
+    ctx.grad_mode = inputs[6]
     ctx.save_for_backward(output[1])
 
 
 def _sigmoid_focal_backward(ctx, g_loss, _g_grad):
     (grad,) = ctx.saved_tensors
-    if not ctx.compute_grad:
-        raise RuntimeError("cbfused: sigmoid_focal ran with compute_grad=False, so it saved no gradient")
-    return _scale_saved_grad(grad, g_loss), None, None, None, None, None, None
+    if not ctx.grad_mode:
+        raise RuntimeError("cbfused: sigmoid_focal ran with grad_mode=0, so it saved no gradient")
+    return _scale_saved_grad(grad, g_loss, ctx.grad_mode == GRAD_REUSE), None, None, None, None, None, None
 
 
 torch.library.register_autograd("cbfused::sigmoid_focal", _sigmoid_focal_backward, setup_context=_sigmoid_focal_setup)
@@ -153,6 +163,6 @@ def sigmoid_focal(
 ) -> torch.Tensor:
     red = reduction_code(reduction, ("none", "sum", "mean"))
     loss, _ = torch.ops.cbfused.sigmoid_focal.default(
-        inputs, targets, weight, float(alpha), float(gamma), red, _needs_grad(inputs)
+        inputs, targets, weight, float(alpha), float(gamma), red, _grad_mode(inputs)
     )
     return loss

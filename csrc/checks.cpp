@@ -17,6 +17,11 @@ std::string shape_str(const at::Tensor& t) {
   return os.str();
 }
 
+bool check_grad_mode(int64_t grad_mode) {
+  TORCH_CHECK(grad_mode >= 0 && grad_mode <= 2, "cbfused: grad_mode must be 0, 1 or 2, got ", grad_mode);
+  return grad_mode > 0;
+}
+
 namespace {
 
 bool is_supported_float(at::ScalarType s) {
@@ -75,7 +80,7 @@ CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target,
     TORCH_CHECK(target.dim() == 1 && target.size(0) == plan.N,
                 "cbfused: class-index target must have shape [", plan.N, "] for logits of shape ",
                 shape_str(logits), ", got ", shape_str(target));
-    plan.target = ts == at::kLong ? target : target.to(at::kLong);
+    plan.target = (ts == at::kLong ? target : target.to(at::kLong)).contiguous();
   } else if (target.is_floating_point()) {
     plan.hard = false;
     TORCH_CHECK(target.sizes() == logits.sizes(), "cbfused: float (multi-hot / soft) target must have the logits' shape ",

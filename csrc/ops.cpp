@@ -15,16 +15,19 @@
 
 TORCH_LIBRARY(cbfused, m) {
   // Class-balanced loss. Returns (loss, grad, inv_norm): loss is [] or [N] (reduction
-  // 'none'); grad is d(sum of per-sample losses)/d(logits), [N, C], when compute_grad
+  // 'none'); grad is d(sum of per-sample losses)/d(logits), [N, C], when grad_mode > 0
   // (else [0]); inv_norm is 1/D for the means (0 when D = 0), 1 otherwise.
+  // grad_mode: 0 no gradient; 1 gradient; 2 gradient, and the backward may scale the
+  // returned grad buffer in place (callers that never read it, like cbfused's own
+  // wrappers, save one N x C buffer that way).
   m.def(
       "cb_loss(Tensor logits, Tensor target, Tensor class_weight, int loss_type, float gamma, "
-      "float alpha, int reduction, int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+      "float alpha, int reduction, int ignore_index, int grad_mode) -> (Tensor, Tensor, Tensor)");
   // torchvision.ops.sigmoid_focal_loss semantics with an optional per-class weight.
-  // Returns (loss, grad): grad already carries the mean's 1/numel.
+  // Returns (loss, grad): grad already carries the mean's 1/numel. grad_mode as above.
   m.def(
       "sigmoid_focal(Tensor inputs, Tensor targets, Tensor? weight, float alpha, float gamma, "
-      "int reduction, bool compute_grad) -> (Tensor, Tensor)");
+      "int reduction, int grad_mode) -> (Tensor, Tensor)");
 }
 
 static PyObject* build_info(PyObject*, PyObject*) {

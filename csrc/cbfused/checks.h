@@ -46,4 +46,7 @@ FocalPlan check_sigmoid_focal(const at::Tensor& inputs, const at::Tensor& target
 
 std::string shape_str(const at::Tensor& t);
 
+// grad_mode of the ops' schemas: 0 (none), 1 or 2 (compute the gradient).
+bool check_grad_mode(int64_t grad_mode);
+
 }  // namespace cbfused

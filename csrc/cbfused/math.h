@@ -40,6 +40,8 @@ struct ScalarMathOps {
   static CBF_HD T log(T x) { return ::log(x); }
   static CBF_HD T log1p(T x) { return ::log1p(x); }
   static CBF_HD T expm1(T x) { return ::expm1(x); }
+  // log1p for x in [0, 1] (the CPU vector version exploits the narrow domain).
+  static CBF_HD T log1p_unit(T x) { return log1p(x); }
   static CBF_HD T abs(T x) { return ::fabs(x); }
   static CBF_HD T max(T a, T b) { return a > b ? a : b; }
   static CBF_HD Mask ge(T a, T b) { return a >= b; }
@@ -52,6 +54,7 @@ struct MathOps<float> : ScalarMathOps<float> {
   static CBF_HD float exp(float x) { return ::expf(x); }
   static CBF_HD float log(float x) { return ::logf(x); }
   static CBF_HD float log1p(float x) { return ::log1pf(x); }
+  static CBF_HD float log1p_unit(float x) { return ::log1pf(x); }
   static CBF_HD float expm1(float x) { return ::expm1f(x); }
   static CBF_HD float abs(float x) { return ::fabsf(x); }
 };
@@ -74,7 +77,7 @@ CBF_HD Logistic<T> logistic(T x) {
   using O = MathOps<T>;
   const T zero(0), one(1);
   const T e = O::exp(-O::abs(x));  // in (0, 1]
-  const T l = O::log1p(e);
+  const T l = O::log1p_unit(e);
   const T r = one / (one + e);
   const T er = e * r;
   const auto pos = O::ge(x, zero);

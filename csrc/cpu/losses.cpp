@@ -93,6 +93,29 @@ inline void target_row_sums(const Args<scalar_t>& a, const scalar_t* t, int64_t 
   T = IO::hsum(Tv);
 }
 
+// The row's class weight s and its share of the mean's denominator; false for
+// an ignored sample (whose gradient row is zeroed here).
+template <typename scalar_t, bool kHard, bool kGrad>
+inline bool row_target(const Args<scalar_t>& a, int64_t i, const scalar_t* t, scalar_t* g, int64_t& y,
+                       at::opmath_type<scalar_t>& s, at::opmath_type<scalar_t>& T,
+                       RowOut<at::opmath_type<scalar_t>>& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (kHard) {
+    y = a.y[i];
+    if (y == a.ignore_index) {
+      if constexpr (kGrad) std::fill(g, g + a.C, scalar_t(0));
+      return false;
+    }
+    if (y < 0 || y >= a.C) target_out_of_range(y, a.C, i, a.ignore_index);
+    s = a.w[y];
+    out.denom = a.weighted ? s : acc_t(1);
+  } else {
+    target_row_sums(a, t, i, s, T);
+    out.denom = a.weighted ? s : T;
+  }
+  return true;
+}
+
 // One-hot target vectors for the block [j, j + kStep) of a row with class y.
 template <typename IO>
 inline void one_hot_block(int64_t y, int64_t j, typename IO::V* tv) {
@@ -119,22 +142,9 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
   const scalar_t* t = kHard ? nullptr : a.t + i * a.t_stride;
   scalar_t* g = kGrad ? a.grad + i * C : nullptr;
   RowOut<acc_t> out;
-  acc_t s = 0;
+  acc_t s = 0, T = 0;
   int64_t y = -1;
-  if constexpr (kHard) {
-    y = a.y[i];
-    if (y == a.ignore_index) {
-      if constexpr (kGrad) std::fill(g, g + C, scalar_t(0));
-      return out;
-    }
-    if (y < 0 || y >= C) target_out_of_range(y, C, i, a.ignore_index);
-    s = a.w[y];
-    out.denom = a.weighted ? s : acc_t(1);
-  } else {
-    acc_t T = 0;
-    target_row_sums(a, t, i, s, T);
-    out.denom = a.weighted ? s : T;
-  }
+  if (!row_target<scalar_t, kHard, kGrad>(a, i, t, g, y, s, T, out)) return out;
   const bool has_alpha = a.alpha >= acc_t(0);
   const V sv(s);
   V lacc(0);
@@ -178,21 +188,9 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
   const scalar_t* t = kHard ? nullptr : a.t + i * a.t_stride;
   scalar_t* g = kGrad ? a.grad + i * C : nullptr;
   RowOut<acc_t> out;
-  int64_t y = -1;
   acc_t s = 0, T = 0;
-  if constexpr (kHard) {
-    y = a.y[i];
-    if (y == a.ignore_index) {
-      if constexpr (kGrad) std::fill(g, g + C, scalar_t(0));
-      return out;
-    }
-    if (y < 0 || y >= C) target_out_of_range(y, C, i, a.ignore_index);
-    s = a.w[y];
-    out.denom = a.weighted ? s : acc_t(1);
-  } else {
-    target_row_sums(a, t, i, s, T);
-    out.denom = a.weighted ? s : T;
-  }
+  int64_t y = -1;
+  if (!row_target<scalar_t, kHard, kGrad>(a, i, t, g, y, s, T, out)) return out;
 
   // Pass 1: the row's max (padding lanes hold -inf).
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -338,7 +336,8 @@ std::pair<double, double> dispatch_loss(const Args<scalar_t>& a, int64_t loss_ty
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                            const at::Tensor& class_weight, int64_t loss_type,
                                                            double gamma, double alpha, int64_t reduction,
-                                                           int64_t ignore_index, bool compute_grad) {
+                                                           int64_t ignore_index, int64_t grad_mode) {
+  const bool compute_grad = check_grad_mode(grad_mode);
   const CbLossPlan plan = check_cb_loss(logits, target, class_weight, loss_type, gamma, alpha, reduction);
   CbLossOutputs out = alloc_cb_loss(plan, reduction, compute_grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.logits.scalar_type(), "cbfused_cb_loss_cpu", [&] {
@@ -347,8 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cpu(const at::Tensor& log
     a.x = plan.logits.const_data_ptr<scalar_t>();
     a.x_stride = plan.N > 0 ? plan.logits.stride(0) : 0;
     if (plan.hard) {
-      a.y = plan.target.const_data_ptr<int64_t>();
-      TORCH_CHECK(plan.N == 0 || plan.target.stride(0) == 1 || plan.N == 1, "internal: target stride");
+      a.y = plan.target.const_data_ptr<int64_t>();  // contiguous
     } else {
       a.t = plan.target.const_data_ptr<scalar_t>();
       a.t_stride = plan.N > 0 ? plan.target.stride(0) : 0;
@@ -393,7 +391,6 @@ double focal_elementwise(const FocalPlan& p, double gamma, double alpha, double 
   const acc_t g = static_cast<acc_t>(gamma), al = static_cast<acc_t>(alpha);
   const bool has_alpha = al >= acc_t(0);
   const V gs(static_cast<acc_t>(grad_scale));
-  scalar_t dummy = 0;
   // Rows of K elements; the per-row "loss" is the row's sum.
   auto res = run_rows<scalar_t>(p.rows, K, nullptr, [&](int64_t i) {
     RowOut<acc_t> out;
@@ -428,13 +425,13 @@ double focal_elementwise(const FocalPlan& p, double gamma, double alpha, double 
     out.loss = IO::hsum(lacc);
     return out;
   });
-  (void)dummy;
   return res.first;
 }
 
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_cpu(const at::Tensor& inputs, const at::Tensor& targets,
                                                      const std::optional<at::Tensor>& weight, double alpha,
-                                                     double gamma, int64_t reduction, bool compute_grad) {
+                                                     double gamma, int64_t reduction, int64_t grad_mode) {
+  const bool compute_grad = check_grad_mode(grad_mode);
   const FocalPlan plan = check_sigmoid_focal(inputs, targets, weight, gamma, reduction);
   const auto opts = inputs.options();
   at::Tensor loss = reduction == kNone ? at::empty(inputs.sizes(), opts) : at::empty({}, opts);

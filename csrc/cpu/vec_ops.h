@@ -22,6 +22,18 @@ struct VecMathOps {
   static V log(const V& x) { return x.log(); }
   static V log1p(const V& x) { return x.log1p(); }
   static V expm1(const V& x) { return x.expm1(); }
+  // log1p(x) for x in [0, 1]: 2 atanh(s), s = x / (2 + x) in [0, 1/3], by its odd series
+  // 2 s (1 + s^2/3 + s^4/5 + ...), truncated where (1/9)^K / (2K + 1) is below the
+  // type's epsilon. Relative error of a few ulp over the whole domain, tiny x included,
+  // at one division and K multiply-adds (a third of Sleef's general log1p).
+  static V log1p_unit(const V& x) {
+    constexpr int K = std::is_same_v<A, float> ? 7 : 16;
+    const V s = x / (V(A(2)) + x);
+    const V z = s * s;
+    V p(A(1) / A(2 * K + 1));
+    for (int k = K - 1; k >= 0; --k) p = at::vec::fmadd(p, z, V(A(1) / A(2 * k + 1)));
+    return V(A(2)) * s * p;
+  }
   static V abs(const V& x) { return x.abs(); }
   // Plain max: a NaN logit still reaches the result through log1p(exp(-|x|)).
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }

@@ -1,0 +1,63 @@
+"""Shared test matrix and helpers for every test module (device x dtype lists, tolerances, input makers)."""
+
+from __future__ import annotations
+
+import torch
+
+import cbfused
+
+LOSS_TYPES = ["softmax", "sigmoid", "focal", "softmax_focal"]
+REDUCTIONS = ["none", "sum", "mean", "weighted_mean"]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+HAS_CUDA = torch.cuda.is_available()
+CUDA_BUILT = cbfused.BUILD_INFO["cuda"] == "1"
+CUDA_SKIP_REASON = (
+    "no CUDA GPU on this machine (CUDA kernels are compiled but not executed here)"
+    if not HAS_CUDA
+    else "cbfused was built without CUDA kernels"
+)
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA and CUDA_BUILT else [])
+
+# Relative tolerance of one result element against the float64 reference, scaled by the
+# largest reference element (atol = RTOL * max|ref|): the kernels accumulate in float32 for
+# float16 / bfloat16 / float32 and round once to the output dtype.
+RTOL = {torch.float64: 1e-10, torch.float32: 3e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, factor: float = 1.0):
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert torch.isfinite(a).all(), "non-finite values in result"
+    rtol = RTOL[dtype] * factor
+    scale = e.abs().max().item() if e.numel() else 0.0
+    torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * scale + 1e-300)
+
+
+def make_counts(c: int, seed: int = 0, n_max: int = 5000, imbalance: float = 100.0) -> torch.Tensor:
+    """Long-tailed counts n_i = n_max * IF^(-i / (C - 1)), shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    i = torch.arange(c, dtype=torch.float64)
+    n = (n_max * imbalance ** (-i / max(c - 1, 1))).floor().clamp(min=1)
+    return n[torch.randperm(c, generator=g)].long()
+
+
+def make_inputs(n, c, dtype, device="cpu", kind="hard", loss_type="softmax", seed=0, scale=3.0, ignore_frac=0.1):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, generator=g, dtype=torch.float64) * scale).to(dtype)
+    if kind == "hard":
+        y = torch.randint(0, c, (n,), generator=g)
+        if n and ignore_frac:
+            y[torch.rand(n, generator=g) < ignore_frac] = -100
+    else:
+        t = torch.rand(n, c, generator=g, dtype=torch.float64)
+        if loss_type in ("softmax", "softmax_focal"):
+            t = t / t.sum(1, keepdim=True)  # class probabilities
+        else:
+            t = (t > 0.7).to(torch.float64)  # multi-hot
+        y = t.to(dtype)
+    return x.to(device), y.to(device)
+
+
