@@ -42,7 +42,11 @@ CPU_FLAGS = {
         "-DCPU_CAPABILITY_AVX512",
     ],
 }
-CPU_NEEDS = {"DEFAULT": set(), "AVX2": {"avx2", "fma", "f16c"}, "AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}}
+CPU_NEEDS = {
+    "DEFAULT": set(),
+    "AVX2": {"avx2", "fma", "f16c"},
+    "AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
+}
 
 
 def _cpu_flags_present() -> set[str]:
@@ -84,7 +88,13 @@ def want_cuda(cuda_sources: list[str]) -> tuple[bool, str]:
 def extensions():
     cap = cpu_capability()
     # -fopenmp: at::parallel_for is an inline OpenMP template (torch's own libgomp serves it).
-    cxx = ["-O3", "-fno-math-errno", "-fopenmp", f"-DCPU_CAPABILITY={cap}", f'-DCBFUSED_CPU_CAPABILITY_NAME="{cap}"']
+    cxx = [
+        "-O3",
+        "-fno-math-errno",
+        "-fopenmp",
+        f"-DCPU_CAPABILITY={cap}",
+        f'-DCBFUSED_CPU_CAPABILITY_NAME="{cap}"',
+    ]
     cxx += CPU_FLAGS[cap]
     sources = ["csrc/ops.cpp", "csrc/checks.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
@@ -101,7 +111,9 @@ def extensions():
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"],
         )
-        print(f"cbfused: building CPU ({cap}) + CUDA kernels ({why}); archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
+        print(
+            f"cbfused: building CPU ({cap}) + CUDA kernels ({why}); archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
+        )
     else:
         ext = cpp_extension.CppExtension(
             "cbfused._C",

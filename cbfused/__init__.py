@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _C
+from . import _C, reference
 from . import _ops as _ops  # registers fake kernels and autograd
-from . import reference
 from .functional import class_balanced_loss, sigmoid_focal_loss
 from .init import init_sigmoid_bias_, param_groups_no_bias_decay
 from .modules import ClassBalancedLoss

@@ -37,6 +37,16 @@ def reduction_code(reduction: str, allowed: tuple[str, ...] = tuple(REDUCTIONS))
     return REDUCTIONS[reduction]
 
 
+def _same_device(ref: torch.Tensor, ref_name: str, *others: tuple[torch.Tensor | None, str]) -> None:
+    # Checked before dispatch: with mixed devices the dispatcher could pick the wrong kernel.
+    for t, name in others:
+        if t is not None and t.device != ref.device:
+            raise ValueError(
+                f"cbfused: {name} are on {t.device} but {ref_name} are on {ref.device}; "
+                "move them to the same device (a ClassBalancedLoss module moves its weights with .to())"
+            )
+
+
 def _grad_mode(t: torch.Tensor) -> int:
     return GRAD_REUSE if (t.requires_grad and torch.is_grad_enabled()) else GRAD_NONE
 
@@ -94,7 +104,17 @@ def _cb_loss_backward(ctx, g_loss, _g_grad, _g_inv):
     if not ctx.grad_mode:
         raise RuntimeError("cbfused: cb_loss ran with grad_mode=0, so it saved no gradient to backpropagate")
     scale = g_loss.unsqueeze(-1) if ctx.reduction == _NONE else g_loss * inv_norm
-    return _scale_saved_grad(grad, scale, ctx.grad_mode == GRAD_REUSE), None, None, None, None, None, None, None, None
+    return (
+        _scale_saved_grad(grad, scale, ctx.grad_mode == GRAD_REUSE),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 torch.library.register_autograd("cbfused::cb_loss", _cb_loss_backward, setup_context=_cb_loss_setup)
@@ -113,11 +133,14 @@ def cb_loss(
     """Calls the fused op; computes the gradient only when autograd will need it."""
     lt = loss_type_code(loss_type)
     red = reduction_code(reduction)
+    _same_device(logits, "logits", (target, "target"), (class_weight, "class weights"))
     if alpha is None:
         a = -1.0
     else:
         if lt in (LOSS_TYPES["softmax"], LOSS_TYPES["softmax_focal"]):
-            raise ValueError(f"alpha applies to the sigmoid-based losses only, not to loss_type={loss_type!r}")
+            raise ValueError(
+                f"alpha applies to the sigmoid-based losses only, not to loss_type={loss_type!r}"
+            )
         a = float(alpha)
         if not 0.0 <= a <= 1.0:
             raise ValueError(f"alpha must be in [0, 1] (or None), got {alpha}")
@@ -133,8 +156,16 @@ def cb_loss(
 
 @torch.library.register_fake("cbfused::sigmoid_focal")
 def _sigmoid_focal_fake(inputs, targets, weight, alpha, gamma, reduction, grad_mode):
-    loss = torch.empty_like(inputs, memory_format=torch.contiguous_format) if reduction == _NONE else inputs.new_empty(())
-    grad = torch.empty_like(inputs, memory_format=torch.contiguous_format) if grad_mode else inputs.new_empty((0,))
+    loss = (
+        torch.empty_like(inputs, memory_format=torch.contiguous_format)
+        if reduction == _NONE
+        else inputs.new_empty(())
+    )
+    grad = (
+        torch.empty_like(inputs, memory_format=torch.contiguous_format)
+        if grad_mode
+        else inputs.new_empty((0,))
+    )
     return loss, grad
 
 
@@ -150,7 +181,9 @@ def _sigmoid_focal_backward(ctx, g_loss, _g_grad):
     return _scale_saved_grad(grad, g_loss, ctx.grad_mode == GRAD_REUSE), None, None, None, None, None, None
 
 
-torch.library.register_autograd("cbfused::sigmoid_focal", _sigmoid_focal_backward, setup_context=_sigmoid_focal_setup)
+torch.library.register_autograd(
+    "cbfused::sigmoid_focal", _sigmoid_focal_backward, setup_context=_sigmoid_focal_setup
+)
 
 
 def sigmoid_focal(
@@ -162,6 +195,7 @@ def sigmoid_focal(
     reduction: str,
 ) -> torch.Tensor:
     red = reduction_code(reduction, ("none", "sum", "mean"))
+    _same_device(inputs, "inputs", (targets, "targets"), (weight, "weight"))
     loss, _ = torch.ops.cbfused.sigmoid_focal.default(
         inputs, targets, weight, float(alpha), float(gamma), red, _grad_mode(inputs)
     )

@@ -44,7 +44,9 @@ class ClassBalancedLoss(nn.Module):
         if not gamma >= 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         if alpha is not None and loss_type in ("softmax", "softmax_focal"):
-            raise ValueError(f"alpha applies to the sigmoid-based losses only, not to loss_type={loss_type!r}")
+            raise ValueError(
+                f"alpha applies to the sigmoid-based losses only, not to loss_type={loss_type!r}"
+            )
         if (samples_per_class is None) == (weights is None):
             raise ValueError("give exactly one of samples_per_class (with beta) or weights")
         if weights is None:
@@ -68,7 +70,14 @@ class ClassBalancedLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return _ops.cb_loss(
-            logits, target, self.weight, self.loss_type, self.gamma, self.alpha, self.reduction, self.ignore_index
+            logits,
+            target,
+            self.weight,
+            self.loss_type,
+            self.gamma,
+            self.alpha,
+            self.reduction,
+            self.ignore_index,
         )
 
     def extra_repr(self) -> str:

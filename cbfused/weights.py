@@ -38,9 +38,7 @@ def _counts(samples_per_class: CountsLike, device: torch.device | str | None = N
         except (TypeError, ValueError) as e:
             raise TypeError(f"samples_per_class must be a 1-D sequence or tensor of counts: {e}") from None
     if n.dim() != 1 or n.numel() == 0:
-        raise ValueError(
-            f"samples_per_class must be 1-D with one count per class, got shape {list(n.shape)}"
-        )
+        raise ValueError(f"samples_per_class must be 1-D with one count per class, got shape {list(n.shape)}")
     bad = ~torch.isfinite(n)
     if bool(bad.any()):
         c = int(bad.nonzero()[0])
@@ -96,7 +94,11 @@ def class_balanced_weights(
         if zero_count == "error" or bool(empty.all()):
             idx = empty.nonzero().flatten().tolist()
             shown = ", ".join(map(str, idx[:10])) + (f", ... ({len(idx)} in all)" if len(idx) > 10 else "")
-            what = "every class has zero samples" if bool(empty.all()) else f"classes [{shown}] have zero samples"
+            what = (
+                "every class has zero samples"
+                if bool(empty.all())
+                else f"classes [{shown}] have zero samples"
+            )
             raise ValueError(
                 f"samples_per_class: {what}, so their class-balanced weight 1/E(0) is undefined. "
                 "Pass samples_per_class counted over the whole training set (not per batch), "
@@ -116,12 +118,12 @@ def class_counts(targets: torch.Tensor, num_classes: int, ignore_index: int | No
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if targets.is_floating_point():
         if targets.dim() != 2 or targets.shape[1] != num_classes:
-            raise ValueError(
-                f"float targets must have shape [N, {num_classes}], got {list(targets.shape)}"
-            )
+            raise ValueError(f"float targets must have shape [N, {num_classes}], got {list(targets.shape)}")
         return targets.detach().to(torch.float64).sum(0)
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"targets must be integer class indices or float [N, C] labels, got dtype {targets.dtype}")
+        raise TypeError(
+            f"targets must be integer class indices or float [N, C] labels, got dtype {targets.dtype}"
+        )
     y = targets.detach().reshape(-1).long()
     if ignore_index is not None:
         y = y[y != ignore_index]

@@ -28,9 +28,7 @@ bool is_supported_float(at::ScalarType s) {
   return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
 }
 
-at::ScalarType acc_type_of(at::ScalarType s) {
-  return s == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType acc_type_of(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Unit stride along the class dimension; any row stride (e.g. a column slice of a
 // wider tensor) is read in place.
@@ -40,22 +38,20 @@ at::Tensor unit_class_stride(const at::Tensor& t) {
 }
 
 void check_common(double gamma, int64_t reduction) {
-  TORCH_CHECK(std::isfinite(gamma) && gamma >= 0, "cbfused: gamma must be a finite number >= 0, got ",
-              gamma);
+  TORCH_CHECK(std::isfinite(gamma) && gamma >= 0, "cbfused: gamma must be a finite number >= 0, got ", gamma);
   TORCH_CHECK(reduction >= kNone && reduction <= kWeightedMean, "cbfused: unknown reduction code ",
               reduction);
 }
 
 }  // namespace
 
-CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target,
-                         const at::Tensor& class_weight, int64_t loss_type, double gamma,
-                         double alpha, int64_t reduction) {
+CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& class_weight,
+                         int64_t loss_type, double gamma, double alpha, int64_t reduction) {
   TORCH_CHECK(loss_type >= kSoftmax && loss_type <= kSoftmaxFocal, "cbfused: unknown loss type code ",
               loss_type);
   check_common(gamma, reduction);
-  TORCH_CHECK(std::isfinite(alpha) && alpha <= 1, "cbfused: alpha must be in [0, 1] (or negative to disable), got ",
-              alpha);
+  TORCH_CHECK(std::isfinite(alpha) && alpha <= 1,
+              "cbfused: alpha must be in [0, 1] (or negative to disable), got ", alpha);
   TORCH_CHECK(logits.dim() == 2, "cbfused: logits must be 2-D [N, C], got shape ", shape_str(logits));
   TORCH_CHECK(is_supported_float(logits.scalar_type()),
               "cbfused: logits must be float16, bfloat16, float32 or float64, got ", logits.scalar_type());
@@ -83,13 +79,15 @@ CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target,
     plan.target = (ts == at::kLong ? target : target.to(at::kLong)).contiguous();
   } else if (target.is_floating_point()) {
     plan.hard = false;
-    TORCH_CHECK(target.sizes() == logits.sizes(), "cbfused: float (multi-hot / soft) target must have the logits' shape ",
-                shape_str(logits), ", got ", shape_str(target));
+    TORCH_CHECK(target.sizes() == logits.sizes(),
+                "cbfused: float (multi-hot / soft) target must have the logits' shape ", shape_str(logits),
+                ", got ", shape_str(target));
     TORCH_CHECK(ts == logits.scalar_type(), "cbfused: float target dtype ", ts,
                 " does not match the logits' dtype ", logits.scalar_type());
     plan.target = unit_class_stride(target);
   } else {
-    TORCH_CHECK(false, "cbfused: target must be int64 / int32 class indices or a float [N, C] tensor, got dtype ",
+    TORCH_CHECK(false,
+                "cbfused: target must be int64 / int32 class indices or a float [N, C] tensor, got dtype ",
                 ts);
   }
   plan.logits = unit_class_stride(logits);
@@ -107,8 +105,7 @@ CbLossOutputs alloc_cb_loss(const CbLossPlan& plan, int64_t reduction, bool comp
 }
 
 FocalPlan check_sigmoid_focal(const at::Tensor& inputs, const at::Tensor& targets,
-                              const std::optional<at::Tensor>& weight, double gamma,
-                              int64_t reduction) {
+                              const std::optional<at::Tensor>& weight, double gamma, int64_t reduction) {
   check_common(gamma, reduction);
   TORCH_CHECK(reduction != kWeightedMean, "cbfused: sigmoid_focal_loss takes reduction none, sum or mean");
   TORCH_CHECK(is_supported_float(inputs.scalar_type()),
@@ -117,8 +114,8 @@ FocalPlan check_sigmoid_focal(const at::Tensor& inputs, const at::Tensor& target
               shape_str(inputs), ", got ", shape_str(targets));
   TORCH_CHECK(targets.device() == inputs.device(), "cbfused: targets are on ", targets.device(),
               " but inputs are on ", inputs.device());
-  TORCH_CHECK(targets.scalar_type() == inputs.scalar_type(), "cbfused: targets dtype ",
-              targets.scalar_type(), " does not match the inputs' dtype ", inputs.scalar_type());
+  TORCH_CHECK(targets.scalar_type() == inputs.scalar_type(), "cbfused: targets dtype ", targets.scalar_type(),
+              " does not match the inputs' dtype ", inputs.scalar_type());
   FocalPlan plan;
   plan.inputs = inputs.contiguous();
   plan.targets = targets.contiguous();

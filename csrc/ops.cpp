@@ -31,13 +31,11 @@ TORCH_LIBRARY(cbfused, m) {
 }
 
 static PyObject* build_info(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:s,s:s}", "cpu_capability", CBFUSED_CPU_CAPABILITY_NAME, "cuda",
-                       CBFUSED_CUDA_FLAG);
+  return Py_BuildValue("{s:s,s:s}", "cpu_capability", CBFUSED_CPU_CAPABILITY_NAME, "cuda", CBFUSED_CUDA_FLAG);
 }
 
-static PyMethodDef methods[] = {
-    {"build_info", build_info, METH_NOARGS, "How this extension was built."},
-    {nullptr, nullptr, 0, nullptr}};
+static PyMethodDef methods[] = {{"build_info", build_info, METH_NOARGS, "How this extension was built."},
+                                {nullptr, nullptr, 0, nullptr}};
 
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

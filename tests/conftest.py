@@ -1,7 +1,6 @@
 """pytest fixtures; the matrix and helpers live in testing.py."""
 
 import pytest
-
 from testing import DEVICES
 
 

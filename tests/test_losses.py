@@ -7,11 +7,10 @@ import itertools
 
 import pytest
 import torch
+from testing import DTYPES, LOSS_TYPES, REDUCTIONS, assert_close_scaled, make_counts, make_inputs
 
 import cbfused
 from cbfused import reference as R
-
-from testing import DTYPES, LOSS_TYPES, REDUCTIONS, assert_close_scaled, make_counts, make_inputs
 
 
 def run_both(x, y, w, loss_type, reduction, gamma=1.5, alpha=None, grad_seed=1):

@@ -25,7 +25,9 @@ DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA and CUDA_BUILT else [])
 RTOL = {torch.float64: 1e-10, torch.float32: 3e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, factor: float = 1.0):
+def assert_close_scaled(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, factor: float = 1.0
+):
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
     a = actual.detach().double().cpu()
@@ -44,7 +46,9 @@ def make_counts(c: int, seed: int = 0, n_max: int = 5000, imbalance: float = 100
     return n[torch.randperm(c, generator=g)].long()
 
 
-def make_inputs(n, c, dtype, device="cpu", kind="hard", loss_type="softmax", seed=0, scale=3.0, ignore_frac=0.1):
+def make_inputs(
+    n, c, dtype, device="cpu", kind="hard", loss_type="softmax", seed=0, scale=3.0, ignore_frac=0.1
+):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(n, c, generator=g, dtype=torch.float64) * scale).to(dtype)
     if kind == "hard":
@@ -59,5 +63,3 @@ def make_inputs(n, c, dtype, device="cpu", kind="hard", loss_type="softmax", see
             t = (t > 0.7).to(torch.float64)  # multi-hot
         y = t.to(dtype)
     return x.to(device), y.to(device)
-
-

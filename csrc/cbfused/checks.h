@@ -11,18 +11,17 @@ namespace cbfused {
 struct CbLossPlan {
   int64_t N = 0;
   int64_t C = 0;
-  bool hard = true;     // integer class targets (else float [N, C] targets)
-  at::Tensor target;    // int64 [N] or floating [N, C] with unit column stride
-  at::Tensor logits;    // [N, C] with unit column stride
-  at::Tensor weight;    // [C], accumulation dtype, contiguous
+  bool hard = true;   // integer class targets (else float [N, C] targets)
+  at::Tensor target;  // int64 [N] or floating [N, C] with unit column stride
+  at::Tensor logits;  // [N, C] with unit column stride
+  at::Tensor weight;  // [C], accumulation dtype, contiguous
 };
 
 // Validates the arguments of cbfused::cb_loss and normalises the layouts the
 // kernels accept (unit stride along classes, int64 targets, weights in the
 // accumulation type).
-CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target,
-                         const at::Tensor& class_weight, int64_t loss_type, double gamma,
-                         double alpha, int64_t reduction);
+CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& class_weight,
+                         int64_t loss_type, double gamma, double alpha, int64_t reduction);
 
 // The op's outputs: loss ([] or [N]), grad ([N, C] or [0]), inv_norm ([]).
 struct CbLossOutputs {
@@ -41,8 +40,7 @@ struct FocalPlan {
 };
 
 FocalPlan check_sigmoid_focal(const at::Tensor& inputs, const at::Tensor& targets,
-                              const std::optional<at::Tensor>& weight, double gamma,
-                              int64_t reduction);
+                              const std::optional<at::Tensor>& weight, double gamma, int64_t reduction);
 
 std::string shape_str(const at::Tensor& t);
 

@@ -30,7 +30,7 @@ struct Args {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x = nullptr;
   int64_t x_stride = 0;
-  const int64_t* y = nullptr;  // hard targets
+  const int64_t* y = nullptr;   // hard targets
   const scalar_t* t = nullptr;  // float targets
   int64_t t_stride = 0;
   const acc_t* w = nullptr;  // class weights [C]
@@ -55,6 +55,8 @@ struct RowOut {
 
 template <typename acc_t>
 [[noreturn]] void float_target_out_of_range(acc_t v, int64_t i) {
+  TORCH_CHECK(v == v, "cbfused: float target nan in row ", i,
+              " is outside [0, 1]; float targets are multi-hot labels or class probabilities");
   TORCH_CHECK(false, "cbfused: float target ", v, " in row ", i,
               " is outside [0, 1]; float targets are multi-hot labels or class probabilities");
 }
@@ -340,39 +342,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cpu(const at::Tensor& log
   const bool compute_grad = check_grad_mode(grad_mode);
   const CbLossPlan plan = check_cb_loss(logits, target, class_weight, loss_type, gamma, alpha, reduction);
   CbLossOutputs out = alloc_cb_loss(plan, reduction, compute_grad);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.logits.scalar_type(), "cbfused_cb_loss_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    Args<scalar_t> a;
-    a.x = plan.logits.const_data_ptr<scalar_t>();
-    a.x_stride = plan.N > 0 ? plan.logits.stride(0) : 0;
-    if (plan.hard) {
-      a.y = plan.target.const_data_ptr<int64_t>();  // contiguous
-    } else {
-      a.t = plan.target.const_data_ptr<scalar_t>();
-      a.t_stride = plan.N > 0 ? plan.target.stride(0) : 0;
-    }
-    a.w = plan.weight.const_data_ptr<acc_t>();
-    a.grad = compute_grad ? out.grad.mutable_data_ptr<scalar_t>() : nullptr;
-    a.C = plan.C;
-    a.gamma = static_cast<acc_t>(gamma);
-    a.alpha = static_cast<acc_t>(alpha);
-    a.ignore_index = ignore_index;
-    a.weighted = reduction == kWeightedMean;
-    scalar_t* per_row = reduction == kNone ? out.loss.mutable_data_ptr<scalar_t>() : nullptr;
-    std::pair<double, double> tot;
-    if (compute_grad) {
-      tot = plan.hard ? dispatch_loss<scalar_t, true, true>(a, loss_type, plan.N, per_row)
-                      : dispatch_loss<scalar_t, true, false>(a, loss_type, plan.N, per_row);
-    } else {
-      tot = plan.hard ? dispatch_loss<scalar_t, false, true>(a, loss_type, plan.N, per_row)
-                      : dispatch_loss<scalar_t, false, false>(a, loss_type, plan.N, per_row);
-    }
-    const bool mean = reduction == kMean || reduction == kWeightedMean;
-    // D = 0 (empty batch, every sample ignored): loss 0 and gradient 0, never NaN.
-    const double inv = mean ? (tot.second > 0 ? 1.0 / tot.second : 0.0) : 1.0;
-    if (reduction != kNone) out.loss.fill_(tot.first * inv);
-    out.inv_norm.fill_(inv);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, plan.logits.scalar_type(), "cbfused_cb_loss_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        Args<scalar_t> a;
+        a.x = plan.logits.const_data_ptr<scalar_t>();
+        a.x_stride = plan.N > 0 ? plan.logits.stride(0) : 0;
+        if (plan.hard) {
+          a.y = plan.target.const_data_ptr<int64_t>();  // contiguous
+        } else {
+          a.t = plan.target.const_data_ptr<scalar_t>();
+          a.t_stride = plan.N > 0 ? plan.target.stride(0) : 0;
+        }
+        a.w = plan.weight.const_data_ptr<acc_t>();
+        a.grad = compute_grad ? out.grad.mutable_data_ptr<scalar_t>() : nullptr;
+        a.C = plan.C;
+        a.gamma = static_cast<acc_t>(gamma);
+        a.alpha = static_cast<acc_t>(alpha);
+        a.ignore_index = ignore_index;
+        a.weighted = reduction == kWeightedMean;
+        scalar_t* per_row = reduction == kNone ? out.loss.mutable_data_ptr<scalar_t>() : nullptr;
+        std::pair<double, double> tot;
+        if (compute_grad) {
+          tot = plan.hard ? dispatch_loss<scalar_t, true, true>(a, loss_type, plan.N, per_row)
+                          : dispatch_loss<scalar_t, true, false>(a, loss_type, plan.N, per_row);
+        } else {
+          tot = plan.hard ? dispatch_loss<scalar_t, false, true>(a, loss_type, plan.N, per_row)
+                          : dispatch_loss<scalar_t, false, false>(a, loss_type, plan.N, per_row);
+        }
+        const bool mean = reduction == kMean || reduction == kWeightedMean;
+        // D = 0 (empty batch, every sample ignored): loss 0 and gradient 0, never NaN.
+        const double inv = mean ? (tot.second > 0 ? 1.0 / tot.second : 0.0) : 1.0;
+        if (reduction != kNone) out.loss.fill_(tot.first * inv);
+        out.inv_norm.fill_(inv);
+      });
   return {out.loss, out.grad, out.inv_norm};
 }
 
@@ -439,16 +442,17 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_cpu(const at::Tensor& inputs, c
   const int64_t numel = inputs.numel();
   // 'mean' is over all elements (torchvision); an empty input gives 0, not NaN.
   const double scale = reduction == kMean ? (numel > 0 ? 1.0 / static_cast<double>(numel) : 0.0) : 1.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs.scalar_type(), "cbfused_sigmoid_focal_cpu", [&] {
-    scalar_t* lptr = reduction == kNone ? loss.mutable_data_ptr<scalar_t>() : nullptr;
-    // For 'none' the gradient is per element (scaled by grad_output later).
-    const double gscale = reduction == kNone ? 1.0 : scale;
-    double total = compute_grad
-                       ? focal_elementwise<scalar_t, true>(plan, gamma, alpha, gscale, lptr,
-                                                           grad.mutable_data_ptr<scalar_t>())
-                       : focal_elementwise<scalar_t, false>(plan, gamma, alpha, gscale, lptr, nullptr);
-    if (reduction != kNone) loss.fill_(total * scale);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, inputs.scalar_type(), "cbfused_sigmoid_focal_cpu", [&] {
+        scalar_t* lptr = reduction == kNone ? loss.mutable_data_ptr<scalar_t>() : nullptr;
+        // For 'none' the gradient is per element (scaled by grad_output later).
+        const double gscale = reduction == kNone ? 1.0 : scale;
+        double total = compute_grad
+                           ? focal_elementwise<scalar_t, true>(plan, gamma, alpha, gscale, lptr,
+                                                               grad.mutable_data_ptr<scalar_t>())
+                           : focal_elementwise<scalar_t, false>(plan, gamma, alpha, gscale, lptr, nullptr);
+        if (reduction != kNone) loss.fill_(total * scale);
+      });
   return {loss, grad};
 }
 

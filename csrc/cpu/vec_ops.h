@@ -67,8 +67,8 @@ struct RowIO {
 
   static inline void load(const scalar_t* p, int64_t n, V* out) {
     if constexpr (kReduced) {
-      auto r = n == kStep ? at::vec::Vectorized<scalar_t>::loadu(p)
-                          : at::vec::Vectorized<scalar_t>::loadu(p, n);
+      auto r =
+          n == kStep ? at::vec::Vectorized<scalar_t>::loadu(p) : at::vec::Vectorized<scalar_t>::loadu(p, n);
       auto f = at::vec::convert_to_float<scalar_t>(r);
       out[0] = std::get<0>(f);
       out[1] = std::get<1>(f);
@@ -94,9 +94,7 @@ struct RowIO {
     }
   }
 
-  static inline int64_t lanes(int64_t n, int v) {
-    return std::clamp<int64_t>(n - v * kLanes, 0, kLanes);
-  }
+  static inline int64_t lanes(int64_t n, int v) { return std::clamp<int64_t>(n - v * kLanes, 0, kLanes); }
 
   // v with the lanes at and past `valid` replaced by `fill`.
   static inline V keep(const V& v, int64_t valid, acc_t fill) {

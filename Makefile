@@ -1,0 +1,51 @@
+# The two commands of README's quick start; each works on a fresh machine (Python 3.11):
+#   make bench   install everything into .venv, build, run the kernel benchmark (quick mode)
+#   make test    install everything into .venv, build, lint, run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.cbfused-deps
+# torch 2.14.1 + torchvision 0.29.1 (CUDA 13.0 build; runs on the CPU too). The versions
+# are pinned so torchvision's compiled ops match torch.
+TORCH_PKGS := torch==2.14.1 torchvision==0.29.1
+DEV_PKGS   := pytest==9.* hypothesis ruff==0.17.* clang-format==23.1.* balanced-loss==0.1.1 numpy mpmath \
+              matplotlib ninja setuptools wheel
+BENCH_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: all bench test build lint format deps clean
+
+all: test
+
+$(STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PKGS)
+	$(PIP) install -q $(DEV_PKGS)
+	touch $(STAMP)
+
+deps: $(STAMP)
+
+build: $(STAMP)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import cbfused; print('cbfused', cbfused.__version__, cbfused.BUILD_INFO)"
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+	$(VENV)/bin/clang-format -i $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')
+
+test: build lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: build
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf build cbfused/*.so *.egg-info

@@ -1,0 +1,111 @@
+"""The numerics of losses.md: finite loss and gradient at extreme inputs in every dtype,
+where naive formulas give 0, inf or NaN; float32 / float64 accumulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from testing import LOSS_TYPES, assert_close_scaled
+
+import cbfused
+from cbfused import reference as R
+
+
+def _loss_and_grad(x, y, w, **kw):
+    x = x.clone().requires_grad_()
+    loss = cbfused.class_balanced_loss(x, y, weights=w, **kw)
+    loss.backward(torch.ones_like(loss))
+    return loss, x.grad
+
+
+@pytest.mark.parametrize(
+    "dtype, logit",
+    [
+        (torch.float32, -100.0),
+        (torch.float32, 100.0),
+        (torch.float32, -1e4),
+        (torch.float32, 3e38),
+        (torch.float16, -12.0),
+        (torch.float16, -65504.0),
+        (torch.float16, 65504.0),
+        (torch.bfloat16, -1e30),
+        (torch.float64, -1e300),
+    ],
+)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_extreme_logits_finite_and_correct(device, dtype, logit, loss_type, gamma):
+    c = 6
+    x = torch.zeros(3, c, dtype=dtype, device=device)
+    x[0, 2] = logit  # positive class at the extreme (its weight 0.5 keeps the loss in range)
+    x[1, 4] = -abs(logit)  # a negative class at the extreme
+    x[2] = torch.linspace(-3, 3, c, dtype=dtype)
+    y = torch.tensor([2, 1, 5], device=device)
+    w = torch.tensor([1.0, 2.0, 0.5, 1.0, 1.5, 1.0], dtype=torch.float64, device=device)
+    loss, grad = _loss_and_grad(x, y, w, loss_type=loss_type, gamma=gamma, reduction="none")
+    assert torch.isfinite(loss).all(), loss
+    assert torch.isfinite(grad).all(), grad
+    # the value is the exact one, from the float64 reference on the same (rounded) inputs
+    ref = R.class_balanced_loss(x.double(), y, w, loss_type=loss_type, gamma=gamma, reduction="none")
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-2 if dtype != torch.float32 else 1e-5, atol=1e-6)
+
+
+def test_focal_gamma_below_one_at_saturated_logits_has_finite_gradient(device):
+    """(1 - p)**gamma with gamma < 1 has an infinite derivative at p = 1; the reference
+    shows it, our kernel does not."""
+    x = torch.tensor([[50.0, -50.0, 0.0], [30.0, 0.0, -30.0]], device=device)
+    y = torch.tensor([0, 2], device=device)
+    w = torch.ones(3, dtype=torch.float64, device=device)
+    for loss_type in ("softmax_focal", "focal"):
+        loss, grad = _loss_and_grad(x, y, w, loss_type=loss_type, gamma=0.5)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    xr = x.double().requires_grad_()
+    R.class_balanced_loss(xr, y, w, loss_type="softmax_focal", gamma=0.5).backward()
+    assert not torch.isfinite(xr.grad).all()  # naive pow: NaN
+
+
+def test_softplus_precision_in_the_tails():
+    """bce of a confident correct prediction is tiny but not zero, in float32."""
+    x = torch.tensor([[-30.0, 30.0]])
+    y = torch.tensor([1])
+    w = torch.ones(2, dtype=torch.float64)
+    loss = cbfused.class_balanced_loss(x, y, weights=w, loss_type="sigmoid", reduction="sum")
+    exact = 2 * torch.log1p(torch.exp(torch.tensor(-30.0, dtype=torch.float64)))
+    assert loss.item() == pytest.approx(exact.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_accumulates_in_float32(device, dtype):
+    """Means of sums over 8142 classes and 512 rows: half accumulation would be off by far more."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8142, generator=g).to(dtype).to(device)
+    y = torch.randint(0, 8142, (512,), generator=g).to(device)
+    w = torch.rand(8142, generator=g, dtype=torch.float64).to(device) + 0.5
+    for loss_type in LOSS_TYPES:
+        ours = cbfused.class_balanced_loss(x, y, weights=w, loss_type=loss_type, reduction="mean")
+        ref = R.class_balanced_loss(x, y, w, loss_type=loss_type, reduction="mean")
+        assert_close_scaled(ours, ref, dtype)
+
+
+def test_nan_logits_propagate(device):
+    x = torch.randn(4, 5, device=device)
+    x[1, 2] = float("nan")
+    y = torch.tensor([0, 1, 2, 3], device=device)
+    w = torch.ones(5, device=device)
+    for loss_type in LOSS_TYPES:
+        per = cbfused.class_balanced_loss(x, y, weights=w, loss_type=loss_type, reduction="none")
+        assert torch.isnan(per[1]) and torch.isfinite(per[[0, 2, 3]]).all()
+        assert torch.isnan(cbfused.class_balanced_loss(x, y, weights=w, loss_type=loss_type))
+
+
+def test_loss_beyond_the_dtype_range_overflows_like_torch(device):
+    """A per-sample loss larger than the dtype's max (here ~2 * 65504 in float16) is inf, as
+    in F.cross_entropy; the gradient stays finite."""
+    x = torch.zeros(1, 3, dtype=torch.float16, device=device)
+    x[0, 0] = 65504.0
+    y = torch.tensor([1], device=device)
+    w = torch.tensor([1.0, 2.0, 1.0], device=device)
+    loss, grad = _loss_and_grad(x, y, w, loss_type="softmax", reduction="sum")
+    assert torch.isinf(loss)
+    assert torch.isinf(torch.nn.functional.cross_entropy(x.float(), y, weight=w, reduction="sum").half())
+    assert torch.isfinite(grad).all()
