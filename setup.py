@@ -6,7 +6,8 @@ Switches (environment variables):
                             without nvcc / a CUDA build of torch).
   TORCH_CUDA_ARCH_LIST      CUDA architectures; default below when unset.
   CBFUSED_CPU_CAPABILITY    DEFAULT | AVX2 | AVX512: the x86 vector ISA of the CPU
-                            kernels; default AVX2 where the build machine has it.
+                            kernels; default: the best the build machine has. The built
+                            module refuses to import on a CPU without that ISA.
 """
 
 from __future__ import annotations
@@ -68,7 +69,11 @@ def cpu_capability() -> str:
         return asked
     if platform.machine() not in ("x86_64", "AMD64"):
         return "DEFAULT"
-    return "AVX2" if CPU_NEEDS["AVX2"] <= _cpu_flags_present() else "DEFAULT"
+    have = _cpu_flags_present()
+    for cap in ("AVX512", "AVX2"):
+        if CPU_NEEDS[cap] <= have:
+            return cap
+    return "DEFAULT"
 
 
 def want_cuda(cuda_sources: list[str]) -> tuple[bool, str]:

@@ -15,19 +15,33 @@ __version__ = "0.1.0"
 
 BUILD_INFO: dict[str, str] = _C.build_info()
 
-_ISA_ORDER = ["DEFAULT", "AVX2", "AVX512"]
+_ISA_NEEDS = {
+    "DEFAULT": set(),
+    "AVX2": {"avx2", "fma", "f16c"},
+    "AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
+}
 
 
 def _check_cpu() -> None:
+    """The CPU kernels are compiled for one x86 ISA (see setup.py): refuse, clearly, to run
+    them on a CPU without it instead of dying on an illegal instruction."""
     built = BUILD_INFO["cpu_capability"]
     if built == "DEFAULT":
         return
-    have = torch.backends.cpu.get_cpu_capability()
-    have = "AVX512" if have.startswith("AVX512") else have
-    if have not in _ISA_ORDER or _ISA_ORDER.index(have) < _ISA_ORDER.index(built):
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if flags is None:  # no /proc/cpuinfo: ask torch what it dispatches to
+        have = torch.backends.cpu.get_cpu_capability()
+        ok = have.startswith("AVX512") or (built == "AVX2" and have == "AVX2")
+    else:
+        ok = _ISA_NEEDS[built] <= flags
+    if not ok:
         raise ImportError(
-            f"cbfused was built for {built} CPUs but this CPU supports {have}; "
-            "rebuild with CBFUSED_CPU_CAPABILITY=DEFAULT pip install --no-build-isolation ."
+            f"cbfused was built for {built} CPUs but this CPU lacks it; rebuild here with "
+            "CBFUSED_CPU_CAPABILITY=DEFAULT (or AVX2) pip install --no-build-isolation ."
         )
 
 

@@ -93,6 +93,9 @@ def _cb_loss_fake(logits, target, class_weight, loss_type, gamma, alpha, reducti
 
 
 def _cb_loss_setup(ctx, inputs, output):
+    # Only the loss is differentiated: without this autograd would allocate and zero an
+    # N x C "gradient" for the grad output on every backward.
+    ctx.set_materialize_grads(False)
     ctx.reduction = inputs[6]
     ctx.grad_mode = inputs[8]
     _, grad, inv_norm = output
@@ -101,6 +104,8 @@ def _cb_loss_setup(ctx, inputs, output):
 
 def _cb_loss_backward(ctx, g_loss, _g_grad, _g_inv):
     grad, inv_norm = ctx.saved_tensors
+    if g_loss is None:  # no gradient reached the loss (grads are not materialised)
+        return (None,) * 9
     if not ctx.grad_mode:
         raise RuntimeError("cbfused: cb_loss ran with grad_mode=0, so it saved no gradient to backpropagate")
     scale = g_loss.unsqueeze(-1) if ctx.reduction == _NONE else g_loss * inv_norm
@@ -170,12 +175,15 @@ def _sigmoid_focal_fake(inputs, targets, weight, alpha, gamma, reduction, grad_m
 
 
 def _sigmoid_focal_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
     ctx.grad_mode = inputs[6]
     ctx.save_for_backward(output[1])
 
 
 def _sigmoid_focal_backward(ctx, g_loss, _g_grad):
     (grad,) = ctx.saved_tensors
+    if g_loss is None:
+        return (None,) * 7
     if not ctx.grad_mode:
         raise RuntimeError("cbfused: sigmoid_focal ran with grad_mode=0, so it saved no gradient")
     return _scale_saved_grad(grad, g_loss, ctx.grad_mode == GRAD_REUSE), None, None, None, None, None, None

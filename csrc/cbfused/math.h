@@ -94,8 +94,12 @@ CBF_HD Logistic<T> logistic(T x) {
 //   loss = m * bce,  m = exp(-gamma * (t x + softplus(-x)))
 //   dloss/dx = m * ((sigmoid(x) - t) + gamma * (1 - sigmoid(x) - t) * bce)
 // kFocal = false gives the plain sigmoid cross-entropy (gamma = 0).
+//
+// pow_k >= 0 is a shortcut the caller may take when every t is 0 or 1 and gamma is
+// the integer pow_k: then m = (1 - p_t)^gamma = (u sigmoid(x) + t sigmoid(-x))^pow_k,
+// by multiplication instead of a second exp (same value, to rounding).
 template <bool kFocal, bool kGrad, typename T, typename G>
-CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad) {
+CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1) {
   using O = MathOps<T>;
   const T u = T(1) - t;
   const Logistic<T> L = logistic(x);
@@ -106,7 +110,14 @@ CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad) {
     if constexpr (kGrad) grad = d1;
   } else {
     const T g(gamma);
-    const T m = O::exp(-g * (t * L.sp_pos + u * L.sp_neg));
+    T m;
+    if (pow_k >= 0) {
+      const T base = u * L.sig_pos + t * L.sig_neg;  // 1 - p_t
+      m = T(1);
+      for (int k = 0; k < pow_k; ++k) m = m * base;
+    } else {
+      m = O::exp(-g * (t * L.sp_pos + u * L.sp_neg));
+    }
     loss = m * bce;
     if constexpr (kGrad) {
       const T d2 = u * L.sig_neg - t * L.sig_pos;  // 1 - sigmoid(x) - t

@@ -37,6 +37,7 @@ struct Args {
   scalar_t* grad = nullptr;  // [N, C] contiguous, or null
   int64_t C = 0;
   acc_t gamma = 0;
+  int gamma_int = -1;  // gamma when it is a small integer (0..8), else -1
   acc_t alpha = -1;
   int64_t ignore_index = -100;
   bool weighted = false;  // denominator of the mean: sum of sample weights
@@ -148,6 +149,8 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
   int64_t y = -1;
   if (!row_target<scalar_t, kHard, kGrad>(a, i, t, g, y, s, T, out)) return out;
   const bool has_alpha = a.alpha >= acc_t(0);
+  // Hard targets are exactly 0 / 1: an integer gamma needs no second exp.
+  const int pow_k = kHard ? a.gamma_int : -1;
   const V sv(s);
   V lacc(0);
   for (int64_t j = 0; j < C; j += IO::kStep) {
@@ -161,7 +164,7 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
     }
     for (int v = 0; v < IO::kVecs; ++v) {
       V lv, dv;
-      binary_term<kFocal, kGrad>(xv[v], tv[v], a.gamma, lv, dv);
+      binary_term<kFocal, kGrad>(xv[v], tv[v], a.gamma, lv, dv, pow_k);
       if (has_alpha) {
         const V at = alpha_t(tv[v], a.alpha);
         lv = lv * at;
@@ -210,21 +213,26 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
   const acc_t mx = IO::hmax(mv);
   const V mxv(mx);
 
-  // Pass 2: sum of exp(x - max) (and, for float-target cross-entropy, sum t x).
+  // Pass 2: sum of exp(x - max) (and, for float-target cross-entropy, sum t x). In full
+  // precision the exps are parked in the gradient row, so the gradient pass needs none.
+  constexpr bool kParkExp = kGrad && !IO::kReduced;
   V ev(0), txv(0);
   for (int64_t j = 0; j < C; j += IO::kStep) {
     const int64_t n = std::min(IO::kStep, C - j);
-    V xv[IO::kVecs], tv[IO::kVecs];
+    V xv[IO::kVecs], tv[IO::kVecs], e[IO::kVecs];
     IO::load(x + j, n, xv);
     if constexpr (!kHard && !kFocal) IO::load(t + j, n, tv);
     for (int v = 0; v < IO::kVecs; ++v) {
+      e[v] = (xv[v] - mxv).exp();
       const int64_t nv = IO::lanes(n, v);
       if (nv == 0) break;
-      ev = ev + IO::keep((xv[v] - mxv).exp(), nv, acc_t(0));
+      ev = ev + IO::keep(e[v], nv, acc_t(0));
       if constexpr (!kHard && !kFocal) txv = at::vec::fmadd(tv[v], xv[v], txv);
     }
+    if constexpr (kParkExp) IO::store(g + j, n, e);
   }
-  const acc_t lse = mx + std::log(IO::hsum(ev));
+  const acc_t sum_exp = IO::hsum(ev);
+  const acc_t lse = mx + std::log(sum_exp);
   const V lsev(lse);
 
   // The per-row coefficients of the gradient: grad_k = cp * p_k - ct_k.
@@ -262,18 +270,21 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
   }
 
   if constexpr (kGrad) {
-    const V cpv(cp), sv(s);
+    const V cpv(cp), sv(s), cpe(cp / sum_exp);
     for (int64_t j = 0; j < C; j += IO::kStep) {
       const int64_t n = std::min(IO::kStep, C - j);
       V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
-      IO::load(x + j, n, xv);
+      if constexpr (kParkExp) {
+        IO::load(g + j, n, gv);  // exp(x - max)
+      }
+      if constexpr (!kParkExp || (!kHard && kFocal)) IO::load(x + j, n, xv);
       if constexpr (!kHard) IO::load(t + j, n, tv);
       for (int v = 0; v < IO::kVecs; ++v) {
-        const V lp = xv[v] - lsev;
-        V gk = cpv * lp.exp();
+        // p_k = exp(x_k - max) / sum = exp(x_k - lse)
+        V gk = kParkExp ? cpe * gv[v] : cpv * (xv[v] - lsev).exp();
         if constexpr (!kHard) {
           if constexpr (kFocal) {
-            gk = gk - sv * tv[v] * softmax_focal<true>(lp, a.gamma).G;
+            gk = gk - sv * tv[v] * softmax_focal<true>(xv[v] - lsev, a.gamma).G;
           } else {
             gk = gk - sv * tv[v];
           }
@@ -358,6 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cpu(const at::Tensor& log
         a.grad = compute_grad ? out.grad.mutable_data_ptr<scalar_t>() : nullptr;
         a.C = plan.C;
         a.gamma = static_cast<acc_t>(gamma);
+        a.gamma_int = (gamma == std::floor(gamma) && gamma <= 8) ? static_cast<int>(gamma) : -1;
         a.alpha = static_cast<acc_t>(alpha);
         a.ignore_index = ignore_index;
         a.weighted = reduction == kWeightedMean;

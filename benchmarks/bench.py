@@ -1,0 +1,400 @@
+"""The kernel benchmark: cbfused's fused ops against the eager reference, the compiled
+reference and the peers a user would pick today, on the same inputs in the same run.
+
+    python benchmarks/bench.py            # quick grid (a few minutes on 2 CPU cores)
+    python benchmarks/bench.py --full     # the whole grid
+    python benchmarks/bench.py --update-readme   # also rewrite README's table from the CSV
+
+Writes benchmarks/results/<device>-<grid>.csv (one row per kernel, provider, mode, dtype,
+shape), prints a markdown table and the issue's targets, and plots the speed-up over the
+eager reference (benchmarks/results/<device>-<grid>.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import report  # noqa: E402
+
+import cbfused  # noqa: E402
+from cbfused import reference as R  # noqa: E402
+
+LOSSES = ["softmax", "sigmoid", "focal", "softmax_focal"]
+GAMMA = 2.0
+BETA = 0.999
+QUICK_SHAPES = [(128, 10), (1024, 100), (1024, 1000), (65536, 80), (16384, 1000)]
+FULL_SHAPES = [(128, 10), (1024, 100), (1024, 1000), (1024, 8142), (65536, 80), (16384, 1000)]
+QUICK_BF16_SHAPES = [(1024, 1000), (16384, 1000)]
+
+
+@dataclass
+class Row:
+    kernel: str
+    provider: str
+    mode: str
+    dtype: str
+    N: int
+    C: int
+    median_ms: float
+    q20_ms: float
+    q80_ms: float
+    reps: int
+    elems_per_s: float
+    x_floor: float = float("nan")
+    speedup_vs_ref: float = float("nan")
+    peak_extra_bytes: float = float("nan")
+    peak_extra_x_nc: float = float("nan")
+    compile_s: float = float("nan")
+    unit: str = "ms"
+    device: str = ""
+    device_name: str = ""
+    threads: int = 0
+    torch_version: str = ""
+    cbfused_version: str = ""
+    git_commit: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True
+        )
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(
+    fn: Callable[[], None], device: str, min_reps: int, budget_s: float, max_reps: int = 200
+) -> list[float]:
+    for _ in range(2):
+        fn()
+    sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def quantile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def peak_extra_bytes(fn: Callable[[], None], device: str) -> float:
+    """Peak bytes allocated above the state before the call (the call's extra memory)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base)
+    # CPU: the PyTorch profiler's allocation records (each op's own allocations minus its
+    # own frees, and frees outside ops), replayed in time order.
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.events() if e.self_cpu_memory_usage or e.name == "[memory]"),
+        key=lambda e: e.time_range.start,
+    )
+    cur = peak = 0
+    for e in events:
+        cur += e.self_cpu_memory_usage if e.name != "[memory]" else e.cpu_memory_usage
+        peak = max(peak, cur)
+    return float(peak)
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers: each builds a loss function of (x, y) for one (kernel, shape, dtype).
+
+
+@dataclass
+class Case:
+    kernel: str
+    n: int
+    c: int
+    dtype: torch.dtype
+    device: str
+    counts: list[int]
+    w64: torch.Tensor  # class-balanced weights, float64, on device
+    y: torch.Tensor
+
+
+def make_case(kernel: str, n: int, c: int, dtype: torch.dtype, device: str) -> tuple[Case, torch.Tensor]:
+    g = torch.Generator().manual_seed(n * 7919 + c)
+    i = torch.arange(c, dtype=torch.float64)
+    counts = (5000 * 100.0 ** (-i / max(c - 1, 1))).floor().clamp(min=1).long().tolist()
+    w64 = cbfused.class_balanced_weights(counts, BETA, device=device)
+    x = (torch.randn(n, c, generator=g) * 2).to(dtype).to(device)
+    y = torch.randint(0, c, (n,), generator=g).to(device)
+    return Case(kernel, n, c, dtype, device, counts, w64, y), x
+
+
+def providers(case: Case) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    k, y = case.kernel, case.y
+    acc = torch.float32 if case.dtype != torch.float64 else torch.float64
+    w_acc = case.w64.to(acc)
+    w_in = case.w64.to(case.dtype)
+    crit = cbfused.ClassBalancedLoss(case.counts, beta=BETA, loss_type=k, gamma=GAMMA).to(case.device)
+
+    def ref(x):
+        return R.class_balanced_loss(x, y, w_acc, loss_type=k, gamma=GAMMA, compute_dtype=acc)
+
+    out: dict[str, Callable] = {"cbfused": lambda x: crit(x, y), "reference": ref}
+    out["reference+compile"] = torch.compile(ref, dynamic=False)
+    if k == "softmax":
+        out["F.cross_entropy(weight)"] = lambda x: F.cross_entropy(x, y, weight=w_in)
+    if k == "sigmoid":
+
+        def bce(x):
+            t = F.one_hot(y, case.c).to(x.dtype)
+            s = w_in[y].unsqueeze(1)
+            return F.binary_cross_entropy_with_logits(x, t, weight=s, reduction="sum") / case.n
+
+        out["F.bce_with_logits(weight)"] = bce
+    if k == "focal":
+        import torchvision
+
+        def tv(x):
+            t = F.one_hot(y, case.c).to(x.dtype)
+            per = torchvision.ops.sigmoid_focal_loss(x, t, alpha=-1, gamma=GAMMA).sum(1)
+            return (per * w_in[y]).mean()
+
+        out["torchvision focal x w"] = tv
+    if k in ("softmax", "focal", "sigmoid"):
+        try:
+            from balanced_loss import Loss
+        except ImportError:
+            Loss = None
+        if Loss is not None:
+            bl_type = {"softmax": "cross_entropy", "focal": "focal_loss", "sigmoid": "binary_cross_entropy"}[
+                k
+            ]
+            bl = Loss(
+                loss_type=bl_type,
+                beta=BETA,
+                fl_gamma=GAMMA,
+                samples_per_class=case.counts,
+                class_balanced=True,
+            )
+            out["balanced-loss"] = lambda x: bl(x, y)
+    return out
+
+
+def run_cell(
+    case: Case, x0: torch.Tensor, name: str, fn, mode: str, quick: bool
+) -> tuple[list[float], float, float]:
+    """-> (times, peak extra bytes (fwd+bwd only), compile seconds)."""
+    x = x0.detach().clone().requires_grad_(mode == "fwd+bwd")
+    compile_s = float("nan")
+    if mode == "fwd+bwd":
+
+        def step():
+            loss = fn(x)
+            loss.backward()
+            x.grad = None
+    else:
+
+        def step():
+            with torch.no_grad():
+                fn(x)
+
+    if name == "reference+compile":
+        t = time.perf_counter()
+        step()
+        sync(case.device)
+        compile_s = time.perf_counter() - t
+    elems = case.n * case.c
+    budget = (0.25 if quick else 1.0) if elems < 2_000_000 else (0.6 if quick else 2.0)
+    min_reps = 5 if quick else 15
+    times = time_fn(step, case.device, min_reps, budget)
+    peak = peak_extra_bytes(step, case.device) if mode == "fwd+bwd" else float("nan")
+    return times, peak, compile_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="the whole grid (slow)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--losses", default=",".join(LOSSES))
+    ap.add_argument("--shapes", help="e.g. 128x10,1024x1000 (default: the grid's)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--update-readme", action="store_true", help="rewrite README's table from this run's CSV")
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+
+    device = args.device
+    grid = "full" if args.full else "quick"
+    shapes = FULL_SHAPES if args.full else QUICK_SHAPES
+    bf16_shapes = FULL_SHAPES if args.full else QUICK_BF16_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        bf16_shapes = [s for s in shapes if s in bf16_shapes]
+    combos = [(s, torch.float32) for s in shapes] + [(s, torch.bfloat16) for s in bf16_shapes]
+    losses = args.losses.split(",")
+    meta = dict(
+        device=device,
+        device_name=device_name(device),
+        threads=torch.get_num_threads(),
+        torch_version=torch.__version__,
+        cbfused_version=cbfused.__version__,
+        git_commit=git_commit(),
+    )
+    print(
+        f"cbfused benchmark ({grid}) on {meta['device_name']}, {meta['threads']} threads, torch {torch.__version__}, "
+        f"cbfused {cbfused.__version__} ({cbfused.BUILD_INFO}), commit {meta['git_commit']}",
+        flush=True,
+    )
+    rows: list[Row] = []
+    t_start = time.time()
+    for (n, c), dtype in combos:
+        dname = str(dtype).replace("torch.", "")
+        # the floor: one sigmoid pass over the same logits (one read, one write, one exp)
+        xf = torch.randn(n, c, device=device).to(dtype)
+        buf = torch.empty_like(xf)
+        ft = time_fn(lambda xf=xf, buf=buf: torch.sigmoid(xf, out=buf), device, 10, 0.2)
+        floor_s = statistics.median(ft)
+        rows.append(
+            Row(
+                "floor",
+                "torch.sigmoid(out=)",
+                "fwd",
+                dname,
+                n,
+                c,
+                floor_s * 1e3,
+                quantile(ft, 0.2) * 1e3,
+                quantile(ft, 0.8) * 1e3,
+                len(ft),
+                n * c / floor_s,
+                1.0,
+                **meta,
+            )
+        )
+        for kernel in losses:
+            case, x0 = make_case(kernel, n, c, dtype, device)
+            for mode in ("fwd+bwd", "fwd"):
+                ref_med = None
+                for name, fn in providers(case).items():
+                    if mode == "fwd" and name == "reference+compile":
+                        continue  # compiled reference: fwd+bwd only (compile time dominates the grid)
+                    torch._dynamo.reset() if name == "reference+compile" else None
+                    times, peak, compile_s = run_cell(case, x0, name, fn, mode, not args.full)
+                    med = statistics.median(times)
+                    if name == "reference":
+                        ref_med = med
+                    rows.append(
+                        Row(
+                            kernel,
+                            name,
+                            mode,
+                            dname,
+                            n,
+                            c,
+                            med * 1e3,
+                            quantile(times, 0.2) * 1e3,
+                            quantile(times, 0.8) * 1e3,
+                            len(times),
+                            n * c / med,
+                            med / floor_s,
+                            (ref_med / med) if ref_med else float("nan"),
+                            peak,
+                            peak / (n * c * x0.element_size()),
+                            compile_s,
+                            **meta,
+                        )
+                    )
+                    print(
+                        f"  {kernel:13s} {name:26s} {mode:7s} {dname:8s} {n:6d}x{c:<5d} {med * 1e3:10.3f} ms"
+                        + (f"  peak {peak / (n * c * x0.element_size()):.2f} NxC" if peak == peak else "")
+                        + (f"  compile {compile_s:.1f}s" if compile_s == compile_s else ""),
+                        flush=True,
+                    )
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{device}-{grid}.csv")
+    fields = [f for f in Row.__dataclass_fields__ if f != "extra"]
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=fields)
+        wr.writeheader()
+        for r in rows:
+            d = asdict(r)
+            d.pop("extra")
+            wr.writerow(d)
+    print(f"\nwrote {path} ({len(rows)} rows, {time.time() - t_start:.0f} s)\n")
+    table = report.markdown_table(report.load(path))
+    print(table)
+    print()
+    print(report.targets_text(report.load(path)))
+    if not args.no_plot:
+        png = os.path.join(args.out, f"{device}-{grid}.png")
+        if report.plot(report.load(path), png):
+            print(f"\nplot: {png}")
+    if args.update_readme:
+        readme = os.path.join(HERE, "..", "README.md")
+        report.update_readme(readme, path)
+        print(f"updated {os.path.normpath(readme)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
