@@ -12,6 +12,9 @@
 #else
 #define CBFUSED_CUDA_FLAG "0"
 #endif
+#ifndef CBFUSED_CUDA_ARCHS
+#define CBFUSED_CUDA_ARCHS ""
+#endif
 
 TORCH_LIBRARY(cbfused, m) {
   // Class-balanced loss. Returns (loss, grad, inv_norm): loss is [] or [N] (reduction
@@ -31,7 +34,8 @@ TORCH_LIBRARY(cbfused, m) {
 }
 
 static PyObject* build_info(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:s,s:s}", "cpu_capability", CBFUSED_CPU_CAPABILITY_NAME, "cuda", CBFUSED_CUDA_FLAG);
+  return Py_BuildValue("{s:s,s:s,s:s}", "cpu_capability", CBFUSED_CPU_CAPABILITY_NAME, "cuda",
+                       CBFUSED_CUDA_FLAG, "cuda_archs", CBFUSED_CUDA_ARCHS);
 }
 
 static PyMethodDef methods[] = {{"build_info", build_info, METH_NOARGS, "How this extension was built."},

@@ -12,11 +12,14 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 HAS_CUDA = torch.cuda.is_available()
 CUDA_BUILT = cbfused.BUILD_INFO["cuda"] == "1"
-CUDA_SKIP_REASON = (
-    "no CUDA GPU on this machine (CUDA kernels are compiled but not executed here)"
-    if not HAS_CUDA
-    else "cbfused was built without CUDA kernels"
-)
+if HAS_CUDA and CUDA_BUILT:
+    CUDA_SKIP_REASON = ""
+elif HAS_CUDA:
+    CUDA_SKIP_REASON = "cbfused was built without CUDA kernels (FORCE_ONLY_CPU=1 or no nvcc at build time)"
+elif CUDA_BUILT:
+    CUDA_SKIP_REASON = "no CUDA GPU on this machine: the CUDA kernels are compiled here, never executed"
+else:
+    CUDA_SKIP_REASON = "no CUDA GPU on this machine, and cbfused was built without CUDA kernels"
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA and CUDA_BUILT else [])
 
 # Relative tolerance of one result element against the float64 reference, scaled by the

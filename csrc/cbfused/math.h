@@ -188,6 +188,14 @@ CBF_HD SoftmaxFocal<T> softmax_focal(T logp, G gamma) {
   return out;
 }
 
+// gamma as a small integer (0..8) when it is one, else -1: with hard (0 / 1) targets the
+// focal modulator is then a product (binary_term's pow_k).
+CBF_HD int small_integer_gamma(double gamma) {
+  return (gamma >= 0 && gamma <= 8 && gamma == static_cast<double>(static_cast<int>(gamma)))
+             ? static_cast<int>(gamma)
+             : -1;
+}
+
 // alpha_t = alpha t + (1 - alpha)(1 - t) (torchvision's alpha); alpha < 0 means
 // "no alpha" and gives 1.
 template <typename T, typename G>

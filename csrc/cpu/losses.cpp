@@ -16,6 +16,7 @@
 
 #include "cbfused/checks.h"
 #include "cbfused/math.h"
+#include "cbfused/row_args.h"
 #include "cpu/vec_ops.h"
 
 namespace cbfused {
@@ -26,22 +27,7 @@ namespace {
 constexpr int64_t kChunkElems = 1 << 14;
 
 template <typename scalar_t>
-struct Args {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* x = nullptr;
-  int64_t x_stride = 0;
-  const int64_t* y = nullptr;   // hard targets
-  const scalar_t* t = nullptr;  // float targets
-  int64_t t_stride = 0;
-  const acc_t* w = nullptr;  // class weights [C]
-  scalar_t* grad = nullptr;  // [N, C] contiguous, or null
-  int64_t C = 0;
-  acc_t gamma = 0;
-  int gamma_int = -1;  // gamma when it is a small integer (0..8), else -1
-  acc_t alpha = -1;
-  int64_t ignore_index = -100;
-  bool weighted = false;  // denominator of the mean: sum of sample weights
-};
+using Args = RowArgs<scalar_t>;
 
 template <typename acc_t>
 struct RowOut {
@@ -355,25 +341,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cpu(const at::Tensor& log
   CbLossOutputs out = alloc_cb_loss(plan, reduction, compute_grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, plan.logits.scalar_type(), "cbfused_cb_loss_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        Args<scalar_t> a;
-        a.x = plan.logits.const_data_ptr<scalar_t>();
-        a.x_stride = plan.N > 0 ? plan.logits.stride(0) : 0;
-        if (plan.hard) {
-          a.y = plan.target.const_data_ptr<int64_t>();  // contiguous
-        } else {
-          a.t = plan.target.const_data_ptr<scalar_t>();
-          a.t_stride = plan.N > 0 ? plan.target.stride(0) : 0;
-        }
-        a.w = plan.weight.const_data_ptr<acc_t>();
-        a.grad = compute_grad ? out.grad.mutable_data_ptr<scalar_t>() : nullptr;
-        a.C = plan.C;
-        a.gamma = static_cast<acc_t>(gamma);
-        a.gamma_int = (gamma == std::floor(gamma) && gamma <= 8) ? static_cast<int>(gamma) : -1;
-        a.alpha = static_cast<acc_t>(alpha);
-        a.ignore_index = ignore_index;
-        a.weighted = reduction == kWeightedMean;
-        scalar_t* per_row = reduction == kNone ? out.loss.mutable_data_ptr<scalar_t>() : nullptr;
+        const auto a =
+            make_row_args<scalar_t>(plan, out, gamma, alpha, reduction, ignore_index, compute_grad);
+        scalar_t* per_row = a.per_row_out;
         std::pair<double, double> tot;
         if (compute_grad) {
           tot = plan.hard ? dispatch_loss<scalar_t, true, true>(a, loss_type, plan.N, per_row)

@@ -1,0 +1,62 @@
+// The arguments of a cb_loss row kernel, shared by the CPU and CUDA backends, and the one
+// place that fills them from a validated plan.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "cbfused/checks.h"
+#include "cbfused/math.h"
+
+namespace cbfused {
+
+template <typename scalar_t>
+struct RowArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = nullptr;
+  int64_t x_stride = 0;
+  const int64_t* y = nullptr;   // hard targets (contiguous), or null
+  const scalar_t* t = nullptr;  // float targets, or null
+  int64_t t_stride = 0;
+  const acc_t* w = nullptr;  // class weights [C]
+  scalar_t* grad = nullptr;  // [N, C] contiguous, or null (no gradient)
+  int64_t N = 0, C = 0;
+  acc_t gamma = 0;
+  int gamma_int = -1;  // small_integer_gamma(gamma)
+  acc_t alpha = -1;    // < 0: no alpha
+  int64_t ignore_index = -100;
+  bool weighted = false;            // the mean's denominator is the sum of sample weights
+  scalar_t* per_row_out = nullptr;  // [N] loss per sample (reduction 'none'), or null
+  acc_t* row_loss = nullptr;        // CUDA: [N] per-row loss and denominator for the reduction
+  acc_t* row_denom = nullptr;
+};
+
+template <typename scalar_t>
+RowArgs<scalar_t> make_row_args(const CbLossPlan& plan, CbLossOutputs& out, double gamma, double alpha,
+                                int64_t reduction, int64_t ignore_index, bool compute_grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  RowArgs<scalar_t> a;
+  a.x = plan.logits.const_data_ptr<scalar_t>();
+  a.x_stride = plan.N > 0 ? plan.logits.stride(0) : 0;
+  if (plan.hard) {
+    a.y = plan.target.const_data_ptr<int64_t>();
+  } else {
+    a.t = plan.target.const_data_ptr<scalar_t>();
+    a.t_stride = plan.N > 0 ? plan.target.stride(0) : 0;
+  }
+  a.w = plan.weight.const_data_ptr<acc_t>();
+  a.grad = compute_grad ? out.grad.mutable_data_ptr<scalar_t>() : nullptr;
+  a.N = plan.N;
+  a.C = plan.C;
+  a.gamma = static_cast<acc_t>(gamma);
+  a.gamma_int = small_integer_gamma(gamma);
+  a.alpha = static_cast<acc_t>(alpha);
+  a.ignore_index = ignore_index;
+  a.weighted = reduction == kWeightedMean;
+  a.per_row_out = reduction == kNone ? out.loss.mutable_data_ptr<scalar_t>() : nullptr;
+  return a;
+}
+
+}  // namespace cbfused

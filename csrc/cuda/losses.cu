@@ -1,0 +1,131 @@
+// TORCH_LIBRARY_IMPL(cbfused, CUDA): the ops on the current stream, with a device guard,
+// no host synchronisation (normalisers stay on the device) and no float atomics.
+#include <ATen/Dispatch.h>
+#include <ATen/Functions.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "cbfused/checks.h"
+#include "cuda/launch.cuh"
+
+namespace cbfused {
+namespace cuda {
+namespace {
+
+template <typename acc_t>
+at::TensorOptions acc_options(const at::Tensor& like) {
+  return like.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cuda(const at::Tensor& logits,
+                                                            const at::Tensor& target,
+                                                            const at::Tensor& class_weight, int64_t loss_type,
+                                                            double gamma, double alpha, int64_t reduction,
+                                                            int64_t ignore_index, int64_t grad_mode) {
+  const bool compute_grad = check_grad_mode(grad_mode);
+  const CbLossPlan plan = check_cb_loss(logits, target, class_weight, loss_type, gamma, alpha, reduction);
+  const c10::cuda::CUDAGuard guard(plan.logits.device());
+  CbLossOutputs out = alloc_cb_loss(plan, reduction, compute_grad);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, plan.logits.scalar_type(), "cbfused_cb_loss_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        at::Tensor row_loss = at::empty({plan.N}, acc_options<acc_t>(plan.logits));
+        at::Tensor row_denom = at::empty({plan.N}, acc_options<acc_t>(plan.logits));
+        RowArgs<scalar_t> a =
+            make_row_args<scalar_t>(plan, out, gamma, alpha, reduction, ignore_index, compute_grad);
+        a.row_loss = row_loss.mutable_data_ptr<acc_t>();
+        a.row_denom = row_denom.mutable_data_ptr<acc_t>();
+        if (loss_type == kSoftmax || loss_type == kSoftmaxFocal) {
+          launch_family<scalar_t, kSoftmax, kSoftmaxFocal>(a, loss_type, plan.hard, stream);
+        } else {
+          launch_family<scalar_t, kSigmoid, kFocal>(a, loss_type, plan.hard, stream);
+        }
+        if (reduction == kNone) {
+          out.inv_norm.fill_(1);
+        } else {
+          const bool mean = reduction == kMean || reduction == kWeightedMean;
+          finish_kernel<scalar_t, acc_t><<<1, kBlock, 0, stream>>>(
+              a.row_loss, a.row_denom, plan.N, mean, acc_t(1), out.loss.mutable_data_ptr<scalar_t>(),
+              out.inv_norm.mutable_data_ptr<acc_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+  return {out.loss, out.grad, out.inv_norm};
+}
+
+constexpr int64_t kMaxFocalBlocks = 1024;  // fixed: the reduction order does not depend on the GPU
+
+// torchvision.ops.sigmoid_focal_loss semantics, elementwise over the flattened input.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlock)
+    focal_elementwise_kernel(const scalar_t* x, const scalar_t* t, const at::opmath_type<scalar_t>* w,
+                             int64_t K, int64_t numel, at::opmath_type<scalar_t> gamma,
+                             at::opmath_type<scalar_t> alpha, at::opmath_type<scalar_t> grad_scale,
+                             scalar_t* loss_out, scalar_t* grad, at::opmath_type<scalar_t>* block_part) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t smem[kBlock / kWarp];
+  acc_t part = 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kBlock;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x; i < numel; i += stride) {
+    const acc_t xc = static_cast<acc_t>(x[i]), tc = static_cast<acc_t>(t[i]);
+    acc_t l, d;
+    torchvision_focal_term<true>(xc, tc, gamma, l, d);
+    const acc_t scale = alpha_t(tc, alpha) * (w ? w[i % K] : acc_t(1));
+    l *= scale;
+    if (loss_out) loss_out[i] = static_cast<scalar_t>(l);
+    if (grad) grad[i] = static_cast<scalar_t>(d * scale * grad_scale);
+    part += l;
+  }
+  part = RowReduce<kBlock>::sum(part, smem);
+  if (threadIdx.x == 0) block_part[blockIdx.x] = part;
+}
+
+std::tuple<at::Tensor, at::Tensor> sigmoid_focal_cuda(const at::Tensor& inputs, const at::Tensor& targets,
+                                                      const std::optional<at::Tensor>& weight, double alpha,
+                                                      double gamma, int64_t reduction, int64_t grad_mode) {
+  const bool compute_grad = check_grad_mode(grad_mode);
+  const FocalPlan plan = check_sigmoid_focal(inputs, targets, weight, gamma, reduction);
+  const c10::cuda::CUDAGuard guard(inputs.device());
+  const auto opts = inputs.options();
+  at::Tensor loss = reduction == kNone ? at::empty(inputs.sizes(), opts) : at::empty({}, opts);
+  at::Tensor grad = compute_grad ? at::empty(inputs.sizes(), opts) : at::empty({0}, opts);
+  const int64_t numel = inputs.numel();
+  const double scale = reduction == kMean ? (numel > 0 ? 1.0 / static_cast<double>(numel) : 0.0) : 1.0;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, inputs.scalar_type(), "cbfused_sigmoid_focal_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const int64_t blocks = std::clamp<int64_t>((numel + kBlock - 1) / kBlock, 1, kMaxFocalBlocks);
+        at::Tensor part = at::empty({blocks}, acc_options<acc_t>(inputs));
+        focal_elementwise_kernel<scalar_t><<<blocks, kBlock, 0, stream>>>(
+            plan.inputs.const_data_ptr<scalar_t>(), plan.targets.const_data_ptr<scalar_t>(),
+            plan.weight.defined() ? plan.weight.const_data_ptr<acc_t>() : nullptr, plan.K, numel,
+            static_cast<acc_t>(gamma), static_cast<acc_t>(alpha),
+            static_cast<acc_t>(reduction == kNone ? 1.0 : scale),
+            reduction == kNone ? loss.mutable_data_ptr<scalar_t>() : nullptr,
+            compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr, part.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (reduction != kNone) {
+          finish_kernel<scalar_t, acc_t><<<1, kBlock, 0, stream>>>(
+              part.const_data_ptr<acc_t>(), nullptr, blocks, false, static_cast<acc_t>(scale),
+              loss.mutable_data_ptr<scalar_t>(), nullptr);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+  return {loss, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cbfused, CUDA, m) {
+  m.impl("cb_loss", &cb_loss_cuda);
+  m.impl("sigmoid_focal", &sigmoid_focal_cuda);
+}
+
+}  // namespace cuda
+}  // namespace cbfused
