@@ -58,7 +58,8 @@ def _is_plain_eager(*tensors: torch.Tensor) -> bool:
 
 
 def _scale_saved_grad(grad: torch.Tensor, scale: torch.Tensor, may_reuse: bool) -> torch.Tensor:
-    """grad * scale; in place (no second N x C buffer) when nothing can read `grad` again."""
+    """grad * scale; in place (no second N x C buffer) when nothing can read `grad` again,
+    and not at all when the scale is exactly 1 (loss.backward() on the CPU)."""
     if torch.is_grad_enabled():
         # create_graph=True: the saved gradient is a constant here, so a second
         # derivative through it would silently be wrong.
@@ -74,8 +75,12 @@ def _scale_saved_grad(grad: torch.Tensor, scale: torch.Tensor, may_reuse: bool) 
         keep_graph = torch._C._autograd._get_current_graph_task_keep_graph()
     except RuntimeError:
         keep_graph = True
-    # retain_graph=True (or gradcheck) may run this backward again: keep the saved gradient intact.
-    return grad * scale if keep_graph else grad.mul_(scale)
+    if keep_graph:
+        # retain_graph=True (or gradcheck) may run this backward again: keep the saved gradient intact.
+        return grad * scale
+    if scale.device.type == "cpu" and scale.numel() == 1 and scale.item() == 1.0:
+        return grad  # reading a CPU scalar costs no device sync
+    return grad.mul_(scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,8 +93,8 @@ def _cb_loss_fake(logits, target, class_weight, loss_type, gamma, alpha, reducti
     n, c = logits.shape
     loss = logits.new_empty((n,)) if reduction == _NONE else logits.new_empty(())
     grad = logits.new_empty((n, c)) if grad_mode else logits.new_empty((0,))
-    inv_norm = logits.new_empty((), dtype=_acc_dtype(logits.dtype))
-    return loss, grad, inv_norm
+    grad_scale = logits.new_empty((), dtype=_acc_dtype(logits.dtype))
+    return loss, grad, grad_scale
 
 
 def _cb_loss_setup(ctx, inputs, output):
@@ -98,17 +103,17 @@ def _cb_loss_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.reduction = inputs[6]
     ctx.grad_mode = inputs[8]
-    _, grad, inv_norm = output
-    ctx.save_for_backward(grad, inv_norm)
+    _, grad, grad_scale = output
+    ctx.save_for_backward(grad, grad_scale)
 
 
 def _cb_loss_backward(ctx, g_loss, _g_grad, _g_inv):
-    grad, inv_norm = ctx.saved_tensors
+    grad, grad_scale = ctx.saved_tensors
     if g_loss is None:  # no gradient reached the loss (grads are not materialised)
         return (None,) * 9
     if not ctx.grad_mode:
         raise RuntimeError("cbfused: cb_loss ran with grad_mode=0, so it saved no gradient to backpropagate")
-    scale = g_loss.unsqueeze(-1) if ctx.reduction == _NONE else g_loss * inv_norm
+    scale = g_loss.unsqueeze(-1) if ctx.reduction == _NONE else g_loss * grad_scale
     return (
         _scale_saved_grad(grad, scale, ctx.grad_mode == GRAD_REUSE),
         None,

@@ -17,9 +17,10 @@
 #endif
 
 TORCH_LIBRARY(cbfused, m) {
-  // Class-balanced loss. Returns (loss, grad, inv_norm): loss is [] or [N] (reduction
-  // 'none'); grad is d(sum of per-sample losses)/d(logits), [N, C], when grad_mode > 0
-  // (else [0]); inv_norm is 1/D for the means (0 when D = 0), 1 otherwise.
+  // Class-balanced loss. Returns (loss, grad, grad_scale): loss is [] or [N] (reduction
+  // 'none'); grad ([N, C] when grad_mode > 0, else [0]) times grad_scale ([]) is
+  // d(loss)/d(logits): a backend may fold the mean's 1/D into grad (grad_scale = 1) or
+  // leave it to the backward (grad_scale = 1/D, 0 when D = 0).
   // grad_mode: 0 no gradient; 1 gradient; 2 gradient, and the backward may scale the
   // returned grad buffer in place (callers that never read it, like cbfused's own
   // wrappers, save one N x C buffer that way).

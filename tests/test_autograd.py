@@ -163,3 +163,20 @@ def test_bad_grad_mode(device):
     x, y = make_inputs(3, 4, torch.float32, device, "hard", seed=2)
     with pytest.raises(RuntimeError, match="grad_mode must be 0, 1 or 2, got 3"):
         torch.ops.cbfused.cb_loss(x, y, torch.ones(4, device=device), 0, 1.0, -1.0, 2, -100, 3)
+
+
+def test_plain_backward_returns_the_kernel_gradient_without_a_copy():
+    """loss.backward() on the CPU with hard targets and a mean: the kernel already folded
+    1/D into its gradient buffer, and the backward hands that buffer over untouched."""
+    x, y = make_inputs(16, 5, torch.float64, "cpu", "hard", seed=8)
+    x.requires_grad_()
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+    loss, grad, scale = torch.ops.cbfused.cb_loss(x, y, w, 2, 1.0, -1.0, 2, -100, 2)
+    assert scale.item() == 1.0
+    before = grad.detach().clone()
+    loss.backward()
+    assert x.grad.data_ptr() == grad.data_ptr()
+    assert torch.equal(x.grad, before)
+    ref = cbfused.reference.class_balanced_loss(x, y, w, loss_type="focal")
+    (gr,) = torch.autograd.grad(ref, x)
+    torch.testing.assert_close(x.grad, gr, rtol=1e-12, atol=1e-14)

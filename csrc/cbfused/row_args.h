@@ -28,6 +28,7 @@ struct RowArgs {
   acc_t alpha = -1;    // < 0: no alpha
   int64_t ignore_index = -100;
   bool weighted = false;            // the mean's denominator is the sum of sample weights
+  acc_t grad_prescale = 1;          // folded into the gradient (the mean's 1/D when known up front)
   scalar_t* per_row_out = nullptr;  // [N] loss per sample (reduction 'none'), or null
   acc_t* row_loss = nullptr;        // CUDA: [N] per-row loss and denominator for the reduction
   acc_t* row_denom = nullptr;

@@ -137,7 +137,7 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
   const bool has_alpha = a.alpha >= acc_t(0);
   // Hard targets are exactly 0 / 1: an integer gamma needs no second exp.
   const int pow_k = kHard ? a.gamma_int : -1;
-  const V sv(s);
+  const V sv(s * a.grad_prescale);
   V lacc(0);
   for (int64_t j = 0; j < C; j += IO::kStep) {
     const int64_t n = std::min(IO::kStep, C - j);
@@ -256,7 +256,9 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
   }
 
   if constexpr (kGrad) {
-    const V cpv(cp), sv(s), cpe(cp / sum_exp);
+    cp *= a.grad_prescale;  // the mean's 1/D when known up front
+    cy *= a.grad_prescale;
+    const V cpv(cp), sv(s * a.grad_prescale), cpe(cp / sum_exp);
     for (int64_t j = 0; j < C; j += IO::kStep) {
       const int64_t n = std::min(IO::kStep, C - j);
       V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
@@ -313,6 +315,20 @@ std::pair<double, double> run_rows(int64_t N, int64_t C, scalar_t* per_row, cons
   return {l, d};
 }
 
+// 1/D of the means for hard targets (D: non-ignored samples, or the sum of their class
+// weights), 0 when D = 0; checks the targets' range on the way.
+template <typename scalar_t>
+double hard_target_inv_denominator(const Args<scalar_t>& a) {
+  double d = 0;
+  for (int64_t i = 0; i < a.N; ++i) {
+    const int64_t y = a.y[i];
+    if (y == a.ignore_index) continue;
+    if (y < 0 || y >= a.C) target_out_of_range(y, a.C, i, a.ignore_index);
+    d += a.weighted ? static_cast<double>(a.w[y]) : 1.0;
+  }
+  return d > 0 ? 1.0 / d : 0.0;
+}
+
 template <typename scalar_t, bool kGrad, bool kHard>
 std::pair<double, double> dispatch_loss(const Args<scalar_t>& a, int64_t loss_type, int64_t N,
                                         scalar_t* per_row) {
@@ -341,8 +357,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cpu(const at::Tensor& log
   CbLossOutputs out = alloc_cb_loss(plan, reduction, compute_grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, plan.logits.scalar_type(), "cbfused_cb_loss_cpu", [&] {
-        const auto a =
-            make_row_args<scalar_t>(plan, out, gamma, alpha, reduction, ignore_index, compute_grad);
+        auto a = make_row_args<scalar_t>(plan, out, gamma, alpha, reduction, ignore_index, compute_grad);
+        const bool mean = reduction == kMean || reduction == kWeightedMean;
+        // Hard targets: the mean's D is an O(N) pass over the targets, so the gradient can
+        // carry 1/D already and the usual backward (grad_output = 1) has nothing left to do.
+        const bool fold = plan.hard && mean && compute_grad;
+        if (fold) a.grad_prescale = static_cast<at::opmath_type<scalar_t>>(hard_target_inv_denominator(a));
         scalar_t* per_row = a.per_row_out;
         std::pair<double, double> tot;
         if (compute_grad) {
@@ -352,11 +372,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cpu(const at::Tensor& log
           tot = plan.hard ? dispatch_loss<scalar_t, false, true>(a, loss_type, plan.N, per_row)
                           : dispatch_loss<scalar_t, false, false>(a, loss_type, plan.N, per_row);
         }
-        const bool mean = reduction == kMean || reduction == kWeightedMean;
         // D = 0 (empty batch, every sample ignored): loss 0 and gradient 0, never NaN.
         const double inv = mean ? (tot.second > 0 ? 1.0 / tot.second : 0.0) : 1.0;
         if (reduction != kNone) out.loss.fill_(tot.first * inv);
-        out.inv_norm.fill_(inv);
+        out.inv_norm.fill_(fold ? 1.0 : inv);  // what the backward still applies to the gradient
       });
   return {out.loss, out.grad, out.inv_norm};
 }
