@@ -10,11 +10,11 @@ STAMP  := $(VENV)/.cbfused-deps
 # are pinned so torchvision's compiled ops match torch.
 TORCH_PKGS := torch==2.14.1 torchvision==0.29.1
 DEV_PKGS   := pytest==9.* hypothesis ruff==0.17.* clang-format==23.1.* balanced-loss==0.1.1 numpy mpmath \
-              matplotlib ninja setuptools wheel
+              matplotlib ninja setuptools wheel mnist1d==0.0.2.post1 tqdm
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: all bench test build lint format deps clean
+.PHONY: all bench test build lint format deps clean example
 
 all: test
 
@@ -46,6 +46,11 @@ test: build lint
 
 bench: build
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# the long-tailed training example (quick grid; EXAMPLE_ARGS=--full for the whole grid)
+EXAMPLE_ARGS ?=
+example: build
+	$(PY) examples/long_tailed.py $(EXAMPLE_ARGS)
 
 clean:
 	rm -rf build cbfused/*.so *.egg-info

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import os
 import platform
 import statistics
@@ -40,6 +41,9 @@ BETA = 0.999
 QUICK_SHAPES = [(128, 10), (1024, 100), (1024, 1000), (65536, 80), (16384, 1000)]
 FULL_SHAPES = [(128, 10), (1024, 100), (1024, 1000), (1024, 8142), (65536, 80), (16384, 1000)]
 QUICK_BF16_SHAPES = [(1024, 1000), (16384, 1000)]
+# fused linear + loss (N, H, C): iNaturalist-sized and a 32k-class catalogue
+QUICK_LINEAR = [(4096, 2048, 8142)]
+FULL_LINEAR = [(4096, 2048, 8142), (8192, 1024, 32000)]
 
 
 @dataclass
@@ -60,6 +64,7 @@ class Row:
     peak_extra_bytes: float = float("nan")
     peak_extra_x_nc: float = float("nan")
     compile_s: float = float("nan")
+    H: int = 0
     unit: str = "ms"
     device: str = ""
     device_name: str = ""
@@ -108,9 +113,9 @@ def sync(device: str) -> None:
 
 
 def time_fn(
-    fn: Callable[[], None], device: str, min_reps: int, budget_s: float, max_reps: int = 200
+    fn: Callable[[], None], device: str, min_reps: int, budget_s: float, max_reps: int = 200, warmup: int = 2
 ) -> list[float]:
-    for _ in range(2):
+    for _ in range(warmup):
         fn()
     sync(device)
     times: list[float] = []
@@ -272,6 +277,66 @@ def run_cell(
     return times, peak, compile_s
 
 
+def linear_cell(
+    n: int, h: int, c: int, dtype: torch.dtype, device: str, quick: bool, meta: dict
+) -> list[Row]:
+    """Fused linear + CB focal loss vs nn.Linear followed by cbfused's loss (fwd+bwd)."""
+    dname = str(dtype).replace("torch.", "")
+    g = torch.Generator().manual_seed(n + c)
+    f0 = torch.randn(n, h, generator=g).to(dtype).to(device)
+    y = torch.randint(0, c, (n,), generator=g).to(device)
+    counts = torch.randint(1, 1000, (c,), generator=g)
+    fused = cbfused.ClassBalancedLinearLoss(h, counts, beta=BETA, loss_type="focal", gamma=GAMMA)
+    fused = fused.to(device=device, dtype=dtype)
+    crit = cbfused.ClassBalancedLoss(counts, beta=BETA, loss_type="focal", gamma=GAMMA).to(device)
+    lin = fused.linear
+    providers = {
+        "cbfused linear (chunked)": lambda f: fused(f, y),
+        "nn.Linear + cbfused": lambda f: crit(lin(f), y),
+    }
+    rows = []
+    for name, fn in providers.items():
+        f = f0.detach().clone().requires_grad_()
+
+        def step(fn=fn, f=f):
+            fn(f).backward()
+            f.grad = None
+            lin.weight.grad = None
+            lin.bias.grad = None
+
+        times = time_fn(step, device, 2 if quick else 3, 0.0, warmup=1)
+        peak = peak_extra_bytes(step, device)
+        med = statistics.median(times)
+        rows.append(
+            Row(
+                "linear+focal",
+                name,
+                "fwd+bwd",
+                dname,
+                n,
+                c,
+                med * 1e3,
+                quantile(times, 0.2) * 1e3,
+                quantile(times, 0.8) * 1e3,
+                len(times),
+                n * c / med,
+                float("nan"),
+                float("nan"),
+                peak,
+                peak / (n * c * f0.element_size()),
+                float("nan"),
+                h,
+                **meta,
+            )
+        )
+        print(
+            f"  linear+focal  {name:26s} fwd+bwd {dname:8s} {n}x{h}x{c} {med * 1e3:10.1f} ms  "
+            f"peak {peak / 2**20:.0f} MiB",
+            flush=True,
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the whole grid (slow)")
@@ -281,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--update-readme", action="store_true", help="rewrite README's table from this run's CSV")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--no-linear", action="store_true", help="skip the fused linear + loss cells")
     args = ap.parse_args(argv)
 
     device = args.device
@@ -370,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
                         + (f"  compile {compile_s:.1f}s" if compile_s == compile_s else ""),
                         flush=True,
                     )
+    if not args.no_linear:
+        lin_shapes = FULL_LINEAR if args.full else QUICK_LINEAR
+        for (n, h, c), dtype in itertools.product(lin_shapes, [torch.float32, torch.bfloat16]):
+            rows += linear_cell(n, h, c, dtype, device, not args.full, meta)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{device}-{grid}.csv")
     fields = [f for f in Row.__dataclass_fields__ if f != "extra"]
@@ -383,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {path} ({len(rows)} rows, {time.time() - t_start:.0f} s)\n")
     table = report.markdown_table(report.load(path))
     print(table)
+    print()
+    print(report.linear_table(report.load(path)))
     print()
     print(report.targets_text(report.load(path)))
     if not args.no_plot:

@@ -34,6 +34,7 @@ def load(path: str) -> list[dict]:
         ):
             r[k] = float(r[k]) if r.get(k) not in (None, "") else math.nan
         r["N"], r["C"] = int(r["N"]), int(r["C"])
+        r["H"] = int(r.get("H") or 0)
     return rows
 
 
@@ -81,6 +82,28 @@ def markdown_table(rows: list[dict], modes=("fwd+bwd", "fwd")) -> str:
             f"{_fmt_x(comp['median_ms'] / t) if comp else '-'} | "
             f"{(_fmt_x(best['median_ms'] / t) + ' (' + best['provider'] + ')') if best else '-'} | "
             f"{ours['x_floor']:.1f} | {mem} |"
+        )
+    return "\n".join(lines)
+
+
+def linear_table(rows: list[dict]) -> str:
+    lin = [r for r in rows if r["kernel"] == "linear+focal"]
+    if not lin:
+        return ""
+    idx = {(r["provider"], r["dtype"], r["N"], r["H"], r["C"]): r for r in lin}
+    lines = [
+        "| N x H x C | dtype | fused ms | unfused ms | time fused / unfused | fused peak MiB | unfused peak MiB | "
+        "memory fused / unfused |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, h, c, d in sorted({(r["N"], r["H"], r["C"], r["dtype"]) for r in lin}):
+        a, b = idx.get(("cbfused linear (chunked)", d, n, h, c)), idx.get(("nn.Linear + cbfused", d, n, h, c))
+        if not (a and b):
+            continue
+        lines.append(
+            f"| {n} x {h} x {c} | {d} | {a['median_ms']:.0f} | {b['median_ms']:.0f} | "
+            f"{a['median_ms'] / b['median_ms']:.2f} | {a['peak_extra_bytes'] / 2**20:.0f} | "
+            f"{b['peak_extra_bytes'] / 2**20:.0f} | {a['peak_extra_bytes'] / b['peak_extra_bytes']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -155,6 +178,30 @@ def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                 "peak extra memory fwd+bwd <= 1.25 N x C (shapes >= 1e5 elements)",
                 worst[4] <= 1.25,
                 f"worst {worst[4]:.2f} ({worst[0]} {worst[1]}x{worst[2]} {worst[3]})",
+            )
+        )
+    lin = {
+        (r["provider"], r["dtype"], r["N"], r["H"], r["C"]): r for r in rows if r["kernel"] == "linear+focal"
+    }
+    mem, tim = [], []
+    for (p, d, n, h, c), a in lin.items():
+        b = lin.get(("nn.Linear + cbfused", d, n, h, c))
+        if p == "cbfused linear (chunked)" and b:
+            mem.append((f"{n}x{h}x{c} {d}", a["peak_extra_bytes"] / b["peak_extra_bytes"]))
+            tim.append((f"{n}x{h}x{c} {d}", a["median_ms"] / b["median_ms"]))
+    if mem:
+        out.append(
+            (
+                "fused linear: peak extra memory <= 25% of the unfused path",
+                all(v <= 0.25 for _, v in mem),
+                ", ".join(f"{k}: {100 * v:.0f}%" for k, v in mem),
+            )
+        )
+        out.append(
+            (
+                "fused linear: time <= 1.15x the unfused path",
+                all(v <= 1.15 for _, v in tim),
+                ", ".join(f"{k}: {v:.2f}x" for k, v in tim),
             )
         )
     by = defaultdict(dict)
@@ -262,6 +309,8 @@ if __name__ == "__main__":
     a = ap.parse_args()
     rows = load(a.csv)
     print(markdown_table(rows))
+    print()
+    print(linear_table(rows))
     print()
     print(targets_text(rows))
     if a.readme:

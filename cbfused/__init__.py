@@ -8,6 +8,7 @@ from . import _C, reference
 from . import _ops as _ops  # registers fake kernels and autograd
 from .functional import class_balanced_loss, sigmoid_focal_loss
 from .init import init_sigmoid_bias_, param_groups_no_bias_decay
+from .linear import ClassBalancedLinearLoss, auto_chunk_rows, linear_class_balanced_loss
 from .modules import ClassBalancedLoss
 from .weights import all_reduce_class_counts, class_balanced_weights, class_counts, effective_number
 
@@ -49,13 +50,16 @@ _check_cpu()
 
 __all__ = [
     "BUILD_INFO",
+    "ClassBalancedLinearLoss",
     "ClassBalancedLoss",
+    "auto_chunk_rows",
     "all_reduce_class_counts",
     "class_balanced_loss",
     "class_balanced_weights",
     "class_counts",
     "effective_number",
     "init_sigmoid_bias_",
+    "linear_class_balanced_loss",
     "param_groups_no_bias_decay",
     "reference",
     "sigmoid_focal_loss",

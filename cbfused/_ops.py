@@ -114,17 +114,7 @@ def _cb_loss_backward(ctx, g_loss, _g_grad, _g_inv):
     if not ctx.grad_mode:
         raise RuntimeError("cbfused: cb_loss ran with grad_mode=0, so it saved no gradient to backpropagate")
     scale = g_loss.unsqueeze(-1) if ctx.reduction == _NONE else g_loss * grad_scale
-    return (
-        _scale_saved_grad(grad, scale, ctx.grad_mode == GRAD_REUSE),
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return (_scale_saved_grad(grad, scale, ctx.grad_mode == GRAD_REUSE), *[None] * 8)
 
 
 torch.library.register_autograd("cbfused::cb_loss", _cb_loss_backward, setup_context=_cb_loss_setup)

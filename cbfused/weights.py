@@ -58,8 +58,14 @@ def effective_number(samples_per_class: CountsLike, beta: float) -> torch.Tensor
     b = check_beta(beta)
     n = _counts(samples_per_class)
     one_minus_beta = 1.0 - b
-    # 1 - beta^n = -expm1(n * log(beta)) with log(beta) = log1p(-(1 - beta)); beta = 0 -> log = -inf.
-    log_beta = math.log1p(-one_minus_beta) if b > 0 else -math.inf
+    # 1 - beta^n = -expm1(n * log(beta)). Near 1, log(beta) = log1p(-(1 - beta)) (exact: 1 - beta
+    # is exact there); below 0.5 log(beta) itself is accurate (and 1 - beta may round to 1).
+    if b == 0:
+        log_beta = -math.inf
+    elif b < 0.5:
+        log_beta = math.log(b)
+    else:
+        log_beta = math.log1p(-one_minus_beta)
     e = -torch.expm1(n * log_beta) / one_minus_beta
     return torch.where(n > 0, e, torch.zeros_like(e))
 

@@ -18,7 +18,9 @@ def exact_effective(n: int, beta: float) -> float:
     return float((1 - b**n) / (1 - b))
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999, 1 - 1e-12])
+@pytest.mark.parametrize(
+    "beta", [0.0, 1e-300, 2.2e-311, 0.1, 0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999, 1 - 1e-12]
+)
 def test_effective_number_exact(beta):
     counts = [1, 2, 3, 10, 100, 1234, 50000, 10**7]
     e = cbfused.effective_number(counts, beta)

@@ -23,6 +23,17 @@ namespace cbfused {
 namespace cpu {
 namespace {
 
+// A double result in scalar_t: beyond the type's range it is +-inf (a loss too large for
+// the dtype overflows, as in torch's losses), never an error or undefined behaviour.
+template <typename scalar_t>
+scalar_t cast_saturating(double v) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr double kMax = static_cast<double>(std::numeric_limits<acc_t>::max());
+  const acc_t a = v > kMax ? std::numeric_limits<acc_t>::infinity()
+                           : (v < -kMax ? -std::numeric_limits<acc_t>::infinity() : static_cast<acc_t>(v));
+  return static_cast<scalar_t>(a);  // float -> half / bfloat16 rounds to inf past their range
+}
+
 // Rows per chunk: about kChunkElems logits, independent of the thread count.
 constexpr int64_t kChunkElems = 1 << 14;
 
@@ -296,7 +307,8 @@ std::pair<double, double> run_rows(int64_t N, int64_t C, scalar_t* per_row, cons
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t i0 = c * rows_per_chunk, i1 = std::min(N, i0 + rows_per_chunk);
-      at::opmath_type<scalar_t> l = 0, d = 0;
+      // Sums across rows in double: a mean can be in range while the float sum is not.
+      double l = 0, d = 0;
       for (int64_t i = i0; i < i1; ++i) {
         const auto r = row(i);
         if (per_row) per_row[i] = static_cast<scalar_t>(r.loss);
@@ -374,8 +386,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cpu(const at::Tensor& log
         }
         // D = 0 (empty batch, every sample ignored): loss 0 and gradient 0, never NaN.
         const double inv = mean ? (tot.second > 0 ? 1.0 / tot.second : 0.0) : 1.0;
-        if (reduction != kNone) out.loss.fill_(tot.first * inv);
-        out.inv_norm.fill_(fold ? 1.0 : inv);  // what the backward still applies to the gradient
+        if (reduction != kNone)
+          *out.loss.mutable_data_ptr<scalar_t>() = cast_saturating<scalar_t>(tot.first * inv);
+        // what the backward still applies to the gradient
+        *out.inv_norm.mutable_data_ptr<at::opmath_type<scalar_t>>() =
+            static_cast<at::opmath_type<scalar_t>>(fold ? 1.0 : inv);
       });
   return {out.loss, out.grad, out.inv_norm};
 }
@@ -452,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_cpu(const at::Tensor& inputs, c
                            ? focal_elementwise<scalar_t, true>(plan, gamma, alpha, gscale, lptr,
                                                                grad.mutable_data_ptr<scalar_t>())
                            : focal_elementwise<scalar_t, false>(plan, gamma, alpha, gscale, lptr, nullptr);
-        if (reduction != kNone) loss.fill_(total * scale);
+        if (reduction != kNone) *loss.mutable_data_ptr<scalar_t>() = cast_saturating<scalar_t>(total * scale);
       });
   return {loss, grad};
 }

@@ -139,14 +139,15 @@ __global__ void __launch_bounds__(kBlock) cb_row_kernel(RowArgs<scalar_t> a) {
   }
 }
 
-// Deterministic sums of [n] partials (fixed per-thread strides, fixed tree), then the
-// reduction's final value: loss = sum * inv, inv = 1/D (means; 0 when D = 0) or 1.
+// Deterministic sums of [n] partials (fixed per-thread strides, fixed tree) in double (a
+// mean can be in range while its float sum is not), then the reduction's final value:
+// loss = sum * inv, inv = 1/D (means; 0 when D = 0) or 1.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBlock)
     finish_kernel(const acc_t* part_loss, const acc_t* part_denom, int64_t n, bool mean, acc_t extra_scale,
                   scalar_t* loss_out, acc_t* inv_out) {
-  __shared__ acc_t smem[kBlock / kWarp];
-  acc_t l = 0, d = 0;
+  __shared__ double smem[kBlock / kWarp];
+  double l = 0, d = 0;
   for (int64_t i = threadIdx.x; i < n; i += kBlock) {
     l += part_loss[i];
     if (part_denom) d += part_denom[i];
@@ -154,9 +155,9 @@ __global__ void __launch_bounds__(kBlock)
   l = RowReduce<kBlock>::sum(l, smem);
   d = RowReduce<kBlock>::sum(d, smem);
   if (threadIdx.x == 0) {
-    const acc_t inv = mean ? (d > acc_t(0) ? acc_t(1) / d : acc_t(0)) : acc_t(1);
-    if (inv_out) *inv_out = inv;
-    *loss_out = static_cast<scalar_t>(l * inv * extra_scale);
+    const double inv = mean ? (d > 0 ? 1.0 / d : 0.0) : 1.0;
+    if (inv_out) *inv_out = static_cast<acc_t>(inv);
+    *loss_out = static_cast<scalar_t>(l * inv * static_cast<double>(extra_scale));
   }
 }
 

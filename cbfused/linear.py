@@ -1,0 +1,305 @@
+"""Fused linear + class-balanced loss for large class counts: the N x C logits are never
+materialised whole.
+
+The batch is processed in chunks of rows. For each chunk: logits = features @ weight.T +
+bias (one matmul), the fused kernel computes the chunk's loss and its logit-gradient in one
+pass, and the gradients of features, weight and bias are accumulated with matmuls. Only
+one chunk of logits (and its gradient) exists at a time.
+
+Use it where C is large (thousands of classes and up: iNaturalist, LVIS, product
+catalogues), where the logits and their gradient dominate memory. With a few hundred
+classes the logits are small and the plain path (nn.Linear + class_balanced_loss) is as
+good and simpler.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import _ops
+from .functional import resolve_weights
+from .weights import CountsLike, check_beta, class_balanced_weights
+
+__all__ = ["linear_class_balanced_loss", "ClassBalancedLinearLoss", "auto_chunk_rows"]
+
+_SUM = _ops.REDUCTIONS["sum"]
+# Target size of one chunk's logits (elements): 2^21 floats = 8 MiB, plus its gradient.
+_CHUNK_ELEMS = 1 << 21
+
+
+def auto_chunk_rows(n: int, h: int, c: int) -> int:
+    """Rows per chunk: about 2^21 logits per chunk (never fewer than 1 row or more than N),
+    rounded up to a multiple of 8 rows for the matmuls."""
+    if n == 0:
+        return 1
+    rows = max(1, _CHUNK_ELEMS // max(c, 1))
+    rows = int(math.ceil(rows / 8) * 8)
+    return max(1, min(n, rows))
+
+
+def _denominator(target, class_weight, reduction: str, ignore_index: int) -> torch.Tensor | None:
+    """The mean's D over the whole batch, as a device tensor (no host sync); None for sum / none."""
+    if reduction not in ("mean", "weighted_mean"):
+        return None
+    w = class_weight.to(torch.float64)
+    if target.is_floating_point():
+        if reduction == "weighted_mean":
+            return (target @ class_weight.to(target.dtype)).sum(dtype=torch.float64)
+        return target.sum(dtype=torch.float64)
+    valid = target != ignore_index
+    if reduction == "mean":
+        return valid.sum().to(torch.float64)
+    y = torch.where(valid, target, torch.zeros_like(target)).long()
+    return (w[y] * valid).sum()
+
+
+def _accumulate(gw: torch.Tensor | None, gb: torch.Tensor | None, g: torch.Tensor, f: torch.Tensor) -> None:
+    """grad_weight += g^T f, grad_bias += sum_rows g, into float32 / float64 accumulators."""
+    if gw is not None:
+        if g.dtype == gw.dtype:
+            gw.addmm_(g.t(), f)  # no C x H temporary
+        else:
+            gw += (g.t() @ f).to(gw.dtype)  # reduced precision: matmul in the input dtype
+    if gb is not None:
+        gb += g.sum(0, dtype=gb.dtype)
+
+
+class _LinearCBLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, features, weight, bias, target, class_weight, lt, gamma, alpha, reduction, ignore_index, rows
+    ):
+        n, _h = features.shape
+        c = weight.shape[0]
+        need = ctx.needs_input_grad
+        want_grad = any(need[:3])
+        ctx.reduction = reduction
+        d = _denominator(target, class_weight, reduction, ignore_index)
+        inv = (
+            None
+            if d is None
+            else torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
+        )
+        if reduction == "none":
+            # the per-sample gradient needs grad_output: computed (chunk by chunk) in backward
+            out = features.new_empty((n,))
+            for i in range(0, n, rows):
+                j = min(n, i + rows)
+                logits = (
+                    torch.addmm(bias, features[i:j], weight.t())
+                    if bias is not None
+                    else features[i:j] @ weight.t()
+                )
+                out[i:j] = torch.ops.cbfused.cb_loss.default(
+                    logits,
+                    target[i:j],
+                    class_weight,
+                    lt,
+                    gamma,
+                    alpha,
+                    _ops.REDUCTIONS["none"],
+                    ignore_index,
+                    0,
+                )[0]
+            ctx.save_for_backward(features, weight, bias, target, class_weight)
+            ctx.args = (lt, gamma, alpha, ignore_index, rows)
+            return out
+        acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+        total = torch.zeros((), dtype=acc, device=features.device)
+        gf = torch.empty_like(features) if want_grad and need[0] else None
+        gw = (
+            torch.zeros((c, features.shape[1]), dtype=acc, device=features.device)
+            if want_grad and need[1]
+            else None
+        )
+        gb = (
+            torch.zeros((c,), dtype=acc, device=features.device)
+            if want_grad and bias is not None and need[2]
+            else None
+        )
+        grad_mode = 1 if (gf is not None or gw is not None or gb is not None) else 0
+        for i in range(0, n, rows):
+            j = min(n, i + rows)
+            f = features[i:j]
+            logits = torch.addmm(bias, f, weight.t()) if bias is not None else f @ weight.t()
+            loss, g, _ = torch.ops.cbfused.cb_loss.default(
+                logits, target[i:j], class_weight, lt, gamma, alpha, _SUM, ignore_index, grad_mode
+            )
+            del logits
+            total += loss.to(acc)
+            if grad_mode:
+                if inv is not None:
+                    g.mul_(inv.to(g.dtype))
+                if gf is not None:
+                    torch.mm(g, weight, out=gf[i:j])
+                _accumulate(gw, gb, g, f)
+        loss = total * inv if inv is not None else total
+        ctx.save_for_backward(
+            gf, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype)
+        )
+        return loss.to(features.dtype)
+
+    @staticmethod
+    def backward(ctx, go):
+        if torch.is_grad_enabled():
+            raise RuntimeError("cbfused: linear_class_balanced_loss supports first derivatives only")
+        if ctx.reduction != "none":
+            gf, gw, gb = ctx.saved_tensors
+            scale = go.to(torch.float64 if gf is not None and gf.dtype == torch.float64 else go.dtype)
+            out = [None if t is None else t * scale.to(t.dtype) for t in (gf, gw, gb)]
+            return (*out, *[None] * 8)
+        features, weight, bias, target, class_weight = ctx.saved_tensors
+        lt, gamma, alpha, ignore_index, rows = ctx.args
+        need = ctx.needs_input_grad
+        n = features.shape[0]
+        acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+        gf = torch.empty_like(features) if need[0] else None
+        gw = torch.zeros(weight.shape, dtype=acc, device=features.device) if need[1] else None
+        gb = (
+            torch.zeros(weight.shape[:1], dtype=acc, device=features.device)
+            if bias is not None and need[2]
+            else None
+        )
+        for i in range(0, n, rows):
+            j = min(n, i + rows)
+            f = features[i:j]
+            logits = torch.addmm(bias, f, weight.t()) if bias is not None else f @ weight.t()
+            _, g, _ = torch.ops.cbfused.cb_loss.default(
+                logits, target[i:j], class_weight, lt, gamma, alpha, _ops.REDUCTIONS["none"], ignore_index, 1
+            )
+            del logits
+            g.mul_(go[i:j].unsqueeze(1).to(g.dtype))
+            if gf is not None:
+                torch.mm(g, weight, out=gf[i:j])
+            _accumulate(gw, gb, g, f)
+        grads = (gf, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype))
+        return (*grads, *[None] * 8)
+
+
+def linear_class_balanced_loss(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    samples_per_class: CountsLike | None = None,
+    weights: torch.Tensor | None = None,
+    beta: float = 0.9999,
+    loss_type: str = "focal",
+    gamma: float = 1.0,
+    alpha: float | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    zero_count: str = "error",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """``class_balanced_loss(features @ weight.T + bias, target, ...)`` without materialising the
+    [N, C] logits: see the module docstring. ``features`` [N, H], ``weight`` [C, H], ``bias``
+    [C] or None; every other argument as in :func:`cbfused.class_balanced_loss`.
+    ``chunk_rows`` overrides the automatic chunk size (:func:`auto_chunk_rows`)."""
+    if features.dim() != 2 or weight.dim() != 2 or features.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"features must be [N, H] and weight [C, H] with the same H, got {list(features.shape)} and {list(weight.shape)}"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+    if features.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise ValueError(
+            f"features, weight and bias must share a dtype, got {features.dtype} and {weight.dtype}"
+        )
+    for t, name in ((weight, "weight"), (target, "target")):
+        if t.device != features.device:
+            raise ValueError(f"cbfused: {name} is on {t.device} but features are on {features.device}")
+    c = weight.shape[0]
+    cw = resolve_weights(features, samples_per_class, weights, beta, zero_count)
+    if cw.shape != (c,):
+        raise ValueError(f"class weights must have shape [{c}], got {list(cw.shape)}")
+    lt = _ops.loss_type_code(loss_type)
+    _ops.reduction_code(reduction)
+    a = -1.0 if alpha is None else float(alpha)
+    if alpha is not None and loss_type in ("softmax", "softmax_focal"):
+        raise ValueError(f"alpha applies to the sigmoid-based losses only, not to loss_type={loss_type!r}")
+    if not (gamma >= 0 and math.isfinite(gamma)):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
+    n = features.shape[0]
+    rows = chunk_rows if chunk_rows is not None else auto_chunk_rows(n, features.shape[1], c)
+    if rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {rows}")
+    target = target.long() if not target.is_floating_point() else target
+    return _LinearCBLoss.apply(
+        features, weight, bias, target, cw, lt, float(gamma), a, reduction, ignore_index, rows
+    )
+
+
+class ClassBalancedLinearLoss(nn.Module):
+    """The classifier (a Linear layer's ``weight`` [C, H] and ``bias`` [C]) and the
+    class-balanced loss in one module, computed chunk by chunk without materialising the
+    [N, C] logits. ``forward(features, target)`` returns the loss; ``logits(features)`` gives
+    the classifier's output for inference.
+
+    ``init="sigmoid_prior"`` (default for the sigmoid-based losses) sets the bias to the
+    paper's prior -log(C - 1) and marks it for :func:`cbfused.param_groups_no_bias_decay`.
+    """
+
+    class_weight: torch.Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        samples_per_class: CountsLike,
+        beta: float = 0.9999,
+        loss_type: str = "focal",
+        gamma: float = 1.0,
+        alpha: float | None = None,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        bias: bool = True,
+        zero_count: str = "error",
+        chunk_rows: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        _ops.loss_type_code(loss_type)
+        _ops.reduction_code(reduction)
+        cw = class_balanced_weights(samples_per_class, check_beta(beta), zero_count=zero_count)
+        self.register_buffer("class_weight", cw)
+        self.linear = nn.Linear(in_features, cw.numel(), bias=bias, device=device, dtype=dtype)
+        if bias and loss_type in ("sigmoid", "focal") and cw.numel() > 1:
+            from .init import init_sigmoid_bias_
+
+            init_sigmoid_bias_(self.linear)
+        self.loss_type, self.gamma, self.alpha = loss_type, float(gamma), alpha
+        self.reduction, self.ignore_index, self.chunk_rows = reduction, ignore_index, chunk_rows
+        self.beta = beta
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)
+
+    def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return linear_class_balanced_loss(
+            features,
+            self.linear.weight,
+            self.linear.bias,
+            target,
+            weights=self.class_weight,
+            loss_type=self.loss_type,
+            gamma=self.gamma,
+            alpha=self.alpha,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            chunk_rows=self.chunk_rows,
+        )
+
+    def extra_repr(self) -> str:
+        return f"loss_type={self.loss_type!r}, beta={self.beta}, gamma={self.gamma}, reduction={self.reduction!r}"
