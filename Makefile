@@ -44,7 +44,11 @@ format: $(STAMP)
 test: build lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# jemalloc keeps freed memory mapped: without it large CPU buffers are page-faulted in on
+# every step (see benchmarks/bench.py). Best effort: without it the benchmark uses glibc.
 bench: build
+	-@ls /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 >/dev/null 2>&1 || apt-get install -y -q libjemalloc2 >/dev/null 2>&1 || \
+	  echo "note: libjemalloc2 not installed; benchmarking with glibc malloc"
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 # the long-tailed training example (quick grid; EXAMPLE_ARGS=--full for the whole grid)

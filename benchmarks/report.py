@@ -274,7 +274,9 @@ def readme_block(rows: list[dict], csv_path: str) -> str:
     r0 = rows[0]
     rel = os.path.relpath(csv_path, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     head = (
-        f"Measured on **{r0['device_name']}**, {r0['threads']} threads, torch {r0['torch_version']}, "
+        f"Measured on **{r0['device_name']}**, {r0['threads']} threads, "
+        f"allocator {r0.get('allocator') or 'glibc malloc'}, THP_MEM_ALLOC_ENABLE={r0.get('thp') or 'unset'}, "
+        f"torch {r0['torch_version']}, "
         f"cbfused {r0['cbfused_version']} at commit `{r0['git_commit']}`, from `{rel}` "
         "(median of repeated, warmed-up runs; ratios are other provider's time / cbfused's time, in the same run)."
     )
