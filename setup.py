@@ -103,7 +103,7 @@ def extensions():
         f'-DCBFUSED_CPU_CAPABILITY_NAME="{cap}"',
     ]
     cxx += CPU_FLAGS[cap]
-    sources = ["csrc/ops.cpp", "csrc/checks.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = ["csrc/ops.cpp", "csrc/checks.cpp", "csrc/autograd.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     with_cuda, why = want_cuda(cuda_sources)
     include_dirs = [os.path.join(ROOT, "csrc")]

@@ -31,22 +31,6 @@ from dataclasses import asdict, dataclass, field
 # (dirty/muzzy_decay_ms:-1) removes those faults. The benchmark re-executes itself under it
 # when the library exists (every provider runs in that one process) and records which
 # allocator it used; --system-malloc measures glibc. --thp sets THP_MEM_ALLOC_ENABLE=1.
-JEMALLOC_PATHS = [
-    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
-    "/usr/lib64/libjemalloc.so.2",
-    "/usr/lib/libjemalloc.so.2",
-]
-if "CBFUSED_BENCH_ALLOCATOR" not in os.environ:
-    lib = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
-    if lib and "--system-malloc" not in sys.argv:
-        env = dict(os.environ, CBFUSED_BENCH_ALLOCATOR="jemalloc (dirty_decay_ms:-1)")
-        env["LD_PRELOAD"] = (lib + " " + env.get("LD_PRELOAD", "")).strip()
-        env["MALLOC_CONF"] = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
-    os.environ["CBFUSED_BENCH_ALLOCATOR"] = "glibc malloc"
-if "--thp" in sys.argv:
-    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -98,6 +82,31 @@ class Row:
     cbfused_version: str = ""
     git_commit: str = ""
     extra: dict = field(default_factory=dict)
+
+
+JEMALLOC_PATHS = [
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/lib/libjemalloc.so.2",
+]
+
+
+def reexec_with_allocator() -> None:
+    """Re-executes this script with the allocator and THP settings of the command line (they
+    must be in the environment before the process starts); records the allocator."""
+    if "CBFUSED_BENCH_ALLOCATOR" in os.environ:
+        return
+    env = dict(os.environ)
+    if "--thp" in sys.argv:
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
+    lib = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
+    if lib and "--system-malloc" not in sys.argv:
+        env["CBFUSED_BENCH_ALLOCATOR"] = "jemalloc (dirty_decay_ms:-1)"
+        env["LD_PRELOAD"] = (lib + " " + env.get("LD_PRELOAD", "")).strip()
+        env["MALLOC_CONF"] = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+    else:
+        env["CBFUSED_BENCH_ALLOCATOR"] = "glibc malloc"
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def git_commit() -> str:
@@ -388,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     losses = args.losses.split(",")
     meta = dict(
         thp=os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
-        allocator=os.environ["CBFUSED_BENCH_ALLOCATOR"],
+        allocator=os.environ.get("CBFUSED_BENCH_ALLOCATOR", "glibc malloc"),
         device=device,
         device_name=device_name(device),
         threads=torch.get_num_threads(),
@@ -500,4 +509,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_allocator()
     sys.exit(main())
