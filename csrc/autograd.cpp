@@ -30,8 +30,9 @@ bool traced(const at::Tensor& t) {
 // exactly 1 on the CPU (loss.backward(); reading a CPU scalar needs no device sync).
 at::Tensor scale_saved_grad(const at::Tensor& grad, const at::Tensor& scale, bool may_reuse) {
   if (at::GradMode::is_enabled() && !traced(grad)) {
-    TORCH_CHECK(false,
-                "cbfused losses support first derivatives only (backward with create_graph=True is not supported)");
+    TORCH_CHECK(
+        false,
+        "cbfused losses support first derivatives only (backward with create_graph=True is not supported)");
   }
   if (!may_reuse || traced(grad) || traced(scale) || torch::autograd::get_current_graph_task_keep_graph()) {
     return grad * scale;
@@ -41,8 +42,8 @@ at::Tensor scale_saved_grad(const at::Tensor& grad, const at::Tensor& scale, boo
 }
 
 using CbLossFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                const at::Tensor&, int64_t, double, double, int64_t,
-                                                                int64_t, int64_t);
+                                                                const at::Tensor&, int64_t, double, double,
+                                                                int64_t, int64_t, int64_t);
 
 class CbLossFunction : public torch::autograd::Function<CbLossFunction> {
  public:
@@ -66,32 +67,35 @@ class CbLossFunction : public torch::autograd::Function<CbLossFunction> {
     const at::Tensor& g_loss = grads[0];
     if (!g_loss.defined()) return out;
     const int64_t grad_mode = ctx->saved_data["grad_mode"].toInt();
-    TORCH_CHECK(grad_mode != 0, "cbfused: cb_loss ran with grad_mode=0, so it saved no gradient to backpropagate");
+    TORCH_CHECK(grad_mode != 0,
+                "cbfused: cb_loss ran with grad_mode=0, so it saved no gradient to backpropagate");
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor scale = ctx->saved_data["reduction"].toInt() == kNone ? g_loss.unsqueeze(-1) : g_loss * saved[1];
+    const at::Tensor scale =
+        ctx->saved_data["reduction"].toInt() == kNone ? g_loss.unsqueeze(-1) : g_loss * saved[1];
     out[0] = scale_saved_grad(saved[0], scale, grad_mode == 2);
     return out;
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_autograd(const at::Tensor& logits, const at::Tensor& target,
-                                                                const at::Tensor& class_weight, int64_t loss_type,
-                                                                double gamma, double alpha, int64_t reduction,
-                                                                int64_t ignore_index, int64_t grad_mode) {
-  auto r = CbLossFunction::apply(logits, target, class_weight, loss_type, gamma, alpha, reduction, ignore_index,
-                                 grad_mode);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_autograd(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& class_weight, int64_t loss_type,
+    double gamma, double alpha, int64_t reduction, int64_t ignore_index, int64_t grad_mode) {
+  auto r = CbLossFunction::apply(logits, target, class_weight, loss_type, gamma, alpha, reduction,
+                                 ignore_index, grad_mode);
   return {r[0], r[1], r[2]};
 }
 
 using FocalFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                   const std::optional<at::Tensor>&, double, double, int64_t, int64_t);
+                                                   const std::optional<at::Tensor>&, double, double, int64_t,
+                                                   int64_t);
 
 class SigmoidFocalFunction : public torch::autograd::Function<SigmoidFocalFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& inputs, const at::Tensor& targets,
                                const std::optional<at::Tensor>& weight, double alpha, double gamma,
                                int64_t reduction, int64_t grad_mode) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("cbfused::sigmoid_focal", "").typed<FocalFn>();
+    static auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("cbfused::sigmoid_focal", "").typed<FocalFn>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, grad] = op.call(inputs, targets, weight, alpha, gamma, reduction, grad_mode);
     ctx->saved_data["grad_mode"] = grad_mode;
@@ -113,8 +117,9 @@ class SigmoidFocalFunction : public torch::autograd::Function<SigmoidFocalFuncti
 };
 
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_autograd(const at::Tensor& inputs, const at::Tensor& targets,
-                                                          const std::optional<at::Tensor>& weight, double alpha,
-                                                          double gamma, int64_t reduction, int64_t grad_mode) {
+                                                          const std::optional<at::Tensor>& weight,
+                                                          double alpha, double gamma, int64_t reduction,
+                                                          int64_t grad_mode) {
   auto r = SigmoidFocalFunction::apply(inputs, targets, weight, alpha, gamma, reduction, grad_mode);
   return {r[0], r[1]};
 }
