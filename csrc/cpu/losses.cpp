@@ -210,9 +210,20 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
   const acc_t mx = IO::hmax(mv);
   const V mxv(mx);
 
-  // Pass 2: sum of exp(x - max) (and, for float-target cross-entropy, sum t x). In full
-  // precision the exps are parked in the gradient row, so the gradient pass needs none.
-  constexpr bool kParkExp = kGrad && !IO::kReduced;
+  // Pass 2: sum of exp(x - max) (and, for float-target cross-entropy, sum t x). The exps
+  // are parked (in the accumulation type) so the gradient pass needs none: in the gradient
+  // row itself in full precision, in a per-thread float row for float16 / bfloat16.
+  constexpr bool kParkExp = kGrad;
+  acc_t* park = nullptr;
+  if constexpr (kParkExp) {
+    if constexpr (IO::kReduced) {
+      thread_local std::vector<acc_t> scratch;
+      if (static_cast<int64_t>(scratch.size()) < C + IO::kStep) scratch.resize(C + IO::kStep);
+      park = scratch.data();
+    } else {
+      park = reinterpret_cast<acc_t*>(g);
+    }
+  }
   V ev(0), txv(0);
   for (int64_t j = 0; j < C; j += IO::kStep) {
     const int64_t n = std::min(IO::kStep, C - j);
@@ -226,7 +237,12 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
       ev = ev + IO::keep(e[v], nv, acc_t(0));
       if constexpr (!kHard && !kFocal) txv = at::vec::fmadd(tv[v], xv[v], txv);
     }
-    if constexpr (kParkExp) IO::store(g + j, n, e);
+    if constexpr (kParkExp) {
+      for (int v = 0; v < IO::kVecs; ++v) {
+        const int64_t nv = IO::lanes(n, v);
+        if (nv > 0) e[v].store(park + j + v * IO::kLanes, nv);
+      }
+    }
   }
   const acc_t sum_exp = IO::hsum(ev);
   const acc_t lse = mx + std::log(sum_exp);
@@ -274,7 +290,10 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
       const int64_t n = std::min(IO::kStep, C - j);
       V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
       if constexpr (kParkExp) {
-        IO::load(g + j, n, gv);  // exp(x - max)
+        for (int v = 0; v < IO::kVecs; ++v) {  // exp(x - max)
+          const int64_t nv = IO::lanes(n, v);
+          gv[v] = nv > 0 ? V::loadu(park + j + v * IO::kLanes, nv) : V(0);
+        }
       }
       if constexpr (!kParkExp || (!kHard && kFocal)) IO::load(x + j, n, xv);
       if constexpr (!kHard) IO::load(t + j, n, tv);
