@@ -80,15 +80,14 @@ def test_matches_reference(p):
     ours = cbfused.class_balanced_loss(
         xa, y, weights=w, loss_type=loss_type, gamma=gamma, alpha=alpha, reduction=reduction
     )
-    ref64 = R.class_balanced_loss(
-        x.double(),
-        y if kind == "hard" else y.double(),
-        w,
-        loss_type=loss_type,
-        gamma=gamma,
-        alpha=alpha,
-        reduction=reduction,
-    )
+    y64 = y if kind == "hard" else y.double()
+
+    def reference(x64, red):  # the float64 oracle on the same (rounded) inputs
+        return R.class_balanced_loss(
+            x64, y64, w, loss_type=loss_type, gamma=gamma, alpha=alpha, reduction=red
+        )
+
+    ref64 = reference(x.double(), reduction)
     go = torch.ones_like(ours)
     (grad,) = torch.autograd.grad(ours, xa, go)
     # The gradient is finite for every finite input.
@@ -96,15 +95,7 @@ def test_matches_reference(p):
     # Values: compared wherever every per-sample loss is within the dtype's range. A sample
     # whose exact loss exceeds it is inf (as in torch's losses), and so is a sum over it.
     fmax = torch.finfo(dtype).max
-    rows = R.class_balanced_loss(
-        x.double(),
-        y if kind == "hard" else y.double(),
-        w,
-        loss_type=loss_type,
-        gamma=gamma,
-        alpha=alpha,
-        reduction="none",
-    )
+    rows = reference(x.double(), "none")
     if bool((rows.abs() < fmax / 2).all()) and bool((ref64.abs() < fmax / 2).all()):
         assert torch.isfinite(ours).all()
         ref = ref64.to(dtype).double()
@@ -113,15 +104,7 @@ def test_matches_reference(p):
         assert torch.allclose(ours.double(), ref, rtol=tol, atol=tol * scale_ref + 1e-30), (ours, ref)
     if scale not in ("max", 1e4):
         xb = x.double().requires_grad_()
-        r = R.class_balanced_loss(
-            xb,
-            y if kind == "hard" else y.double(),
-            w,
-            loss_type=loss_type,
-            gamma=gamma,
-            alpha=alpha,
-            reduction=reduction,
-        )
+        r = reference(xb, reduction)
         (gref,) = torch.autograd.grad(r, xb, torch.ones_like(r))
         if torch.isfinite(gref).all():
             gref = gref.to(dtype).double()  # the exact gradient, rounded to the output dtype
