@@ -169,6 +169,27 @@ def time_fn(
     return times
 
 
+def timing_row(
+    kernel: str, provider: str, mode: str, dtype: str, n: int, c: int, times: list[float], **fields
+) -> Row:
+    """A Row from repeated timings (seconds): median, 20/80 % quantiles, reps, elements/s."""
+    med = statistics.median(times)
+    return Row(
+        kernel,
+        provider,
+        mode,
+        dtype,
+        n,
+        c,
+        med * 1e3,
+        quantile(times, 0.2) * 1e3,
+        quantile(times, 0.8) * 1e3,
+        len(times),
+        n * c / med,
+        **fields,
+    )
+
+
 def quantile(xs: list[float], q: float) -> float:
     s = sorted(xs)
     pos = q * (len(s) - 1)
@@ -342,24 +363,17 @@ def linear_cell(
         peak = peak_extra_bytes(step, device)
         med = statistics.median(times)
         rows.append(
-            Row(
+            timing_row(
                 "linear+focal",
                 name,
                 "fwd+bwd",
                 dname,
                 n,
                 c,
-                med * 1e3,
-                quantile(times, 0.2) * 1e3,
-                quantile(times, 0.8) * 1e3,
-                len(times),
-                n * c / med,
-                float("nan"),
-                float("nan"),
-                peak,
-                peak / (n * c * f0.element_size()),
-                float("nan"),
-                h,
+                times,
+                peak_extra_bytes=peak,
+                peak_extra_x_nc=peak / (n * c * f0.element_size()),
+                H=h,
                 **meta,
             )
         )
@@ -420,23 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         buf = torch.empty_like(xf)
         ft = time_fn(lambda xf=xf, buf=buf: torch.sigmoid(xf, out=buf), device, 10, 0.2)
         floor_s = statistics.median(ft)
-        rows.append(
-            Row(
-                "floor",
-                "torch.sigmoid(out=)",
-                "fwd",
-                dname,
-                n,
-                c,
-                floor_s * 1e3,
-                quantile(ft, 0.2) * 1e3,
-                quantile(ft, 0.8) * 1e3,
-                len(ft),
-                n * c / floor_s,
-                1.0,
-                **meta,
-            )
-        )
+        rows.append(timing_row("floor", "torch.sigmoid(out=)", "fwd", dname, n, c, ft, x_floor=1.0, **meta))
         for kernel in losses:
             case, x0 = make_case(kernel, n, c, dtype, device)
             for mode in ("fwd+bwd", "fwd"):
@@ -450,23 +448,19 @@ def main(argv: list[str] | None = None) -> int:
                     if name == "reference":
                         ref_med = med
                     rows.append(
-                        Row(
+                        timing_row(
                             kernel,
                             name,
                             mode,
                             dname,
                             n,
                             c,
-                            med * 1e3,
-                            quantile(times, 0.2) * 1e3,
-                            quantile(times, 0.8) * 1e3,
-                            len(times),
-                            n * c / med,
-                            med / floor_s,
-                            (ref_med / med) if ref_med else float("nan"),
-                            peak,
-                            peak / (n * c * x0.element_size()),
-                            compile_s,
+                            times,
+                            x_floor=med / floor_s,
+                            speedup_vs_ref=(ref_med / med) if ref_med else float("nan"),
+                            peak_extra_bytes=peak,
+                            peak_extra_x_nc=peak / (n * c * x0.element_size()),
+                            compile_s=compile_s,
                             **meta,
                         )
                     )

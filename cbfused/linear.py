@@ -44,7 +44,6 @@ def _denominator(target, class_weight, reduction: str, ignore_index: int) -> tor
     """The mean's D over the whole batch, as a device tensor (no host sync); None for sum / none."""
     if reduction not in ("mean", "weighted_mean"):
         return None
-    w = class_weight.to(torch.float64)
     if target.is_floating_point():
         if reduction == "weighted_mean":
             return (target @ class_weight.to(target.dtype)).sum(dtype=torch.float64)
@@ -53,6 +52,7 @@ def _denominator(target, class_weight, reduction: str, ignore_index: int) -> tor
     if reduction == "mean":
         return valid.sum().to(torch.float64)
     y = torch.where(valid, target, torch.zeros_like(target)).long()
+    w = class_weight.to(torch.float64)
     return (w[y] * valid).sum()
 
 
