@@ -134,7 +134,21 @@ def extensions():
             extra_link_args=["-fopenmp"],
         )
         print(f"cbfused: building CPU kernels only ({cap}); CUDA skipped: {why}")
-    return [ext]
+    return [ext, emulated_cuda_extension()]
+
+
+def emulated_cuda_extension():
+    """cbfused._emulated_cuda: the CUDA kernels' source built with the host compiler
+    against a CPU emulation of the CUDA thread model (csrc/cuda/emulator.h), so that the
+    tests run the kernels' logic on machines without a GPU (torch.ops.cbfused_emu).
+    A test facility, not a fast path: every CUDA thread is an OS thread."""
+    return cpp_extension.CppExtension(
+        "cbfused._emulated_cuda",
+        ["csrc/checks.cpp", *sorted(glob.glob("csrc/emulated/*.cpp"))],
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": ["-O1", "-pthread"]},
+        extra_link_args=["-pthread"],
+    )
 
 
 setup(

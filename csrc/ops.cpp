@@ -1,8 +1,10 @@
-// Every schema of the cbfused library, defined once. Backends register their
-// kernels with TORCH_LIBRARY_IMPL in cpu/ and cuda/; Python attaches the fake
-// (meta) kernels and autograd in cbfused/_ops.py.
+// The cbfused library (schemas in cbfused/schemas.h). Backends register their kernels
+// with TORCH_LIBRARY_IMPL in cpu/ and cuda/; autograd is in autograd.cpp and the fake
+// (meta) kernels in cbfused/_ops.py.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "cbfused/schemas.h"
 
 #ifndef CBFUSED_CPU_CAPABILITY_NAME
 #define CBFUSED_CPU_CAPABILITY_NAME "DEFAULT"
@@ -17,21 +19,8 @@
 #endif
 
 TORCH_LIBRARY(cbfused, m) {
-  // Class-balanced loss. Returns (loss, grad, grad_scale): loss is [] or [N] (reduction
-  // 'none'); grad ([N, C] when grad_mode > 0, else [0]) times grad_scale ([]) is
-  // d(loss)/d(logits): a backend may fold the mean's 1/D into grad (grad_scale = 1) or
-  // leave it to the backward (grad_scale = 1/D, 0 when D = 0).
-  // grad_mode: 0 no gradient; 1 gradient; 2 gradient, and the backward may scale the
-  // returned grad buffer in place (callers that never read it, like cbfused's own
-  // wrappers, save one N x C buffer that way).
-  m.def(
-      "cb_loss(Tensor logits, Tensor target, Tensor class_weight, int loss_type, float gamma, "
-      "float alpha, int reduction, int ignore_index, int grad_mode) -> (Tensor, Tensor, Tensor)");
-  // torchvision.ops.sigmoid_focal_loss semantics with an optional per-class weight.
-  // Returns (loss, grad): grad already carries the mean's 1/numel. grad_mode as above.
-  m.def(
-      "sigmoid_focal(Tensor inputs, Tensor targets, Tensor? weight, float alpha, float gamma, "
-      "int reduction, int grad_mode) -> (Tensor, Tensor)");
+  m.def(cbfused::kCbLossSchema);
+  m.def(cbfused::kSigmoidFocalSchema);
 }
 
 static PyObject* build_info(PyObject*, PyObject*) {

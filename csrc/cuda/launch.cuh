@@ -1,50 +1,87 @@
-// Launchers of the row kernel, split by loss family into separate compile units
+// Launchers of the cb_loss kernels, split by loss family into separate compile units
 // (softmax.cu, sigmoid.cu) so that they compile in parallel.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
-#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <limits>
 
 #include "cuda/row_kernel.cuh"
+#include "cuda/runtime.h"
 
 namespace cbfused {
 namespace cuda {
 
 // Rows up to this many classes get a warp each; longer rows a block of kBlock threads.
 constexpr int64_t kWarpRowMaxC = 1024;
+// Sigmoid / focal rows up to this many classes go to cb_flat_kernel (8 rows per tile at least).
+constexpr int64_t kFlatMaxC = kFlatTile / 8;
+// A softmax block parks its rows in shared memory up to this size (and the device's
+// limit); beyond it the gradient pass reads the row from global memory (L2) again.
+// 80 KiB keeps two blocks per SM on A100 / H100.
+constexpr size_t kMaxRowCacheBytes = 80 * 1024;
+
+// Rows per cb_flat_kernel tile: a multiple of 8 (tiles start 16-byte aligned for every
+// dtype), at most kBlock (one thread per row for the per-row steps) and kFlatTile / C.
+inline int flat_rows_per_tile(int64_t C) {
+  return static_cast<int>(std::min<int64_t>(kBlock, (kFlatTile / C) / 8 * 8));
+}
 
 template <typename scalar_t, int kLoss, bool kHard>
-void launch_rows(const RowArgs<scalar_t>& a, cudaStream_t stream) {
+void launch_rows(const RowArgs<scalar_t>& a, Stream stream) {
   if (a.N == 0) return;
-  if (a.C <= kWarpRowMaxC) {
-    constexpr int kRows = kBlock / kWarp;
-    const int64_t blocks = (a.N + kRows - 1) / kRows;
-    cb_row_kernel<scalar_t, kLoss, kHard, kWarp><<<blocks, kBlock, 0, stream>>>(a);
+  constexpr bool kBinary = kLoss == kSigmoid || kLoss == kFocal;
+  constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
+  if constexpr (kBinary) {
+    if (a.C <= kFlatMaxC && a.x_stride == a.C && (kHard || a.t_stride == a.C)) {
+      const int rows = flat_rows_per_tile(a.C);
+      const int64_t blocks = (a.N + rows - 1) / rows;
+      TORCH_CHECK(blocks <= kMaxGrid, "cbfused: ", a.N, " rows exceed the CUDA grid limit");
+      launch_kernel(cb_flat_kernel<scalar_t, kLoss, kHard>, dim3(static_cast<unsigned>(blocks)), dim3(kBlock),
+                    0, stream, a, rows);
+      return;
+    }
+  }
+  // Softmax row cache: a slot per row of round_up(C + V - 1, V) elements (the row is
+  // shifted by x's misalignment inside its slot).
+  constexpr int64_t V = kVec<scalar_t>;
+  const int64_t cache_stride = (a.C + 2 * V - 2) / V * V;
+  const size_t cache_limit = std::min(kMaxRowCacheBytes, max_dynamic_smem());
+  const bool warp_rows = a.C <= kWarpRowMaxC;
+  const int64_t rows_per_block = warp_rows ? kBlock / kWarp : 1;
+  const size_t cache_bytes = static_cast<size_t>(rows_per_block * cache_stride) * sizeof(scalar_t);
+  const bool cache = !kBinary && cache_bytes <= cache_limit;
+  const int64_t stride = cache ? cache_stride : 0;
+  const size_t smem = cache ? cache_bytes : 0;
+  const int64_t blocks = (a.N + rows_per_block - 1) / rows_per_block;
+  TORCH_CHECK(blocks <= kMaxGrid, "cbfused: ", a.N, " rows exceed the CUDA grid limit");
+  const dim3 grid(static_cast<unsigned>(blocks));
+  if (warp_rows) {
+    launch_kernel(cb_row_kernel<scalar_t, kLoss, kHard, kWarp>, grid, dim3(kBlock), smem, stream, a, stride);
   } else {
-    cb_row_kernel<scalar_t, kLoss, kHard, kBlock><<<a.N, kBlock, 0, stream>>>(a);
+    launch_kernel(cb_row_kernel<scalar_t, kLoss, kHard, kBlock>, grid, dim3(kBlock), smem, stream, a, stride);
   }
 }
 
 // One loss family (kA or kB, hard or float targets); instantiated in softmax.cu and sigmoid.cu.
 template <typename scalar_t, int kA, int kB>
-void launch_family(const RowArgs<scalar_t>& a, int64_t loss_type, bool hard, cudaStream_t stream) {
+void launch_family(const RowArgs<scalar_t>& a, int64_t loss_type, bool hard, Stream stream) {
   if (loss_type == kA) {
     hard ? launch_rows<scalar_t, kA, true>(a, stream) : launch_rows<scalar_t, kA, false>(a, stream);
   } else {
     hard ? launch_rows<scalar_t, kB, true>(a, stream) : launch_rows<scalar_t, kB, false>(a, stream);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 #define CBFUSED_FAMILY(A, B, EXTERN)                                                                     \
-  EXTERN template void launch_family<float, A, B>(const RowArgs<float>&, int64_t, bool, cudaStream_t);   \
-  EXTERN template void launch_family<double, A, B>(const RowArgs<double>&, int64_t, bool, cudaStream_t); \
-  EXTERN template void launch_family<c10::Half, A, B>(const RowArgs<c10::Half>&, int64_t, bool,          \
-                                                      cudaStream_t);                                     \
+  EXTERN template void launch_family<float, A, B>(const RowArgs<float>&, int64_t, bool, Stream);         \
+  EXTERN template void launch_family<double, A, B>(const RowArgs<double>&, int64_t, bool, Stream);       \
+  EXTERN template void launch_family<c10::Half, A, B>(const RowArgs<c10::Half>&, int64_t, bool, Stream); \
   EXTERN template void launch_family<c10::BFloat16, A, B>(const RowArgs<c10::BFloat16>&, int64_t, bool,  \
-                                                          cudaStream_t);
+                                                          Stream);
 
 CBFUSED_FAMILY(kSoftmax, kSoftmaxFocal, extern)
 CBFUSED_FAMILY(kSigmoid, kFocal, extern)

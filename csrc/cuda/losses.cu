@@ -1,16 +1,18 @@
-// TORCH_LIBRARY_IMPL(cbfused, CUDA): the ops on the current stream, with a device guard,
-// no host synchronisation (normalisers stay on the device) and no float atomics.
+// The host side of the CUDA ops: on the current stream, with a device guard, no host
+// synchronisation (normalisers stay on the device) and no float atomics.
+// Under nvcc: TORCH_LIBRARY_IMPL(cbfused, CUDA). Under a host compiler (csrc/emulated/)
+// the same code runs the kernels in the CPU emulation of cuda/emulator.h and registers
+// them as torch.ops.cbfused_emu on CPU tensors, for the tests.
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include "cbfused/checks.h"
+#include "cbfused/schemas.h"
 #include "cuda/launch.cuh"
+#include "cuda/runtime.h"
 
 namespace cbfused {
 namespace cuda {
@@ -28,9 +30,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cuda(const at::Tensor& lo
                                                             int64_t ignore_index, int64_t grad_mode) {
   const bool compute_grad = check_grad_mode(grad_mode);
   const CbLossPlan plan = check_cb_loss(logits, target, class_weight, loss_type, gamma, alpha, reduction);
-  const c10::cuda::CUDAGuard guard(plan.logits.device());
+  const DeviceGuard guard(plan.logits.device());
   CbLossOutputs out = alloc_cb_loss(plan, reduction, compute_grad);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, plan.logits.scalar_type(), "cbfused_cb_loss_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -49,10 +51,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cuda(const at::Tensor& lo
           out.inv_norm.fill_(1);
         } else {
           const bool mean = reduction == kMean || reduction == kWeightedMean;
-          finish_kernel<scalar_t, acc_t><<<1, kBlock, 0, stream>>>(
-              a.row_loss, a.row_denom, plan.N, mean, acc_t(1), out.loss.mutable_data_ptr<scalar_t>(),
-              out.inv_norm.mutable_data_ptr<acc_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          launch_kernel(finish_kernel<scalar_t, acc_t>, dim3(1), dim3(kBlock), 0, stream,
+                        static_cast<const acc_t*>(a.row_loss), static_cast<const acc_t*>(a.row_denom), plan.N,
+                        mean, acc_t(1), out.loss.mutable_data_ptr<scalar_t>(),
+                        out.inv_norm.mutable_data_ptr<acc_t>());
         }
       });
   return {out.loss, out.grad, out.inv_norm};
@@ -90,31 +92,31 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_cuda(const at::Tensor& inputs, 
                                                       double gamma, int64_t reduction, int64_t grad_mode) {
   const bool compute_grad = check_grad_mode(grad_mode);
   const FocalPlan plan = check_sigmoid_focal(inputs, targets, weight, gamma, reduction);
-  const c10::cuda::CUDAGuard guard(inputs.device());
+  const DeviceGuard guard(inputs.device());
   const auto opts = inputs.options();
   at::Tensor loss = reduction == kNone ? at::empty(inputs.sizes(), opts) : at::empty({}, opts);
   at::Tensor grad = compute_grad ? at::empty(inputs.sizes(), opts) : at::empty({0}, opts);
   const int64_t numel = inputs.numel();
   const double scale = reduction == kMean ? (numel > 0 ? 1.0 / static_cast<double>(numel) : 0.0) : 1.0;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, inputs.scalar_type(), "cbfused_sigmoid_focal_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const int64_t blocks = std::clamp<int64_t>((numel + kBlock - 1) / kBlock, 1, kMaxFocalBlocks);
         at::Tensor part = at::empty({blocks}, acc_options<acc_t>(inputs));
-        focal_elementwise_kernel<scalar_t><<<blocks, kBlock, 0, stream>>>(
+        launch_kernel(
+            focal_elementwise_kernel<scalar_t>, dim3(static_cast<unsigned>(blocks)), dim3(kBlock), 0, stream,
             plan.inputs.const_data_ptr<scalar_t>(), plan.targets.const_data_ptr<scalar_t>(),
             plan.weight.defined() ? plan.weight.const_data_ptr<acc_t>() : nullptr, plan.K, numel,
             static_cast<acc_t>(gamma), static_cast<acc_t>(alpha),
             static_cast<acc_t>(reduction == kNone ? 1.0 : scale),
             reduction == kNone ? loss.mutable_data_ptr<scalar_t>() : nullptr,
             compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr, part.mutable_data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (reduction != kNone) {
-          finish_kernel<scalar_t, acc_t><<<1, kBlock, 0, stream>>>(
-              part.const_data_ptr<acc_t>(), nullptr, blocks, false, static_cast<acc_t>(scale),
-              loss.mutable_data_ptr<scalar_t>(), nullptr);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          launch_kernel(finish_kernel<scalar_t, acc_t>, dim3(1), dim3(kBlock), 0, stream,
+                        part.const_data_ptr<acc_t>(), static_cast<const acc_t*>(nullptr), blocks, false,
+                        static_cast<acc_t>(scale), loss.mutable_data_ptr<scalar_t>(),
+                        static_cast<acc_t*>(nullptr));
         }
       });
   return {loss, grad};
@@ -122,10 +124,21 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_cuda(const at::Tensor& inputs, 
 
 }  // namespace
 
+#if defined(__CUDACC__)
 TORCH_LIBRARY_IMPL(cbfused, CUDA, m) {
   m.impl("cb_loss", &cb_loss_cuda);
   m.impl("sigmoid_focal", &sigmoid_focal_cuda);
 }
+#else
+TORCH_LIBRARY(cbfused_emu, m) {
+  m.def(kCbLossSchema);
+  m.def(kSigmoidFocalSchema);
+}
+TORCH_LIBRARY_IMPL(cbfused_emu, CPU, m) {
+  m.impl("cb_loss", &cb_loss_cuda);
+  m.impl("sigmoid_focal", &sigmoid_focal_cuda);
+}
+#endif
 
 }  // namespace cuda
 }  // namespace cbfused

@@ -2,9 +2,9 @@
 // fixed butterfly / tree, so results are bitwise reproducible run to run (no atomics).
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cmath>
+
+#include "cuda/runtime.h"
 
 namespace cbfused {
 namespace cuda {

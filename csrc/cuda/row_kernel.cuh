@@ -1,101 +1,204 @@
-// The CUDA row kernel of cbfused::cb_loss: one warp (C <= 1024) or one block (C > 1024)
-// per row computes the row's class-balanced loss and, when asked, its gradient
-// (for the un-normalised sum), with the formulas of cbfused/math.h. Per-row loss and
-// denominator go to O(N) buffers that finish_kernel reduces deterministically.
+// The CUDA kernels of cbfused::cb_loss, with the formulas of cbfused/math.h.
+//
+// cb_row_kernel: one warp (C <= 1024) or one block (C > 1024) per row. Softmax rows are
+// read from global memory once: the online max / sum pass parks the row in shared
+// memory (when it fits) and the gradient pass reads it from there.
+// cb_flat_kernel: sigmoid / focal with small C: a block takes a tile of whole rows and
+// spreads its R x C elements over all its threads, so C = 10 or 80 keeps every thread
+// busy; each row's class weight is gathered once, by one thread, into shared memory.
+// Both use 128-bit loads / stores where the pointers allow (cuda/vec.cuh), write the
+// gradient of the un-normalised sum, and write per-row loss and denominator to O(N)
+// buffers that finish_kernel reduces deterministically.
 #pragma once
 
 #include <ATen/OpMathType.h>
-#include <c10/macros/Macros.h>
 
 #include <cstdint>
 
 #include "cbfused/math.h"
 #include "cbfused/row_args.h"
 #include "cuda/reduce.cuh"
+#include "cuda/vec.cuh"
 
 namespace cbfused {
 namespace cuda {
 
 constexpr int kBlock = 256;
+constexpr int kFlatTile = 2048;  // elements of a cb_flat_kernel tile
 
+template <typename T>
+__device__ __forceinline__ T nan_max(T a, T b) {
+  return (b > a || b != b) ? b : a;
+}
+
+// One element of a sigmoid / focal loss: the (alpha-weighted) loss term and its
+// derivative, before the row's class weight.
+template <bool kFoc, typename scalar_t>
+__device__ __forceinline__ void binary_element(const RowArgs<scalar_t>& a, at::opmath_type<scalar_t> x,
+                                               at::opmath_type<scalar_t> t, int pow_k,
+                                               at::opmath_type<scalar_t>& l, at::opmath_type<scalar_t>& d) {
+  binary_term<kFoc, true>(x, t, a.gamma, l, d, pow_k);
+  if (a.alpha >= 0) {
+    const auto at_ = alpha_t(t, a.alpha);
+    l *= at_;
+    d *= at_;
+  }
+}
+
+// Targets are checked on the device, without a host sync: class targets in [0, C) or
+// ignore_index, float targets in [0, 1] (NaN fails too), as on the CPU. A kernel collects
+// a flag (a bad class row is treated as ignored, so nothing is read out of bounds) and
+// asserts once, at its end: one assert call site, reached with few live registers,
+// keeps the hot loops free of the call's stack frame and spills.
+template <typename A>
+__device__ __forceinline__ bool bad_float_target(A t) {
+  return !(t >= A(0) && t <= A(1));
+}
+
+template <bool kHard>
+__device__ __forceinline__ void assert_targets_ok(bool bad) {
+  if constexpr (kHard) {
+    CUDA_KERNEL_ASSERT(!bad && "cbfused: target out of range [0, C) and not ignore_index");
+  } else {
+    CUDA_KERNEL_ASSERT(!bad && "cbfused: float target outside [0, 1]");
+  }
+}
+
+// Loads K float targets t[0..K) and adds them to the row's checks and sums:
+// bad |= t outside [0, 1], sw += sum t w, st += sum t.
+template <int K, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void add_target_sums(const scalar_t* t, const acc_t* w, acc_t (&tv)[K], bool& bad,
+                                                acc_t& sw, acc_t& st) {
+  load<K>(t, tv);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    bad |= bad_float_target(tv[k]);
+    sw += tv[k] * w[k];
+    st += tv[k];
+  }
+}
+
+// cache_stride > 0: the softmax row is parked in dynamic shared memory, cache_stride
+// elements per row slot (see launch.cuh); 0: the gradient pass reads the row again.
 template <typename scalar_t, int kLoss, bool kHard, int kThreads>
-__global__ void __launch_bounds__(kBlock) cb_row_kernel(RowArgs<scalar_t> a) {
+__global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, int64_t cache_stride) {
   using acc_t = at::opmath_type<scalar_t>;
   using RR = RowReduce<kThreads>;
   constexpr int kRowsPerBlock = kBlock / kThreads;
   __shared__ acc_t smem_a[kBlock / kWarp], smem_b[kBlock / kWarp];
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
-  const int lane = threadIdx.x % kThreads;
-  // With a warp per row, a block's last warps may have no row: they still must not
-  // return before a block-wide barrier, but warp-per-row kernels use none.
+  const int slot = static_cast<int>(threadIdx.x) / kThreads;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + slot;
+  const int lane = static_cast<int>(threadIdx.x) % kThreads;
+  // A warp-per-row block's last warps may have no row; block-per-row kernels never
+  // take this exit, so no thread leaves before a block-wide barrier.
   if (row >= a.N) return;
   const int64_t C = a.C;
   const scalar_t* x = a.x + row * a.x_stride;
   const scalar_t* t = kHard ? nullptr : a.t + row * a.t_stride;
   scalar_t* g = a.grad ? a.grad + row * C : nullptr;
+  const Split sp = split_span<scalar_t>(C, x, t, g);
 
   acc_t s = 0, T = 0, denom = 0;
   int64_t y = -1;
+  bool bad = false;
   if constexpr (kHard) {
     y = a.y[row];
-    if (y == a.ignore_index) {
-      if (g)
-        for (int64_t c = lane; c < C; c += kThreads) g[c] = scalar_t(0);
+    bad = y != a.ignore_index && !(y >= 0 && y < C);
+    if (y == a.ignore_index || bad) {
+      if (g) {
+        for_each_group<kThreads, scalar_t>(sp, C, lane, [&](auto w, int64_t c) {
+          constexpr int K = decltype(w)::value;
+          acc_t z[K] = {};
+          store<K>(g + c, z);
+        });
+      }
       if (lane == 0) {
         a.row_loss[row] = 0;
         a.row_denom[row] = 0;
         if (a.per_row_out) a.per_row_out[row] = scalar_t(0);
       }
+      assert_targets_ok<kHard>(bad);
       return;
     }
-    CUDA_KERNEL_ASSERT(y >= 0 && y < C && "cbfused: target out of range [0, C) and not ignore_index");
     s = a.w[y];
     denom = a.weighted ? s : acc_t(1);
-  } else {
-    acc_t sw = 0, st = 0;
-    for (int64_t c = lane; c < C; c += kThreads) {
-      const acc_t tc = static_cast<acc_t>(t[c]);
-      CUDA_KERNEL_ASSERT(tc >= acc_t(0) && tc <= acc_t(1) && "cbfused: float target outside [0, 1]");
-      sw += tc * a.w[c];
-      st += tc;
-    }
-    s = RR::sum(sw, smem_a);
-    T = RR::sum(st, smem_b);
-    denom = a.weighted ? s : T;
   }
 
   acc_t loss = 0;
   if constexpr (kLoss == kSigmoid || kLoss == kFocal) {
     constexpr bool kFoc = kLoss == kFocal;
-    const int pow_k = kHard ? a.gamma_int : -1;
-    const bool has_alpha = a.alpha >= acc_t(0);
-    acc_t part = 0;
-    for (int64_t c = lane; c < C; c += kThreads) {
-      const acc_t xc = static_cast<acc_t>(x[c]);
-      const acc_t tc = kHard ? acc_t(c == y) : static_cast<acc_t>(t[c]);
-      acc_t l, d;
-      binary_term<kFoc, true>(xc, tc, a.gamma, l, d, pow_k);
-      if (has_alpha) {
-        const acc_t at = alpha_t(tc, a.alpha);
-        l *= at;
-        d *= at;
-      }
-      part += l;
-      if (g) g[c] = static_cast<scalar_t>(s * d);
+    if constexpr (!kHard) {  // s = sum_c t_c w_c is needed before the first gradient
+      acc_t sw = 0, st = 0;
+      for_each_group<kThreads, scalar_t>(sp, C, lane, [&](auto w, int64_t c) {
+        constexpr int K = decltype(w)::value;
+        acc_t tv[K];
+        add_target_sums<K>(t + c, a.w + c, tv, bad, sw, st);
+      });
+      s = RR::sum(sw, smem_a);
+      T = RR::sum(st, smem_b);
+      denom = a.weighted ? s : T;
     }
+    const int pow_k = kHard ? a.gamma_int : -1;
+    acc_t part = 0;
+    for_each_group<kThreads, scalar_t>(sp, C, lane, [&](auto w, int64_t c) {
+      constexpr int K = decltype(w)::value;
+      acc_t xv[K], tv[K], gv[K];
+      load<K>(x + c, xv);
+      if constexpr (!kHard) load<K>(t + c, tv);
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const acc_t tc = kHard ? acc_t(c + k == y) : tv[k];
+        acc_t l, d;
+        binary_element<kFoc>(a, xv[k], tc, pow_k, l, d);
+        part += l;
+        gv[k] = s * d;
+      }
+      if (g) store<K>(g + c, gv);
+    });
     loss = s * RR::sum(part, smem_a);
   } else {
     constexpr bool kFoc = kLoss == kSoftmaxFocal;
-    // Online max / sum of exp in one read of the row.
+    // The row's slot in shared memory, placed so that element c has the same 16-byte
+    // misalignment as x + c (the packs of the split are then aligned there too). Each
+    // thread reads back only what it wrote itself: no barrier needed.
+    scalar_t* cache =
+        cache_stride > 0 ? dynamic_smem<scalar_t>() + slot * cache_stride + misalignment(x) / sizeof(scalar_t)
+                         : nullptr;
+    // One read of the row: online max / sum of exp (one exp per element plus one per
+    // group), and for float targets sum t w, sum t and sum t x.
     MaxSum<acc_t> ms{acc_t(-INFINITY), acc_t(0)};
-    acc_t tx = 0;
-    for (int64_t c = lane; c < C; c += kThreads) {
-      const acc_t xc = static_cast<acc_t>(x[c]);
-      ms = merge(ms, MaxSum<acc_t>{xc, acc_t(1)});
-      if constexpr (!kHard && !kFoc) tx += static_cast<acc_t>(t[c]) * xc;
-    }
+    acc_t sw = 0, st = 0, tx = 0;
+    for_each_group<kThreads, scalar_t>(sp, C, lane, [&](auto w, int64_t c) {
+      constexpr int K = decltype(w)::value;
+      acc_t xv[K];
+      load<K>(x + c, xv);
+      if (cache) store<K>(cache + c, xv);
+      acc_t mx = xv[0];
+#pragma unroll
+      for (int k = 1; k < K; ++k) mx = nan_max(mx, xv[k]);
+      const acc_t m = nan_max(ms.m, mx);
+      if (m != acc_t(-INFINITY)) {
+        acc_t sum = ms.s * ::exp(ms.m - m);
+#pragma unroll
+        for (int k = 0; k < K; ++k) sum += ::exp(xv[k] - m);
+        ms = {m, sum};
+      }
+      if constexpr (!kHard) {
+        acc_t tv[K];
+        add_target_sums<K>(t + c, a.w + c, tv, bad, sw, st);
+        if constexpr (!kFoc) {
+#pragma unroll
+          for (int k = 0; k < K; ++k) tx += tv[k] * xv[k];
+        }
+      }
+    });
     ms = RR::max_sum(ms, smem_a, smem_b);
     const acc_t lse = ms.m + ::log(ms.s);
+    if constexpr (!kHard) {
+      s = RR::sum(sw, smem_a);
+      T = RR::sum(st, smem_b);
+      denom = a.weighted ? s : T;
+    }
     acc_t cp = 0, cy = 0;
     if constexpr (kHard) {
       const acc_t logp = static_cast<acc_t>(x[y]) - lse;
@@ -108,28 +211,42 @@ __global__ void __launch_bounds__(kBlock) cb_row_kernel(RowArgs<scalar_t> a) {
       cp = s * T;
     } else {
       acc_t lf = 0, gs = 0;
-      for (int64_t c = lane; c < C; c += kThreads) {
-        const acc_t tc = static_cast<acc_t>(t[c]);
-        const auto f = softmax_focal<true>(static_cast<acc_t>(x[c]) - lse, a.gamma);
-        lf += tc * f.loss;
-        gs += tc * f.G;
-      }
+      for_each_group<kThreads, scalar_t>(sp, C, lane, [&](auto w, int64_t c) {
+        constexpr int K = decltype(w)::value;
+        acc_t xv[K], tv[K];
+        load<K>(cache ? cache + c : x + c, xv);
+        load<K>(t + c, tv);
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const auto f = softmax_focal<true>(xv[k] - lse, a.gamma);
+          lf += tv[k] * f.loss;
+          gs += tv[k] * f.G;
+        }
+      });
       loss = s * RR::sum(lf, smem_a);
       cp = s * RR::sum(gs, smem_b);
     }
     if (g) {
-      for (int64_t c = lane; c < C; c += kThreads) {
-        const acc_t lp = static_cast<acc_t>(x[c]) - lse;
-        acc_t gk = cp * ::exp(lp);
-        if constexpr (kHard) {
-          if (c == y) gk = cy;
-        } else if constexpr (kFoc) {
-          gk -= s * static_cast<acc_t>(t[c]) * softmax_focal<true>(lp, a.gamma).G;
-        } else {
-          gk -= s * static_cast<acc_t>(t[c]);
+      for_each_group<kThreads, scalar_t>(sp, C, lane, [&](auto w, int64_t c) {
+        constexpr int K = decltype(w)::value;
+        acc_t xv[K], tv[K], gv[K];
+        load<K>(cache ? cache + c : x + c, xv);
+        if constexpr (!kHard) load<K>(t + c, tv);
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const acc_t lp = xv[k] - lse;
+          acc_t gk = cp * ::exp(lp);
+          if constexpr (kHard) {
+            if (c + k == y) gk = cy;
+          } else if constexpr (kFoc) {
+            gk -= s * tv[k] * softmax_focal<true>(lp, a.gamma).G;
+          } else {
+            gk -= s * tv[k];
+          }
+          gv[k] = gk;
         }
-        g[c] = static_cast<scalar_t>(gk);
-      }
+        store<K>(g + c, gv);
+      });
     }
   }
   if (lane == 0) {
@@ -137,6 +254,112 @@ __global__ void __launch_bounds__(kBlock) cb_row_kernel(RowArgs<scalar_t> a) {
     a.row_denom[row] = denom;
     if (a.per_row_out) a.per_row_out[row] = static_cast<scalar_t>(loss);
   }
+  assert_targets_ok<kHard>(bad);
+}
+
+// Sigmoid / focal over a tile of `rows_per_tile` whole rows (rows_per_tile * C <=
+// kFlatTile, rows_per_tile <= kBlock and a multiple of 8, so that every tile starts on
+// a 16-byte boundary when the tensor does). Needs contiguous rows (x_stride == C, and
+// t_stride == C for float targets).
+template <typename scalar_t, int kLoss, bool kHard>
+__global__ void __launch_bounds__(kBlock) cb_flat_kernel(RowArgs<scalar_t> a, int rows_per_tile) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kFoc = kLoss == kFocal;
+  __shared__ acc_t s_row[kBlock];  // class weight of each row of the tile
+  __shared__ int y_row[kBlock];    // hard targets: the class, -1 for an ignored row
+  __shared__ acc_t tile_l[kFlatTile];
+  __shared__ acc_t tile_t[kHard ? 1 : kFlatTile];  // float targets, parked by pass 0
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows_per_tile;
+  const int rows = static_cast<int>(a.N - r0 < rows_per_tile ? a.N - r0 : rows_per_tile);
+  const int C = static_cast<int>(a.C);
+  const int n = rows * C;
+  const int64_t base = r0 * a.C;
+  const scalar_t* x = a.x + base;
+  const scalar_t* t = kHard ? nullptr : a.t + base;
+  scalar_t* g = a.grad ? a.grad + base : nullptr;
+  const Split sp = split_span<scalar_t>(n, x, t, g);
+
+  bool bad = false;
+  if constexpr (kHard) {
+    if (tid < rows) {
+      const int64_t row = r0 + tid;
+      const int64_t y = a.y[row];
+      acc_t s = 0, denom = 0;
+      int yi = -1;
+      bad = y != a.ignore_index && !(y >= 0 && y < a.C);
+      if (y != a.ignore_index && !bad) {
+        yi = static_cast<int>(y);
+        s = a.w[y];
+        denom = a.weighted ? s : acc_t(1);
+      }
+      y_row[tid] = yi;
+      s_row[tid] = s;
+      a.row_denom[row] = denom;
+    }
+  } else {
+    // Pass 0, coalesced over the tile: park t, and t w in tile_l, then one thread per
+    // row sums its row in a fixed order.
+    for_each_group<kBlock, scalar_t>(sp, n, tid, [&](auto w, int64_t e) {
+      constexpr int K = decltype(w)::value;
+      acc_t tv[K];
+      load<K>(t + e, tv);
+      int c = static_cast<int>(e % C);
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        bad |= bad_float_target(tv[k]);
+        tile_t[e + k] = tv[k];
+        tile_l[e + k] = tv[k] * a.w[c];
+        c = c + 1 == C ? 0 : c + 1;
+      }
+    });
+    __syncthreads();
+    if (tid < rows) {
+      acc_t sw = 0, st = 0;
+      for (int c = 0; c < C; ++c) {
+        sw += tile_l[tid * C + c];
+        st += tile_t[tid * C + c];
+      }
+      s_row[tid] = sw;
+      a.row_denom[r0 + tid] = a.weighted ? sw : st;
+    }
+  }
+  __syncthreads();
+
+  const int pow_k = kHard ? a.gamma_int : -1;
+  for_each_group<kBlock, scalar_t>(sp, n, tid, [&](auto w, int64_t e) {
+    constexpr int K = decltype(w)::value;
+    acc_t xv[K], gv[K];
+    load<K>(x + e, xv);
+    int r = static_cast<int>(e / C);
+    int c = static_cast<int>(e - static_cast<int64_t>(r) * C);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      acc_t l = 0, d = 0;
+      const int yr = kHard ? y_row[r] : 0;
+      if (!kHard || yr >= 0) {
+        const acc_t tc = kHard ? acc_t(c == yr) : tile_t[e + k];
+        binary_element<kFoc>(a, xv[k], tc, pow_k, l, d);
+        d *= s_row[r];
+      }
+      tile_l[e + k] = l;
+      gv[k] = d;
+      if (++c == C) {
+        c = 0;
+        ++r;
+      }
+    }
+    if (g) store<K>(g + e, gv);
+  });
+  __syncthreads();
+  if (tid < rows) {
+    acc_t part = 0;
+    for (int c = 0; c < C; ++c) part += tile_l[tid * C + c];
+    const acc_t loss = s_row[tid] * part;
+    a.row_loss[r0 + tid] = loss;
+    if (a.per_row_out) a.per_row_out[r0 + tid] = static_cast<scalar_t>(loss);
+  }
+  assert_targets_ok<kHard>(bad);
 }
 
 // Deterministic sums of [n] partials (fixed per-thread strides, fixed tree) in double (a

@@ -1,0 +1,25 @@
+// The op schemas of the cbfused library, written once: csrc/ops.cpp defines them for
+// torch.ops.cbfused, and the CUDA emulation build (csrc/emulated/) for
+// torch.ops.cbfused_emu.
+#pragma once
+
+namespace cbfused {
+
+// Class-balanced loss. Returns (loss, grad, grad_scale): loss is [] or [N] (reduction
+// 'none'); grad ([N, C] when grad_mode > 0, else [0]) times grad_scale ([]) is
+// d(loss)/d(logits): a backend may fold the mean's 1/D into grad (grad_scale = 1) or
+// leave it to the backward (grad_scale = 1/D, 0 when D = 0).
+// grad_mode: 0 no gradient; 1 gradient; 2 gradient, and the backward may scale the
+// returned grad buffer in place (callers that never read it, like cbfused's own
+// wrappers, save one N x C buffer that way).
+constexpr const char* kCbLossSchema =
+    "cb_loss(Tensor logits, Tensor target, Tensor class_weight, int loss_type, float gamma, "
+    "float alpha, int reduction, int ignore_index, int grad_mode) -> (Tensor, Tensor, Tensor)";
+
+// torchvision.ops.sigmoid_focal_loss semantics with an optional per-class weight.
+// Returns (loss, grad): grad already carries the mean's 1/numel. grad_mode as above.
+constexpr const char* kSigmoidFocalSchema =
+    "sigmoid_focal(Tensor inputs, Tensor targets, Tensor? weight, float alpha, float gamma, "
+    "int reduction, int grad_mode) -> (Tensor, Tensor)";
+
+}  // namespace cbfused

@@ -1,0 +1,243 @@
+"""The CUDA kernels' own source, run in the CPU emulation of the CUDA thread model
+(csrc/cuda/emulator.h, built as cbfused._emulated_cuda: every CUDA thread an OS thread,
+__syncthreads and warp shuffles real barriers) against the float64 reference.
+
+This executes the kernels' logic here, without a GPU: warp / block / flat-tile
+dispatch, 128-bit pack splits with scalar heads and tails, the shared-memory row cache,
+the reductions and the device-side asserts. It does not execute nvcc's code or the GPU's
+math library, timing or memory model: tests/test_cuda.py does, where a GPU is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from testing import (
+    CUDA_BUILT,
+    HAS_CUDA,
+    LOSS_TYPES,
+    REDUCTIONS,
+    assert_close_scaled,
+    make_counts,
+    make_inputs,
+)
+
+import cbfused
+from cbfused import reference
+
+emu_ext = pytest.importorskip("cbfused._emulated_cuda", reason="cbfused was built without the CUDA emulation")
+LT = {name: i for i, name in enumerate(LOSS_TYPES)}  # same codes as cbfused._ops
+assert cbfused._ops.LOSS_TYPES == LT
+RED = cbfused._ops.REDUCTIONS
+
+# The same cases run on the emulation everywhere and on the real kernels where a GPU is.
+BACKENDS = ["emulated"] + (["cuda"] if HAS_CUDA and CUDA_BUILT else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def same_layout_on(a: torch.Tensor, device: str) -> torch.Tensor:
+    """A copy of `a` on `device` with the same sizes, strides and storage offset, so a
+    view that starts off a 16-byte boundary on the CPU does so on the GPU too."""
+    span = 1 + sum((n - 1) * st for n, st in zip(a.shape, a.stride(), strict=True)) if a.numel() else 0
+    buf = torch.zeros(a.storage_offset() + span, dtype=a.dtype, device=device)
+    out = buf.as_strided(a.shape, a.stride(), a.storage_offset())
+    out.copy_(a)
+    return out
+
+
+def test_same_layout_on_keeps_offsets_and_strides():
+    a = torch.arange(40.0)[3:].view(37)[1:31].view(5, 6)[:, 1:5]
+    b = same_layout_on(a, "cpu")
+    assert torch.equal(a, b) and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()
+
+
+def run_op(backend, name, *args):
+    """torch.ops.cbfused_emu.<name> on CPU tensors, or torch.ops.cbfused.<name> on the GPU
+    (same strides and offsets); results on the CPU."""
+    if backend == "emulated":
+        return getattr(torch.ops.cbfused_emu, name)(*args)
+    moved = [same_layout_on(a, "cuda") if isinstance(a, torch.Tensor) else a for a in args]
+    return tuple(o.cpu() for o in getattr(torch.ops.cbfused, name)(*moved))
+
+
+def run_cb_loss(
+    x, y, w, loss_type, reduction="mean", gamma=2.0, alpha=None, ignore_index=-100, backend="emulated"
+):
+    """Loss and d(loss.sum())/dx from the CUDA op (emulated, or on the GPU)."""
+    loss, grad, scale = run_op(
+        backend,
+        "cb_loss",
+        x,
+        y,
+        w,
+        LT[loss_type],
+        gamma,
+        -1.0 if alpha is None else alpha,
+        RED[reduction],
+        ignore_index,
+        1,
+    )
+    return loss, (grad.double() * scale.double()).to(x.dtype)
+
+
+def expected(x, y, w, loss_type, reduction="mean", gamma=2.0, alpha=None, ignore_index=-100):
+    xr = x.detach().double().requires_grad_()
+    yr = y if y.dtype == torch.int64 else y.double()
+    ref = reference.class_balanced_loss(
+        xr,
+        yr,
+        w,
+        loss_type=loss_type,
+        gamma=gamma,
+        alpha=alpha,
+        reduction=reduction,
+        ignore_index=ignore_index,
+    )
+    ref.sum().backward()
+    return ref.detach(), xr.grad
+
+
+def check(x, y, w, loss_type, reduction="mean", factor=1.0, backend="emulated", **kw):
+    loss, grad = run_cb_loss(x, y, w, loss_type, reduction, backend=backend, **kw)
+    ref_loss, ref_grad = expected(x, y, w, loss_type, reduction, **kw)
+    ref_loss = ref_loss.to(x.dtype)
+    if torch.isfinite(ref_loss).all():
+        assert_close_scaled(loss, ref_loss, x.dtype, factor)
+    else:  # a float16 sum past 65504: inf, as the reference rounded to float16
+        assert torch.equal(loss, ref_loss)
+    assert_close_scaled(grad, ref_grad.to(x.dtype), x.dtype, factor)
+
+
+# (N, C) per kernel path: flat tiles for sigmoid / focal up to C = 256 (several tiles, a
+# partial last tile, C = 1), warp per row up to C = 1024, block per row above.
+SHAPES = [(37, 10), (70, 80), (300, 1), (9, 257), (5, 1000), (3, 1025), (2, 8142)]
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_matches_reference(loss_type, dtype, shape, kind, backend):
+    n, c = shape
+    if dtype in (torch.float64, torch.float16) and c > 1024:
+        pytest.skip("block-per-row path covered by float32 / bfloat16 (keeps the emulation fast)")
+    x, y = make_inputs(n, c, dtype, kind=kind, loss_type=loss_type, seed=n + c)
+    w = cbfused.class_balanced_weights(make_counts(c, seed=c), 0.999)
+    # every reduction appears across the matrix; 'mean' for each case
+    reduction = REDUCTIONS[(n + c + len(loss_type)) % len(REDUCTIONS)]
+    check(x, y, w, loss_type, reduction, backend=backend)
+    if reduction != "mean":
+        check(x, y, w, loss_type, "mean", backend=backend)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c", [10, 80, 1000, 1500])
+def test_strided_and_misaligned_rows(loss_type, dtype, c, backend):
+    """Rows that do not start on 16-byte boundaries (scalar heads / tails, all-scalar
+    when x and the gradient are misaligned differently) and rows with a stride > C."""
+    n = 11
+    x, y = make_inputs(n, c, dtype, kind="hard", seed=c)
+    w = cbfused.class_balanced_weights(make_counts(c, seed=1), 0.99)
+    buf = torch.empty(n * c + 3, dtype=dtype)
+    shifted = buf[3:].view(n, c)  # base 3 elements past an aligned allocation
+    shifted.copy_(x)
+    wide = torch.zeros(n, c + 5, dtype=dtype)[:, 2 : 2 + c]  # row stride c + 5, offset 2
+    wide.copy_(x)
+    for xx in (shifted, wide):
+        assert xx.data_ptr() % 16 != 0
+        check(xx, y, w, loss_type, "sum", backend=backend)
+    t = make_inputs(n, c, dtype, kind="soft", loss_type=loss_type, seed=c)[1]
+    tbuf = torch.empty(n * c + 1, dtype=dtype)
+    tt = tbuf[1:].view(n, c)
+    tt.copy_(t)
+    check(shifted, tt, w, loss_type, "mean", backend=backend)
+
+
+@pytest.mark.parametrize("loss_type", ["softmax", "softmax_focal"])
+@pytest.mark.parametrize(
+    ("dtype", "c"),
+    [(torch.float64, 8142), (torch.float64, 12000), (torch.float32, 30000)],
+    ids=["f64-8142-cached", "f64-12000-uncached", "f32-30000-uncached"],
+)
+def test_softmax_row_cache_and_fallback(loss_type, dtype, c, backend):
+    """Rows that fit the shared-memory row cache (80 KiB) and rows that do not (the
+    gradient pass then reads the row from global memory again)."""
+    x, y = make_inputs(2, c, dtype, kind="hard", seed=c, ignore_frac=0)
+    w = cbfused.class_balanced_weights(make_counts(c), 0.9999)
+    check(x, y, w, loss_type, "mean", backend=backend)
+    xs, ys = make_inputs(2, c, dtype, kind="soft", loss_type=loss_type, seed=c)
+    check(xs, ys, w, loss_type, "sum", backend=backend)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("c", [10, 1000])
+def test_ignored_rows_alpha_gamma(loss_type, c, backend):
+    x, y = make_inputs(40, c, torch.float32, kind="hard", seed=3, ignore_frac=0.5)
+    w = cbfused.class_balanced_weights(make_counts(c), 0.999)
+    for gamma, alpha in [(0.0, None), (0.5, 0.25), (3.0, 0.75)]:
+        check(
+            x,
+            y,
+            w,
+            loss_type,
+            "weighted_mean",
+            gamma=gamma,
+            alpha=alpha if loss_type in ("sigmoid", "focal") else None,
+            backend=backend,
+        )
+    y_all = torch.full_like(y, -1)
+    loss, grad = run_cb_loss(x, y_all, w, loss_type, "mean", ignore_index=-1, backend=backend)
+    assert loss.item() == 0.0 and not grad.any()  # D = 0: zero, not NaN
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("c", [10, 1000])
+def test_saturated_logits(loss_type, c, backend):
+    x, y = make_inputs(16, c, torch.float32, kind="hard", seed=4, scale=1e4, ignore_frac=0)
+    w = cbfused.class_balanced_weights(make_counts(c), 0.999)
+    check(x, y, w, loss_type, "sum", backend=backend)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("c", [10, 1000])
+def test_device_asserts_emulated(loss_type, c):
+    """Bad targets are caught on the device (no host sync); the emulation reports the
+    failed CUDA_KERNEL_ASSERT as the launch's error. (Not run on a GPU: a device-side
+    assert leaves the CUDA context unusable for the rest of the process.)"""
+    x, y = make_inputs(20, c, torch.float32, kind="hard", seed=5, ignore_frac=0)
+    w = torch.ones(c)
+    bad = y.clone()
+    bad[7] = c
+    with pytest.raises(RuntimeError, match="device-side assertion.*target out of range"):
+        run_cb_loss(x, bad, w, loss_type)
+    bad[7] = -3
+    with pytest.raises(RuntimeError, match="device-side assertion"):
+        run_cb_loss(x, bad, w, loss_type)
+    t = make_inputs(20, c, torch.float32, kind="soft", loss_type=loss_type, seed=5)[1]
+    for v in (1.5, -0.25, float("nan")):
+        tb = t.clone()
+        tb[3, c // 2] = v
+        with pytest.raises(RuntimeError, match="device-side assertion.*float target"):
+            run_cb_loss(x, tb, w, loss_type)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("shape", [(64, 80), (3, 5), (1000,)], ids=str)
+def test_sigmoid_focal_matches_torchvision(reduction, shape, backend):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * 3
+    t = (torch.rand(*shape, generator=g) > 0.9).double()
+    w = torch.rand(shape[-1], generator=g, dtype=torch.float64) + 0.5
+    xr = x.clone().requires_grad_()
+    ref = torchvision.ops.sigmoid_focal_loss(xr, t, alpha=0.25, gamma=2.0, reduction="none") * w
+    ref = {"none": ref, "sum": ref.sum(), "mean": ref.mean()}[reduction]
+    ref.sum().backward()
+    loss, grad = run_op(backend, "sigmoid_focal", x, t, w, 0.25, 2.0, RED[reduction], 1)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, xr.grad, rtol=1e-10, atol=1e-12)
