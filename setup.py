@@ -144,7 +144,7 @@ def emulated_cuda_extension():
     A test facility, not a fast path: every CUDA thread is an OS thread."""
     return cpp_extension.CppExtension(
         "cbfused._emulated_cuda",
-        ["csrc/checks.cpp", *sorted(glob.glob("csrc/emulated/*.cpp"))],
+        sorted(glob.glob("csrc/emulated/*.cpp")),
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": ["-O1", "-pthread"]},
         extra_link_args=["-pthread"],

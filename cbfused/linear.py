@@ -62,7 +62,9 @@ def _accumulate(gw: torch.Tensor | None, gb: torch.Tensor | None, g: torch.Tenso
         if g.dtype == gw.dtype:
             gw.addmm_(g.t(), f)  # no C x H temporary
         else:
-            gw += (g.t() @ f).to(gw.dtype)  # reduced precision: matmul in the input dtype
+            # reduced precision: the matmul in the input dtype (CPU has no bf16 x bf16 -> fp32
+            # addmm); add_ converts while adding, so the C x H temporary exists once, in bf16
+            gw.add_(g.t() @ f)
     if gb is not None:
         gb += g.sum(0, dtype=gb.dtype)
 

@@ -151,3 +151,38 @@ def test_float64_gradient_exact_at_saturated_logits_vs_mpmath(loss_type, gamma):
             g[0, k].item(),
             float(d),
         )
+
+
+def _assert_ulps(got: torch.Tensor, exact: torch.Tensor, ulps: float = 4.0):
+    err = (got.double() - exact).abs()
+    normal = exact.abs() >= torch.finfo(torch.float32).tiny
+    ulp = torch.finfo(torch.float32).eps * exact.abs()
+    assert (err[normal] <= ulps * ulp[normal]).all(), f"max {(err[normal] / ulp[normal]).max():.1f} ulp"
+    assert (err[~normal] <= 2.0**-148).all()  # denormal results: within 2 units of the last place
+
+
+@pytest.mark.parametrize("target", [0.0, 1.0])
+def test_float32_sigmoid_terms_accurate_to_a_few_ulp_over_the_whole_range(target):
+    """Per element, float32 softplus loss and sigmoid gradient against float64 for logits
+    over [-103, 88]: checks the CPU kernel's own exp (denormal results included) and
+    division-free log1p element by element, not only through sums that hide them."""
+    x = torch.linspace(-103.0, 88.0, 40001, dtype=torch.float32)
+    x = torch.cat([x, torch.tensor([-87.3, -87.4, -88.7, -100.0, -1e-3, 0.0, 1e-3, 1e-30, -1e-30])])
+    n = x.shape[0]
+    w = torch.ones(32, dtype=torch.float64)
+    xd = x.double()
+    # float targets; the row weight is sum_c t_c w_c, so a t = 0 element gets a partner
+    # column with t = 1 and logit 200, whose loss and gradient are 0 in float32
+    xa = torch.stack([x, torch.full_like(x, 200.0)], 1)[:, : 1 if target else 2].clone().requires_grad_()
+    t = torch.tensor([target, 1.0]).expand(n, 2)[:, : xa.shape[1]]
+    loss = cbfused.class_balanced_loss(xa, t, weights=w[: xa.shape[1]], loss_type="sigmoid", reduction="none")
+    loss.sum().backward()
+    _assert_ulps(loss.detach(), torch.nn.functional.softplus(xd if target == 0 else -xd))
+    _assert_ulps(xa.grad[:, 0], torch.sigmoid(xd) if target == 0 else -torch.sigmoid(-xd))  # no cancellation
+    # hard targets, the class in another vector block: the kernel's t = 0 path
+    xb = torch.full((n, 32), -5.0)
+    xb[:, 0] = x
+    xb.requires_grad_()
+    y = torch.full((n,), 31)
+    cbfused.class_balanced_loss(xb, y, weights=w, loss_type="sigmoid", reduction="sum").backward()
+    _assert_ulps(xb.grad[:, 0], torch.sigmoid(xd))

@@ -19,6 +19,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define CBF_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Forced: a formula that is not inlined into a vector loop returns its struct through
+// memory and spills every live vector register around the call.
+#define CBF_HD inline __attribute__((always_inline))
 #else
 #define CBF_HD inline
 #endif
@@ -98,13 +102,25 @@ CBF_HD Logistic<T> logistic(T x) {
 // pow_k >= 0 is a shortcut the caller may take when every t is 0 or 1 and gamma is
 // the integer pow_k: then m = (1 - p_t)^gamma = (u sigmoid(x) + t sigmoid(-x))^pow_k,
 // by multiplication instead of a second exp (same value, to rounding).
-template <bool kFocal, bool kGrad, typename T, typename G>
+//
+// kZeroT: the caller knows t = 0 (a one-hot row away from its class): the same formulas
+// with t = 0, u = 1 folded (the compiler may not fold 0 * v itself: inf * 0 is NaN).
+template <bool kZeroT, typename T>
+CBF_HD T convex(T t, T u, T a, T b) {  // t a + u b
+  if constexpr (kZeroT) {
+    return b;
+  } else {
+    return t * a + u * b;
+  }
+}
+
+template <bool kFocal, bool kGrad, bool kZeroT = false, typename T, typename G>
 CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1) {
   using O = MathOps<T>;
   const T u = T(1) - t;
   const Logistic<T> L = logistic(x);
-  const T bce = t * L.sp_neg + u * L.sp_pos;
-  const T d1 = u * L.sig_pos - t * L.sig_neg;  // sigmoid(x) - t
+  const T bce = convex<kZeroT>(t, u, L.sp_neg, L.sp_pos);
+  const T d1 = convex<kZeroT>(t, u, T(0) - L.sig_neg, L.sig_pos);  // sigmoid(x) - t
   if constexpr (!kFocal) {
     loss = bce;
     if constexpr (kGrad) grad = d1;
@@ -112,15 +128,15 @@ CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1) {
     const T g(gamma);
     T m;
     if (pow_k >= 0) {
-      const T base = u * L.sig_pos + t * L.sig_neg;  // 1 - p_t
+      const T base = convex<kZeroT>(t, u, L.sig_neg, L.sig_pos);  // 1 - p_t
       m = T(1);
       for (int k = 0; k < pow_k; ++k) m = m * base;
     } else {
-      m = O::exp(-g * (t * L.sp_pos + u * L.sp_neg));
+      m = O::exp(-g * convex<kZeroT>(t, u, L.sp_pos, L.sp_neg));
     }
     loss = m * bce;
     if constexpr (kGrad) {
-      const T d2 = u * L.sig_neg - t * L.sig_pos;  // 1 - sigmoid(x) - t
+      const T d2 = convex<kZeroT>(t, u, T(0) - L.sig_pos, L.sig_neg);  // 1 - sigmoid(x) - t
       grad = m * (d1 + g * d2 * bce);
     }
   }

@@ -116,7 +116,8 @@ inline bool row_target(const Args<scalar_t>& a, int64_t i, const scalar_t* t, sc
   return true;
 }
 
-// One-hot target vectors for the block [j, j + kStep) of a row with class y.
+// One-hot target vectors for the block [j, j + kStep) of a row with class y: a lane
+// compare, no memory round trip.
 template <typename IO>
 inline void one_hot_block(int64_t y, int64_t j, typename IO::V* tv) {
   using V = typename IO::V;
@@ -125,9 +126,10 @@ inline void one_hot_block(int64_t y, int64_t j, typename IO::V* tv) {
     for (int v = 0; v < IO::kVecs; ++v) tv[v] = V(0);
     return;
   }
-  alignas(64) acc_t buf[IO::kStep] = {};
-  buf[y - j] = acc_t(1);
-  for (int v = 0; v < IO::kVecs; ++v) tv[v] = V::loadu(buf + v * IO::kLanes);
+  const V lane = V::arange(acc_t(0), acc_t(1));
+  for (int v = 0; v < IO::kVecs; ++v) {
+    tv[v] = V(acc_t(1)) & (lane == V(static_cast<acc_t>(y - j - v * IO::kLanes)));
+  }
 }
 
 // Sigmoid cross-entropy and the paper's sigmoid focal loss, one row:
@@ -150,7 +152,10 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
   const int pow_k = kHard ? a.gamma_int : -1;
   const V sv(s * a.grad_prescale);
   V lacc(0);
-  for (int64_t j = 0; j < C; j += IO::kStep) {
+  // One block of kStep elements; kZeroT: a hard-target block without the row's class
+  // (every t is 0), where binary_term folds t away.
+  auto block = [&](auto zero_t, int64_t j) {
+    constexpr bool kZeroT = decltype(zero_t)::value;
     const int64_t n = std::min(IO::kStep, C - j);
     V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
     IO::load(x + j, n, xv);
@@ -161,7 +166,7 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
     }
     for (int v = 0; v < IO::kVecs; ++v) {
       V lv, dv;
-      binary_term<kFocal, kGrad>(xv[v], tv[v], a.gamma, lv, dv, pow_k);
+      binary_term<kFocal, kGrad, kZeroT>(xv[v], tv[v], a.gamma, lv, dv, pow_k);
       if (has_alpha) {
         const V at = alpha_t(tv[v], a.alpha);
         lv = lv * at;
@@ -171,6 +176,13 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
       if constexpr (kGrad) gv[v] = dv * sv;
     }
     if constexpr (kGrad) IO::store(g + j, n, gv);
+  };
+  for (int64_t j = 0; j < C; j += IO::kStep) {
+    if (kHard && (y < j || y >= j + IO::kStep)) {
+      block(std::true_type{}, j);
+    } else {
+      block(std::false_type{}, j);
+    }
   }
   out.loss = s * IO::hsum(lacc);
   return out;
@@ -231,7 +243,7 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
     IO::load(x + j, n, xv);
     if constexpr (!kHard && !kFocal) IO::load(t + j, n, tv);
     for (int v = 0; v < IO::kVecs; ++v) {
-      e[v] = (xv[v] - mxv).exp();
+      e[v] = MathOps<V>::exp(xv[v] - mxv);
       const int64_t nv = IO::lanes(n, v);
       if (nv == 0) break;
       ev = ev + IO::keep(e[v], nv, acc_t(0));
@@ -299,7 +311,7 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
       if constexpr (!kHard) IO::load(t + j, n, tv);
       for (int v = 0; v < IO::kVecs; ++v) {
         // p_k = exp(x_k - max) / sum = exp(x_k - lse)
-        V gk = kParkExp ? cpe * gv[v] : cpv * (xv[v] - lsev).exp();
+        V gk = kParkExp ? cpe * gv[v] : cpv * MathOps<V>::exp(xv[v] - lsev);
         if constexpr (!kHard) {
           if constexpr (kFocal) {
             gk = gk - sv * tv[v] * softmax_focal<true>(xv[v] - lsev, a.gamma).G;
