@@ -227,17 +227,22 @@ def test_device_asserts_emulated(loss_type, c):
             run_cb_loss(x, tb, w, loss_type)
 
 
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("shape", [(64, 80), (3, 5), (1000,)], ids=str)
-def test_sigmoid_focal_matches_torchvision(reduction, shape, backend):
+def test_sigmoid_focal_matches_torchvision(reduction, shape, dtype, offset, backend):
+    """The torchvision-semantics focal op: packs over the flattened input, scalar head /
+    tail, and the all-scalar walk when the inputs start off the outputs' alignment."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(*shape, generator=g, dtype=torch.float64) * 3
-    t = (torch.rand(*shape, generator=g) > 0.9).double()
+    n = torch.Size(shape).numel()
+    x = (torch.randn(n + offset, generator=g, dtype=torch.float64) * 3).to(dtype)[offset:].view(shape)
+    t = (torch.rand(n + offset, generator=g) > 0.9).to(dtype)[offset:].view(shape)
     w = torch.rand(shape[-1], generator=g, dtype=torch.float64) + 0.5
-    xr = x.clone().requires_grad_()
-    ref = torchvision.ops.sigmoid_focal_loss(xr, t, alpha=0.25, gamma=2.0, reduction="none") * w
+    xr = x.double().requires_grad_()
+    ref = torchvision.ops.sigmoid_focal_loss(xr, t.double(), alpha=0.25, gamma=2.0, reduction="none") * w
     ref = {"none": ref, "sum": ref.sum(), "mean": ref.mean()}[reduction]
     ref.sum().backward()
     loss, grad = run_op(backend, "sigmoid_focal", x, t, w, 0.25, 2.0, RED[reduction], 1)
-    torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(grad, xr.grad, rtol=1e-10, atol=1e-12)
+    assert_close_scaled(loss, ref.detach().to(dtype), dtype)
+    assert_close_scaled(grad, xr.grad.to(dtype), dtype)

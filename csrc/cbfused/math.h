@@ -47,6 +47,8 @@ struct ScalarMathOps {
   // log1p for x in [0, 1] (the CPU vector version exploits the narrow domain).
   static CBF_HD T log1p_unit(T x) { return log1p(x); }
   static CBF_HD T abs(T x) { return ::fabs(x); }
+  // 1 / x for x in [1, 2] (the CPU vector version may use a hardware estimate + Newton).
+  static CBF_HD T recip_1_2(T x) { return T(1) / x; }
   static CBF_HD T max(T a, T b) { return a > b ? a : b; }
   static CBF_HD Mask ge(T a, T b) { return a >= b; }
   static CBF_HD Mask gt(T a, T b) { return a > b; }
@@ -82,7 +84,7 @@ CBF_HD Logistic<T> logistic(T x) {
   const T zero(0), one(1);
   const T e = O::exp(-O::abs(x));  // in (0, 1]
   const T l = O::log1p_unit(e);
-  const T r = one / (one + e);
+  const T r = O::recip_1_2(one + e);
   const T er = e * r;
   const auto pos = O::ge(x, zero);
   Logistic<T> out;

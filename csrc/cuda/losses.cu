@@ -62,27 +62,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cuda(const at::Tensor& lo
 
 constexpr int64_t kMaxFocalBlocks = 1024;  // fixed: the reduction order does not depend on the GPU
 
-// torchvision.ops.sigmoid_focal_loss semantics, elementwise over the flattened input.
+// torchvision.ops.sigmoid_focal_loss semantics, elementwise over the flattened input
+// (grid-stride, 128-bit packs where x, t and the outputs share their alignment).
 template <typename scalar_t>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, 2)
     focal_elementwise_kernel(const scalar_t* x, const scalar_t* t, const at::opmath_type<scalar_t>* w,
-                             int64_t K, int64_t numel, at::opmath_type<scalar_t> gamma,
+                             int64_t classes, int64_t numel, at::opmath_type<scalar_t> gamma,
                              at::opmath_type<scalar_t> alpha, at::opmath_type<scalar_t> grad_scale,
                              scalar_t* loss_out, scalar_t* grad, at::opmath_type<scalar_t>* block_part) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t smem[kBlock / kWarp];
   acc_t part = 0;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kBlock;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x; i < numel; i += stride) {
-    const acc_t xc = static_cast<acc_t>(x[i]), tc = static_cast<acc_t>(t[i]);
-    acc_t l, d;
-    torchvision_focal_term<true>(xc, tc, gamma, l, d);
-    const acc_t scale = alpha_t(tc, alpha) * (w ? w[i % K] : acc_t(1));
-    l *= scale;
-    if (loss_out) loss_out[i] = static_cast<scalar_t>(l);
-    if (grad) grad[i] = static_cast<scalar_t>(d * scale * grad_scale);
-    part += l;
-  }
+  const Split sp = split_span<scalar_t>(numel, x, t, loss_out, grad);
+  const int64_t threads = static_cast<int64_t>(gridDim.x) * kBlock;
+  const int64_t lane = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x;
+  for_each_group_strided<scalar_t>(sp, numel, lane, threads, [&](auto width, int64_t i) {
+    constexpr int K = decltype(width)::value;
+    acc_t xv[K], tv[K], lv[K], gv[K];
+    load<K>(x + i, xv);
+    load<K>(t + i, tv);
+    int64_t c = w ? i % classes : 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      acc_t l, d;
+      torchvision_focal_term<true>(xv[k], tv[k], gamma, l, d);
+      acc_t scale = alpha_t(tv[k], alpha);
+      if (w) {
+        scale *= w[c];
+        c = c + 1 == classes ? 0 : c + 1;
+      }
+      lv[k] = l * scale;
+      gv[k] = d * scale * grad_scale;
+      part += lv[k];
+    }
+    if (loss_out) store<K>(loss_out + i, lv);
+    if (grad) store<K>(grad + i, gv);
+  });
   part = RowReduce<kBlock>::sum(part, smem);
   if (threadIdx.x == 0) block_part[blockIdx.x] = part;
 }

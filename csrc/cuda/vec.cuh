@@ -72,23 +72,32 @@ struct Split {
 
 template <typename T>
 __device__ __forceinline__ Split split_span(int64_t n, const void* p0, const void* p1 = nullptr,
-                                            const void* p2 = nullptr) {
+                                            const void* p2 = nullptr, const void* p3 = nullptr) {
   const unsigned m = misalignment(p0);
-  if ((p1 && misalignment(p1) != m) || (p2 && misalignment(p2) != m)) return {n, 0};
+  if ((p1 && misalignment(p1) != m) || (p2 && misalignment(p2) != m) || (p3 && misalignment(p3) != m)) {
+    return {n, 0};
+  }
   const int64_t head = m == 0 ? 0 : static_cast<int64_t>((16 - m) / sizeof(T));
   if (head >= n) return {n, 0};
   return {head, (n - head) / kVec<T>};
 }
 
-// Calls f(Width<K>{}, c) for the groups of a span split by `sp`, spread over kThreads
+// Calls f(Width<K>{}, c) for the groups of a span split by `sp`, spread over `threads`
 // threads (`lane` is this thread's index among them): f handles elements c .. c + K - 1,
 // with K = kVec<T> for a pack and 1 for a head or tail element.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_group_strided(const Split& sp, int64_t n, int64_t lane,
+                                                       int64_t threads, F&& f) {
+  constexpr int V = kVec<T>;
+  for (int64_t c = lane; c < sp.head; c += threads) f(Width<1>{}, c);
+  for (int64_t i = lane; i < sp.nvec; i += threads) f(Width<V>{}, sp.head + i * V);
+  for (int64_t c = sp.head + sp.nvec * V + lane; c < n; c += threads) f(Width<1>{}, c);
+}
+
+// The same over the kThreads threads of a row (a warp or a block).
 template <int kThreads, typename T, typename F>
 __device__ __forceinline__ void for_each_group(const Split& sp, int64_t n, int lane, F&& f) {
-  constexpr int V = kVec<T>;
-  for (int64_t c = lane; c < sp.head; c += kThreads) f(Width<1>{}, c);
-  for (int64_t i = lane; i < sp.nvec; i += kThreads) f(Width<V>{}, sp.head + i * V);
-  for (int64_t c = sp.head + sp.nvec * V + lane; c < n; c += kThreads) f(Width<1>{}, c);
+  for_each_group_strided<T>(sp, n, lane, kThreads, f);
 }
 
 }  // namespace cuda
