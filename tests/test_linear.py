@@ -83,6 +83,8 @@ def test_module_and_chunking():
     loss.backward()
     assert m.weight.grad is not None and f.grad is not None
     assert cbfused.auto_chunk_rows(4096, 2048, 8142) == 264
+    assert cbfused.auto_chunk_rows(4096, 2048, 8142, torch.bfloat16) == 520  # same 8 MiB
+    assert cbfused.auto_chunk_rows(4096, 2048, 8142, torch.float64) == 128
     assert cbfused.auto_chunk_rows(10, 64, 8142) == 10
     assert cbfused.auto_chunk_rows(0, 64, 10) == 1
 
