@@ -26,21 +26,25 @@ from .weights import CountsLike, check_beta, class_balanced_weights
 __all__ = ["linear_class_balanced_loss", "ClassBalancedLinearLoss", "auto_chunk_rows"]
 
 _SUM = _ops.REDUCTIONS["sum"]
-# Target size of one chunk's logits: 8 MiB (2^21 float32 / 2^22 bfloat16 elements), plus
-# its gradient. Reduced-precision chunks have twice the rows: their grad_weight product
-# (no bf16 x bf16 -> fp32 matmul on the CPU) is a C x H temporary per chunk, and 2x the
-# rows per temporary measured 614 vs 708 ms at 4096 x 2048 x 8142 bf16 (unfused 565 ms).
+# Chunk size: at least 8 MiB of logits (2^21 float32 / 2^22 bfloat16 elements) and at least
+# _MIN_CHUNK_ROWS rows. Every chunk streams the C x H float32 grad_weight accumulator once
+# (and, for bf16 on the CPU, a bf16 C x H product: torch has no bf16 x bf16 -> fp32 matmul
+# there), so a chunk needs enough rows to amortise it. Measured fwd+bwd, one run each:
+#   8192 x 1024 x 32000 float32: 72 rows 10723 ms, 256 rows 9499, 512 rows 8847 (unfused 8725)
+#   8192 x 1024 x 32000 bf16:   136 rows 3219 ms, 512 rows 2524, 1024 rows 2434 (unfused 2281)
+#   4096 x 2048 x 8142 bf16:    264 rows 708 ms, 512 rows 614, 1024 rows 595 (unfused 565)
+# 512 rows of 32000 float32 logits are 65 MiB, 3% of the unfused path's 2 GiB.
 _CHUNK_BYTES = 8 << 20
+_MIN_CHUNK_ROWS = 512
 
 
 def auto_chunk_rows(n: int, h: int, c: int, dtype: torch.dtype = torch.float32) -> int:
-    """Rows per chunk: about 8 MiB of logits per chunk (2^21 float32, 2^22 bfloat16 / float16
-    elements; never fewer than 1 row or more than N), rounded up to a multiple of 8 rows
-    for the matmuls."""
+    """Rows per chunk: enough for 8 MiB of logits and at least 512 rows (never more than N),
+    rounded up to a multiple of 8 rows for the matmuls."""
     if n == 0:
         return 1
     elems = _CHUNK_BYTES // max(torch.empty((), dtype=dtype).element_size(), 2)
-    rows = max(1, elems // max(c, 1))
+    rows = max(_MIN_CHUNK_ROWS, elems // max(c, 1))
     rows = int(math.ceil(rows / 8) * 8)
     return max(1, min(n, rows))
 

@@ -82,9 +82,11 @@ def test_module_and_chunking():
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     loss.backward()
     assert m.weight.grad is not None and f.grad is not None
-    assert cbfused.auto_chunk_rows(4096, 2048, 8142) == 264
-    assert cbfused.auto_chunk_rows(4096, 2048, 8142, torch.bfloat16) == 520  # same 8 MiB
-    assert cbfused.auto_chunk_rows(4096, 2048, 8142, torch.float64) == 128
+    assert cbfused.auto_chunk_rows(4096, 2048, 8142) == 512  # the row minimum
+    assert cbfused.auto_chunk_rows(4096, 2048, 8142, torch.bfloat16) == 520  # 8 MiB of logits
+    assert cbfused.auto_chunk_rows(8192, 1024, 32000) == 512
+    assert cbfused.auto_chunk_rows(65536, 512, 100) == 20976  # 8 MiB of float32 logits
+    assert cbfused.auto_chunk_rows(65536, 512, 100, torch.float64) == 10488
     assert cbfused.auto_chunk_rows(10, 64, 8142) == 10
     assert cbfused.auto_chunk_rows(0, 64, 10) == 1
 
