@@ -43,7 +43,7 @@ def auto_chunk_rows(n: int, h: int, c: int, dtype: torch.dtype = torch.float32) 
     rounded up to a multiple of 8 rows for the matmuls."""
     if n == 0:
         return 1
-    elems = _CHUNK_BYTES // max(torch.empty((), dtype=dtype).element_size(), 2)
+    elems = _CHUNK_BYTES // max(dtype.itemsize, 2)
     rows = max(_MIN_CHUNK_ROWS, elems // max(c, 1))
     rows = int(math.ceil(rows / 8) * 8)
     return max(1, min(n, rows))

@@ -380,6 +380,16 @@ def update_readme(readme: str, table: str, grid_name: str, cmd: str = "") -> Non
         f.write(text)
 
 
+def _finish_plot(fig, ax, path: str) -> None:
+    """Legend, layout, save, close: the end of every figure of the example."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot(per_class, rows, best, imbalances, families, seeds, n_max, out_dir) -> None:
     try:
         import matplotlib
@@ -399,10 +409,7 @@ def plot(per_class, rows, best, imbalances, families, seeds, n_max, out_dir) -> 
     ax.set_xlabel(f"training samples of the class (IF {top})")
     ax.set_ylabel("test accuracy of the class (%)")
     ax.set_title("Per-class accuracy by class size (MNIST-1D, long-tailed)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "per_class.png"), dpi=110)
-    plt.close(fig)
+    _finish_plot(fig, ax, os.path.join(out_dir, "per_class.png"))
     # the paper's Figure 3: class-balanced weight 1/E(n) as a function of n, several beta
     n = np.arange(1, 10001)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -415,10 +422,7 @@ def plot(per_class, rows, best, imbalances, families, seeds, n_max, out_dir) -> 
     ax.set_xlabel("number of samples n")
     ax.set_ylabel("class-balanced weight 1/E(n) (unnormalised)")
     ax.set_title("Class-balanced weight vs n (cf. the paper's Figure 3)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "weights.png"), dpi=110)
-    plt.close(fig)
+    _finish_plot(fig, ax, os.path.join(out_dir, "weights.png"))
 
 
 if __name__ == "__main__":

@@ -116,13 +116,22 @@ CBF_HD T convex(T t, T u, T a, T b) {  // t a + u b
   }
 }
 
+template <bool kZeroT, typename T>
+CBF_HD T convex_diff(T t, T u, T a, T b) {  // u b - t a
+  if constexpr (kZeroT) {
+    return b;
+  } else {
+    return u * b - t * a;
+  }
+}
+
 template <bool kFocal, bool kGrad, bool kZeroT = false, typename T, typename G>
 CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1) {
   using O = MathOps<T>;
   const T u = T(1) - t;
   const Logistic<T> L = logistic(x);
   const T bce = convex<kZeroT>(t, u, L.sp_neg, L.sp_pos);
-  const T d1 = convex<kZeroT>(t, u, T(0) - L.sig_neg, L.sig_pos);  // sigmoid(x) - t
+  const T d1 = convex_diff<kZeroT>(t, u, L.sig_neg, L.sig_pos);  // sigmoid(x) - t
   if constexpr (!kFocal) {
     loss = bce;
     if constexpr (kGrad) grad = d1;
@@ -138,7 +147,7 @@ CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1) {
     }
     loss = m * bce;
     if constexpr (kGrad) {
-      const T d2 = convex<kZeroT>(t, u, T(0) - L.sig_pos, L.sig_neg);  // 1 - sigmoid(x) - t
+      const T d2 = convex_diff<kZeroT>(t, u, L.sig_pos, L.sig_neg);  // 1 - sigmoid(x) - t
       grad = m * (d1 + g * d2 * bce);
     }
   }
