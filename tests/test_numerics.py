@@ -87,14 +87,20 @@ def test_reduced_precision_accumulates_in_float32(device, dtype):
         assert_close_scaled(ours, ref, dtype)
 
 
-def test_nan_logits_propagate(device):
-    x = torch.randn(4, 5, device=device)
-    x[1, 2] = float("nan")
+# C = 200: a NaN in the row's unrolled blocks (0, 100), in its last whole block and in its
+# partial tail (199); the CPU's max pass uses the hardware max, which may drop it.
+@pytest.mark.parametrize("C,col", [(5, 2), (200, 0), (200, 100), (200, 190), (200, 199)])
+def test_nan_logits_propagate(device, C, col):
+    x = torch.randn(4, C, device=device)
+    x[1, col] = float("nan")
     y = torch.tensor([0, 1, 2, 3], device=device)
-    w = torch.ones(5, device=device)
+    w = torch.ones(C, device=device)
     for loss_type in LOSS_TYPES:
-        per = cbfused.class_balanced_loss(x, y, weights=w, loss_type=loss_type, reduction="none")
-        assert torch.isnan(per[1]) and torch.isfinite(per[[0, 2, 3]]).all()
+        xg = x.clone().requires_grad_()
+        per = cbfused.class_balanced_loss(xg, y, weights=w, loss_type=loss_type, reduction="none")
+        assert torch.isnan(per[1]) and torch.isfinite(per[[0, 2, 3]]).all(), loss_type
+        per.sum().backward()
+        assert torch.isnan(xg.grad[1]).any() and torch.isfinite(xg.grad[[0, 2, 3]]).all(), loss_type
         assert torch.isnan(cbfused.class_balanced_loss(x, y, weights=w, loss_type=loss_type))
 
 

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "cbfused/checks.h"
@@ -188,6 +189,21 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
   return out;
 }
 
+// Runs body(j, n, u) over the blocks of a row of C elements: the whole blocks U at a time
+// with u = 0 .. U-1 as compile-time constants (so a reduction can keep U independent
+// accumulators in registers: one chain would be bound by its add / max latency), then the
+// rest one block at a time with u = 0. n is the block's length, kStep but at the tail.
+template <typename IO, int U, typename Body>
+inline void row_blocks(int64_t C, const Body& body) {
+  int64_t j = 0;
+  for (; j + U * IO::kStep <= C; j += U * IO::kStep) {
+    [&]<int... u>(std::integer_sequence<int, u...>) {
+      (body(j + u * IO::kStep, IO::kStep, std::integral_constant<int, u>{}), ...);
+    }(std::make_integer_sequence<int, U>{});
+  }
+  for (; j < C; j += IO::kStep) body(j, std::min(IO::kStep, C - j), std::integral_constant<int, 0>{});
+}
+
 // Softmax cross-entropy and softmax focal loss, one row:
 //   hard:  l = s * (1 - p_y)^gamma * (-log p_y),  grad_k = s * G * (p_k - [k == y])
 //   float: l = s * sum_c t_c (1 - p_c)^gamma (-log p_c),
@@ -206,20 +222,23 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
   int64_t y = -1;
   if (!row_target<scalar_t, kHard, kGrad>(a, i, t, g, y, s, T, out)) return out;
 
-  // Pass 1: the row's max (padding lanes hold -inf).
+  // Pass 1: the row's max (padding lanes hold -inf). The hardware max may drop a NaN
+  // logit here; pass 2 takes it into the sum all the same.
+  constexpr int kU = 4 / IO::kVecs;  // independent accumulators
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  V mv(kNegInf);
-  for (int64_t j = 0; j < C; j += IO::kStep) {
-    const int64_t n = std::min(IO::kStep, C - j);
+  V mv[kU];
+  for (auto& m : mv) m = V(kNegInf);
+  row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) {
     V xv[IO::kVecs];
     IO::load(x + j, n, xv);
     for (int v = 0; v < IO::kVecs; ++v) {
       const int64_t nv = IO::lanes(n, v);
       if (nv == 0) break;
-      mv = at::vec::maximum(mv, IO::keep(xv[v], nv, kNegInf));
+      mv[u] = hw_max(mv[u], IO::keep(xv[v], nv, kNegInf));
     }
-  }
-  const acc_t mx = IO::hmax(mv);
+  });
+  for (int u = 1; u < kU; ++u) mv[0] = hw_max(mv[0], mv[u]);
+  const acc_t mx = IO::hmax(mv[0]);
   const V mxv(mx);
 
   // Pass 2: sum of exp(x - max) (and, for float-target cross-entropy, sum t x). The exps
@@ -236,9 +255,9 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
       park = reinterpret_cast<acc_t*>(g);
     }
   }
-  V ev(0), txv(0);
-  for (int64_t j = 0; j < C; j += IO::kStep) {
-    const int64_t n = std::min(IO::kStep, C - j);
+  V ev[kU], txv[kU];
+  for (int u = 0; u < kU; ++u) ev[u] = txv[u] = V(0);
+  row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) {
     V xv[IO::kVecs], tv[IO::kVecs], e[IO::kVecs];
     IO::load(x + j, n, xv);
     if constexpr (!kHard && !kFocal) IO::load(t + j, n, tv);
@@ -246,8 +265,8 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
       e[v] = MathOps<V>::exp(xv[v] - mxv);
       const int64_t nv = IO::lanes(n, v);
       if (nv == 0) break;
-      ev = ev + IO::keep(e[v], nv, acc_t(0));
-      if constexpr (!kHard && !kFocal) txv = at::vec::fmadd(tv[v], xv[v], txv);
+      ev[u] = ev[u] + IO::keep(e[v], nv, acc_t(0));
+      if constexpr (!kHard && !kFocal) txv[u] = at::vec::fmadd(tv[v], xv[v], txv[u]);
     }
     if constexpr (kParkExp) {
       for (int v = 0; v < IO::kVecs; ++v) {
@@ -255,8 +274,12 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
         if (nv > 0) e[v].store(park + j + v * IO::kLanes, nv);
       }
     }
+  });
+  for (int u = 1; u < kU; ++u) {
+    ev[0] = ev[0] + ev[u];
+    txv[0] = txv[0] + txv[u];
   }
-  const acc_t sum_exp = IO::hsum(ev);
+  const acc_t sum_exp = IO::hsum(ev[0]);
   const acc_t lse = mx + std::log(sum_exp);
   const V lsev(lse);
 
@@ -272,7 +295,7 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
     cy = -cp * -std::expm1(logp);
   } else if constexpr (!kFocal) {
     // sum_c t_c (lse - x_c) = T lse - sum t x.
-    out.loss = s * (T * lse - IO::hsum(txv));
+    out.loss = s * (T * lse - IO::hsum(txv[0]));
     cp = s * T;
   } else {
     // Pass 3 (float-target focal): sum_c t_c * focal loss, sum_c t_c G_c.
@@ -298,8 +321,7 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
     cp *= a.grad_prescale;  // the mean's 1/D when known up front
     cy *= a.grad_prescale;
     const V cpv(cp), sv(s * a.grad_prescale), cpe(cp / sum_exp);
-    for (int64_t j = 0; j < C; j += IO::kStep) {
-      const int64_t n = std::min(IO::kStep, C - j);
+    row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
       V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
       if constexpr (kParkExp) {
         for (int v = 0; v < IO::kVecs; ++v) {  // exp(x - max)
@@ -322,7 +344,7 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
         gv[v] = gk;
       }
       IO::store(g + j, n, gv);
-    }
+    });
     if constexpr (kHard) g[y] = static_cast<scalar_t>(cy);
   }
   return out;

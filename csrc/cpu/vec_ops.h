@@ -14,6 +14,33 @@
 
 namespace cbfused {
 
+// The hardware max / min, one instruction: (a > b ? a : b) / (a < b ? a : b), so where
+// either is NaN the result is b. Callers put the operand whose NaN must survive second,
+// or do not need it to (a NaN reaches their result another way); at::vec::maximum /
+// minimum propagate a NaN from either side at three instructions.
+template <typename A>
+inline at::vec::Vectorized<A> hw_max(const at::vec::Vectorized<A>& a, const at::vec::Vectorized<A>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) return _mm512_max_ps(a, b);
+  if constexpr (std::is_same_v<A, double>) return _mm512_max_pd(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) return _mm256_max_ps(a, b);
+  if constexpr (std::is_same_v<A, double>) return _mm256_max_pd(a, b);
+#endif
+  return at::vec::Vectorized<A>::blendv(b, a, a > b);
+}
+template <typename A>
+inline at::vec::Vectorized<A> hw_min(const at::vec::Vectorized<A>& a, const at::vec::Vectorized<A>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) return _mm512_min_ps(a, b);
+  if constexpr (std::is_same_v<A, double>) return _mm512_min_pd(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) return _mm256_min_ps(a, b);
+  if constexpr (std::is_same_v<A, double>) return _mm256_min_pd(a, b);
+#endif
+  return at::vec::Vectorized<A>::blendv(b, a, a < b);
+}
+
 template <typename A>
 struct VecMathOps {
   using V = at::vec::Vectorized<A>;
@@ -36,8 +63,8 @@ struct VecMathOps {
   }
   static V abs(const V& x) { return x.abs(); }
   static V recip_1_2(const V& x) { return V(A(1)) / x; }
-  // Plain max: a NaN logit still reaches the result through log1p(exp(-|x|)).
-  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  // The hardware max: a NaN logit still reaches the result through log1p(exp(-|x|)).
+  static V max(const V& a, const V& b) { return hw_max(a, b); }
   static Mask ge(const V& a, const V& b) { return a >= b; }
   static Mask gt(const V& a, const V& b) { return a > b; }
   static V select(const Mask& m, const V& if_true, const V& if_false) {
@@ -57,7 +84,7 @@ template <>
 struct MathOps<at::vec::Vectorized<float>> : VecMathOps<float> {
   static V exp(const V& x) {
     using I = at::vec::Vectorized<int32_t>;
-    const V xc = at::vec::minimum(at::vec::maximum(x, V(-104.0f)), V(88.8f));
+    const V xc = hw_min(V(88.8f), hw_max(V(-104.0f), x));  // x second: NaN stays NaN
     const V n = (xc * V(1.44269504088896341f)).round();
     V r = at::vec::fmadd(n, V(-0.693359375f), xc);
     r = at::vec::fmadd(n, V(2.12194440e-4f), r);
