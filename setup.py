@@ -5,7 +5,7 @@ Switches (environment variables):
   FORCE_CUDA=1              build the CUDA kernels even where no GPU is visible (fails
                             without nvcc / a CUDA build of torch).
   TORCH_CUDA_ARCH_LIST      CUDA architectures; default below when unset.
-  CBFUSED_CPU_CAPABILITY    DEFAULT | AVX2 | AVX512: the x86 vector ISA of the CPU
+  CBFUSED_CPU_CAPABILITY    DEFAULT | AVX2 | AVX512 | AVX512_BF16: the x86 vector ISA of the CPU
                             kernels; default: the best the build machine has. The built
                             module refuses to import on a CPU without that ISA.
 """
@@ -45,11 +45,16 @@ CPU_FLAGS = {
         "-DCPU_CAPABILITY_AVX512",
     ],
 }
+# AVX512 plus AVX512-BF16's one-instruction float -> bfloat16 conversion for bfloat16 outputs
+# (the vector code is otherwise AVX512's: at::vec's CPU_CAPABILITY namespace is AVX512).
+CPU_FLAGS["AVX512_BF16"] = [*CPU_FLAGS["AVX512"], "-mavx512bf16"]
+ATEN_CAPABILITY = {"DEFAULT": "DEFAULT", "AVX2": "AVX2", "AVX512": "AVX512", "AVX512_BF16": "AVX512"}
 CPU_NEEDS = {
     "DEFAULT": set(),
     "AVX2": {"avx2", "fma", "f16c"},
     "AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
 }
+CPU_NEEDS["AVX512_BF16"] = CPU_NEEDS["AVX512"] | {"avx512_bf16"}
 
 
 def _cpu_flags_present() -> set[str]:
@@ -72,7 +77,7 @@ def cpu_capability() -> str:
     if platform.machine() not in ("x86_64", "AMD64"):
         return "DEFAULT"
     have = _cpu_flags_present()
-    for cap in ("AVX512", "AVX2"):
+    for cap in ("AVX512_BF16", "AVX512", "AVX2"):
         if CPU_NEEDS[cap] <= have:
             return cap
     return "DEFAULT"
@@ -99,7 +104,7 @@ def extensions():
         "-O3",
         "-fno-math-errno",
         "-fopenmp",
-        f"-DCPU_CAPABILITY={cap}",
+        f"-DCPU_CAPABILITY={ATEN_CAPABILITY[cap]}",
         f'-DCBFUSED_CPU_CAPABILITY_NAME="{cap}"',
     ]
     cxx += CPU_FLAGS[cap]

@@ -20,6 +20,7 @@ _ISA_NEEDS = {
     "DEFAULT": set(),
     "AVX2": {"avx2", "fma", "f16c"},
     "AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
+    "AVX512_BF16": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx512_bf16"},
 }
 
 
@@ -36,13 +37,16 @@ def _check_cpu() -> None:
         flags = None
     if flags is None:  # no /proc/cpuinfo: ask torch what it dispatches to
         have = torch.backends.cpu.get_cpu_capability()
-        ok = have.startswith("AVX512") or (built == "AVX2" and have == "AVX2")
+        # torch does not say whether the CPU has AVX512-BF16: that build is refused here
+        ok = (built == "AVX512" and have.startswith("AVX512")) or (
+            built == "AVX2" and have in ("AVX2", "AVX512")
+        )
     else:
         ok = _ISA_NEEDS[built] <= flags
     if not ok:
         raise ImportError(
             f"cbfused was built for {built} CPUs but this CPU lacks it; rebuild here with "
-            "CBFUSED_CPU_CAPABILITY=DEFAULT (or AVX2) pip install --no-build-isolation ."
+            "CBFUSED_CPU_CAPABILITY=DEFAULT (or AVX2 / AVX512) pip install --no-build-isolation ."
         )
 
 

@@ -80,4 +80,4 @@ def test_init_sigmoid_bias_and_param_groups():
 def test_public_api_names():
     for name in cbfused.__all__:
         assert hasattr(cbfused, name), name
-    assert cbfused.BUILD_INFO["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512")
+    assert cbfused.BUILD_INFO["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "AVX512_BF16")

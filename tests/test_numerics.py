@@ -192,3 +192,31 @@ def test_float32_sigmoid_terms_accurate_to_a_few_ulp_over_the_whole_range(target
     y = torch.full((n,), 31)
     cbfused.class_balanced_loss(xb, y, weights=w, loss_type="sigmoid", reduction="sum").backward()
     _assert_ulps(xb.grad[:, 0], torch.sigmoid(xd))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "focal", "softmax"])
+def test_bfloat16_gradients_round_like_torch_denormals_and_nan_included(loss_type):
+    """bfloat16 gradients are the float32 gradient rounded to nearest even, as torch's own
+    conversion does: denormal bfloat16 results are kept, not flushed to zero (the AVX512-BF16
+    conversion flushes them; a pack with a denormal lane is converted the integer way), and a
+    NaN logit gives NaN where it should. Each row mixes denormal, normal and (row 1) NaN lanes
+    in the same 32-element pack."""
+    C = 40  # a whole pack of 32 and a tail of 8
+    x = torch.linspace(-96.0, 4.0, C).repeat(3, 1)
+    x[2] = torch.linspace(-90.0, -86.0, C)  # every gradient lane near the float32 normal limit
+    x[1, 5] = float("nan")
+    x = x.to(torch.bfloat16)
+    y = torch.tensor([C - 1, C - 1, C - 1])
+    w = torch.ones(C)
+    xg = x.clone().requires_grad_()
+    cbfused.class_balanced_loss(xg, y, weights=w, loss_type=loss_type, gamma=0.0, reduction="sum").backward()
+    # the float32 kernel's gradient, rounded by torch (round to nearest even, denormals kept)
+    xf = x.float().requires_grad_()
+    cbfused.class_balanced_loss(xf, y, weights=w, loss_type=loss_type, gamma=0.0, reduction="sum").backward()
+    want = xf.grad.to(torch.bfloat16)
+    finite = torch.isfinite(want)
+    assert torch.equal(xg.grad[finite], want[finite])
+    assert torch.equal(torch.isnan(xg.grad), torch.isnan(want))
+    tiny = finite & (want != 0) & (want.abs() < torch.finfo(torch.bfloat16).tiny)
+    if loss_type != "softmax":  # sigmoid(-90) ~ 8e-40: bfloat16 denormals
+        assert tiny.sum() >= 10, tiny.sum()

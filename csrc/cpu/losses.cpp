@@ -35,6 +35,10 @@ scalar_t cast_saturating(double v) {
   return static_cast<scalar_t>(a);  // float -> half / bfloat16 rounds to inf past their range
 }
 
+// Loops over the kVecs vectors of a block are unrolled, so that the block's vector arrays
+// live in registers: GCC keeps an array that a loop indexes by a variable on the stack.
+#define CBF_UNROLL_VECS _Pragma("GCC unroll 4")
+
 // Rows per chunk: about kChunkElems logits, independent of the thread count.
 constexpr int64_t kChunkElems = 1 << 14;
 
@@ -72,6 +76,7 @@ inline void target_row_sums(const Args<scalar_t>& a, const scalar_t* t, int64_t 
     const int64_t n = std::min(IO::kStep, a.C - j);
     V tv[IO::kVecs];
     IO::load(t + j, n, tv);
+    CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
       const int64_t nv = IO::lanes(n, v);
       if (nv == 0) break;
@@ -124,10 +129,12 @@ inline void one_hot_block(int64_t y, int64_t j, typename IO::V* tv) {
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
   if (y < j || y >= j + IO::kStep) {
+    CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) tv[v] = V(0);
     return;
   }
   const V lane = V::arange(acc_t(0), acc_t(1));
+  CBF_UNROLL_VECS
   for (int v = 0; v < IO::kVecs; ++v) {
     tv[v] = V(acc_t(1)) & (lane == V(static_cast<acc_t>(y - j - v * IO::kLanes)));
   }
@@ -165,7 +172,11 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
     } else {
       IO::load(t + j, n, tv);
     }
+    CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
+      const int64_t nv = IO::lanes(n, v);
+      gv[v] = V(0);
+      if (nv == 0) break;  // a float16 / bfloat16 tail of <= 16: no math on padding
       V lv, dv;
       binary_term<kFocal, kGrad, kZeroT>(xv[v], tv[v], a.gamma, lv, dv, pow_k);
       if (has_alpha) {
@@ -173,7 +184,7 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
         lv = lv * at;
         if constexpr (kGrad) dv = dv * at;
       }
-      lacc = lacc + IO::keep(lv, IO::lanes(n, v), acc_t(0));
+      lacc = lacc + IO::keep(lv, nv, acc_t(0));
       if constexpr (kGrad) gv[v] = dv * sv;
     }
     if constexpr (kGrad) IO::store(g + j, n, gv);
@@ -231,6 +242,7 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
   row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) {
     V xv[IO::kVecs];
     IO::load(x + j, n, xv);
+    CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
       const int64_t nv = IO::lanes(n, v);
       if (nv == 0) break;
@@ -261,14 +273,16 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
     V xv[IO::kVecs], tv[IO::kVecs], e[IO::kVecs];
     IO::load(x + j, n, xv);
     if constexpr (!kHard && !kFocal) IO::load(t + j, n, tv);
+    CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
-      e[v] = MathOps<V>::exp(xv[v] - mxv);
       const int64_t nv = IO::lanes(n, v);
       if (nv == 0) break;
+      e[v] = MathOps<V>::exp(xv[v] - mxv);
       ev[u] = ev[u] + IO::keep(e[v], nv, acc_t(0));
       if constexpr (!kHard && !kFocal) txv[u] = at::vec::fmadd(tv[v], xv[v], txv[u]);
     }
     if constexpr (kParkExp) {
+      CBF_UNROLL_VECS
       for (int v = 0; v < IO::kVecs; ++v) {
         const int64_t nv = IO::lanes(n, v);
         if (nv > 0) e[v].store(park + j + v * IO::kLanes, nv);
@@ -305,6 +319,7 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
       V xv[IO::kVecs], tv[IO::kVecs];
       IO::load(x + j, n, xv);
       IO::load(t + j, n, tv);
+      CBF_UNROLL_VECS
       for (int v = 0; v < IO::kVecs; ++v) {
         const int64_t nv = IO::lanes(n, v);
         if (nv == 0) break;
@@ -324,6 +339,7 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
     row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
       V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
       if constexpr (kParkExp) {
+        CBF_UNROLL_VECS
         for (int v = 0; v < IO::kVecs; ++v) {  // exp(x - max)
           const int64_t nv = IO::lanes(n, v);
           gv[v] = nv > 0 ? V::loadu(park + j + v * IO::kLanes, nv) : V(0);
@@ -331,7 +347,9 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
       }
       if constexpr (!kParkExp || (!kHard && kFocal)) IO::load(x + j, n, xv);
       if constexpr (!kHard) IO::load(t + j, n, tv);
+      CBF_UNROLL_VECS
       for (int v = 0; v < IO::kVecs; ++v) {
+        if (IO::lanes(n, v) == 0) break;  // padding: gv[v] is 0 already
         // p_k = exp(x_k - max) / sum = exp(x_k - lse)
         V gk = kParkExp ? cpe * gv[v] : cpv * MathOps<V>::exp(xv[v] - lsev);
         if constexpr (!kHard) {
@@ -473,8 +491,11 @@ double focal_elementwise(const FocalPlan& p, double gamma, double alpha, double 
       V xv[IO::kVecs], tv[IO::kVecs], lv[IO::kVecs], gv[IO::kVecs];
       IO::load(x + base + j, n, xv);
       IO::load(t + base + j, n, tv);
+      CBF_UNROLL_VECS
       for (int v = 0; v < IO::kVecs; ++v) {
         const int64_t nv = IO::lanes(n, v);
+        lv[v] = gv[v] = V(0);
+        if (nv == 0) break;
         V l, d;
         torchvision_focal_term<kGrad>(xv[v], tv[v], g, l, d);
         if (has_alpha) {

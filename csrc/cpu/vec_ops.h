@@ -145,6 +145,33 @@ struct MathOps<at::vec::Vectorized<double>> : VecMathOps<double> {};
 
 namespace cpu {
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+// float -> bfloat16 (round to nearest even) for 32 floats, as torch converts: AVX512-BF16's
+// vcvtne2ps2bf16 in one instruction, which also keeps NaN a NaN but flushes denormal
+// results to zero; a pack with a denormal lane (rare: |v| < 2^-126) goes the integer way,
+// b + 0x7fff + lsb, whose denormals round like normals.
+inline __m512i float_to_bf16(const __m512& lo, const __m512& hi) {
+  constexpr int kDenormal = 0x20;  // vfpclassps category
+  if (__builtin_expect((_mm512_fpclass_ps_mask(lo, kDenormal) | _mm512_fpclass_ps_mask(hi, kDenormal)) != 0,
+                       0)) {
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+    auto round = [&](const __m512& f) {
+      const __m512i b = _mm512_castps_si512(f);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), one);
+      return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, bias), lsb), 16);
+    };
+    // no NaN can be in a lane that the integer rounding sees as denormal; the rest are
+    // normal, inf or NaN, which vcvtne2ps2bf16 converts exactly as the integer way would
+    const __m512i fixed = _mm512_permutexvar_epi64(_mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0),
+                                                   _mm512_packus_epi32(round(lo), round(hi)));
+    const __mmask32 den =
+        _mm512_kunpackw(_mm512_fpclass_ps_mask(hi, kDenormal), _mm512_fpclass_ps_mask(lo, kDenormal));
+    return _mm512_mask_mov_epi16((__m512i)_mm512_cvtne2ps_pbh(hi, lo), den, fixed);
+  }
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+#endif
+
 // Row I/O in blocks of kStep elements of scalar_t, seen as kVecs vectors of
 // the accumulation type (float for float16 / bfloat16 / float, double for
 // double). A partial block (the row's tail) loads zeros into the unused lanes;
@@ -172,6 +199,17 @@ struct RowIO {
   }
 
   static inline void store(scalar_t* p, int64_t n, const V* in) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      const __m512i r = float_to_bf16(in[0], in[1]);
+      if (n == kStep) {
+        _mm512_storeu_si512(p, r);
+      } else {
+        _mm512_mask_storeu_epi16(p, (__mmask32)((uint64_t(1) << n) - 1), r);
+      }
+      return;
+    }
+#endif
     if constexpr (kReduced) {
       auto r = at::vec::convert_from_float<scalar_t>(in[0], in[1]);
       if (n == kStep) {
