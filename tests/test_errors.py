@@ -209,3 +209,15 @@ def test_out_of_range_target_in_a_large_parallel_batch_is_reported():
     # the process is fine afterwards
     y[17777] = 3
     assert torch.isfinite(cbfused.class_balanced_loss(x, y, weights=W))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1.5, -0.25])
+@pytest.mark.parametrize("col", [0, 37, 99])  # first lane, a middle block, the row's tail
+@pytest.mark.parametrize("loss_type", ["softmax", "sigmoid", "focal", "softmax_focal"])
+def test_one_bad_float_target_lane_is_found(loss_type, col, bad):
+    """One out-of-range value among valid soft labels: found in whichever lane it sits,
+    and reported with its row and value."""
+    t = torch.rand(5, 100) * 0.5
+    t[3, col] = bad
+    with pytest.raises(RuntimeError, match=rf"float target {bad} in row 3 is outside \[0, 1\]"):
+        cbfused.class_balanced_loss(torch.randn(5, 100), t, weights=torch.ones(100), loss_type=loss_type)

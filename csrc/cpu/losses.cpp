@@ -87,13 +87,17 @@ inline void target_row_sums(const Args<scalar_t>& a, const scalar_t* t, int64_t 
       hi = at::vec::maximum(hi, tv[v]);
     }
   }
-  // minimum / maximum propagate NaN, so a NaN target fails the check too.
-  alignas(64) acc_t l[IO::kLanes], h[IO::kLanes];
-  lo.store(l);
-  hi.store(h);
-  for (int64_t k = 0; k < IO::kLanes; ++k) {
-    if (!(l[k] >= acc_t(0))) float_target_out_of_range(l[k], i);
-    if (!(h[k] <= acc_t(1))) float_target_out_of_range(h[k], i);
+  // minimum / maximum propagate NaN, so a NaN target fails the check too (a comparison
+  // with NaN is false). One vector test per row; lane by lane only to report a bad one.
+  const V ok = (lo >= V(acc_t(0))) & (hi <= V(acc_t(1)));
+  if (ok.zero_mask() != 0) {
+    alignas(64) acc_t l[IO::kLanes], h[IO::kLanes];
+    lo.store(l);
+    hi.store(h);
+    for (int64_t k = 0; k < IO::kLanes; ++k) {
+      if (!(l[k] >= acc_t(0))) float_target_out_of_range(l[k], i);
+      if (!(h[k] <= acc_t(1))) float_target_out_of_range(h[k], i);
+    }
   }
   s = IO::hsum(sv);
   T = IO::hsum(Tv);

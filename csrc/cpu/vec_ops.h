@@ -246,12 +246,10 @@ struct RowIO {
     return s;
   }
 
+  // Horizontal max by a shuffle tree of hardware maxes (a NaN lane may be dropped: the
+  // softmax max pass, its one user, does not rely on it).
   static inline acc_t hmax(const V& v) {
-    alignas(64) acc_t buf[kLanes];
-    v.store(buf);
-    acc_t m = buf[0];
-    for (int64_t k = 1; k < kLanes; ++k) m = (buf[k] > m || buf[k] != buf[k]) ? buf[k] : m;
-    return m;
+    return at::vec::vec_reduce_all<acc_t>([](const V& a, const V& b) { return hw_max(a, b); }, v);
   }
 };
 
