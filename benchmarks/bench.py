@@ -207,21 +207,31 @@ def peak_extra_bytes(fn: Callable[[], None], device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - base)
-    # CPU: the PyTorch profiler's allocation records (each op's own allocations minus its
-    # own frees, and frees outside ops), replayed in time order.
+    # CPU: every allocation and free the profiler records, in time order, with the CPU
+    # allocator's running total ("Total Allocated"): the peak of that total above its value
+    # before the call. (Summing each op's *self* memory instead, as this benchmark once did,
+    # misses transient buffers that an op frees inside a parent op, such as the chunks of
+    # the fused linear path: its frees are booked at the parent's start.)
+    import json
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted(
-        (e for e in prof.events() if e.self_cpu_memory_usage or e.name == "[memory]"),
-        key=lambda e: e.time_range.start,
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    mem = sorted(
+        (e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
+        key=lambda e: e["ts"],
     )
-    cur = peak = 0
-    for e in events:
-        cur += e.self_cpu_memory_usage if e.name != "[memory]" else e.cpu_memory_usage
-        peak = max(peak, cur)
-    return float(peak)
+    if not mem:
+        return 0.0
+    base = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    return float(max(0, max(e["args"]["Total Allocated"] for e in mem) - base))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,6 +78,35 @@ def _accumulate(gw: torch.Tensor | None, gb: torch.Tensor | None, g: torch.Tenso
         gb += g.sum(0, dtype=gb.dtype)
 
 
+def _hand_over(ctx, go: torch.Tensor) -> list[torch.Tensor | None]:
+    """The forward's finished gradients times grad_output, without a second copy of them.
+
+    Unless the graph is kept for another backward, ctx lets go of the buffers and they are
+    scaled in place (not at all when grad_output is exactly 1 on the CPU, where reading it
+    needs no device sync), so autograd can take them as the .grad tensors. A copy here (and
+    the one autograd makes of a buffer that ctx still holds) would double the gradients'
+    memory at the end of the backward: the unfused path's own floor."""
+    grads = ctx.grads
+    keep = torch._C._autograd._get_current_graph_task_keep_graph()
+    if not keep:
+        ctx.grads = None
+    if grads is None:
+        raise RuntimeError(
+            "cbfused: linear_class_balanced_loss: backward ran a second time on a graph that was "
+            "not kept; call backward(retain_graph=True) the first time"
+        )
+    one = go.device.type == "cpu" and go.numel() == 1 and go.item() == 1.0
+    out = []
+    for t in grads:
+        if t is None or one:
+            out.append(t)
+        elif keep:
+            out.append(t * go.to(t.dtype))
+        else:
+            out.append(t.mul_(go.to(t.dtype)))
+    return out
+
+
 class _LinearCBLoss(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -147,10 +176,17 @@ class _LinearCBLoss(torch.autograd.Function):
                 if gf is not None:
                     torch.mm(g, weight, out=gf[i:j])
                 _accumulate(gw, gb, g, f)
+            del g  # before the next chunk's logits: one chunk's buffers at a time
         loss = total * inv if inv is not None else total
-        ctx.save_for_backward(
-            gf, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype)
-        )
+        # The gradients are finished here. They are kept on ctx (not save_for_backward: they
+        # are neither inputs nor outputs) so that backward can hand the buffers themselves
+        # to autograd; see _hand_over.
+        ctx.grads = [
+            gf,
+            None if gw is None else gw.to(weight.dtype),
+            None if gb is None else gb.to(bias.dtype),
+        ]
+        del gw, gb
         return loss.to(features.dtype)
 
     @staticmethod
@@ -158,10 +194,7 @@ class _LinearCBLoss(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("cbfused: linear_class_balanced_loss supports first derivatives only")
         if ctx.reduction != "none":
-            gf, gw, gb = ctx.saved_tensors
-            scale = go.to(torch.float64 if gf is not None and gf.dtype == torch.float64 else go.dtype)
-            out = [None if t is None else t * scale.to(t.dtype) for t in (gf, gw, gb)]
-            return (*out, *[None] * 8)
+            return (*_hand_over(ctx, go), *[None] * 8)
         features, weight, bias, target, class_weight = ctx.saved_tensors
         lt, gamma, alpha, ignore_index, rows = ctx.args
         need = ctx.needs_input_grad

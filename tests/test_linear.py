@@ -102,3 +102,37 @@ def test_errors():
         cbfused.linear_class_balanced_loss(f, w, None, y, weights=torch.ones(4))
     with pytest.raises(RuntimeError, match=r"target 7 is out of range for 5 classes"):
         cbfused.linear_class_balanced_loss(f, w, None, torch.tensor([0, 7, 1, 1]), weights=torch.ones(5))
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_backward_hands_over_the_forward_gradients(scale):
+    """The backward gives autograd the buffers the forward filled (scaled in place), no copy:
+    .grad is the forward's buffer; with retain_graph it scales a copy, so a second backward
+    sees the same gradients; without it, a second backward is a clear error."""
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(20, 6, generator=g, requires_grad=True)
+    w = torch.randn(9, 6, generator=g, requires_grad=True)
+    b = torch.randn(9, generator=g, requires_grad=True)
+    y = torch.randint(0, 9, (20,), generator=g)
+    cw = torch.rand(9, generator=g) + 0.5
+    kw = dict(weights=cw, loss_type="focal", gamma=2.0, chunk_rows=8)
+    want = torch.autograd.grad(_unfused(f, w, b, y, cw, loss_type="focal", gamma=2.0) * scale, (f, w, b))
+
+    loss = cbfused.linear_class_balanced_loss(f, w, b, y, **kw)
+    ptrs = [t.data_ptr() for t in loss.grad_fn.grads]
+    (loss * scale).backward()
+    assert [f.grad.data_ptr(), w.grad.data_ptr(), b.grad.data_ptr()] == ptrs
+    for got, exp in zip((f.grad, w.grad, b.grad), want, strict=True):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+
+    f.grad = w.grad = b.grad = None
+    loss = cbfused.linear_class_balanced_loss(f, w, b, y, **kw)
+    ptrs = [t.data_ptr() for t in loss.grad_fn.grads]
+    (loss * scale).backward(retain_graph=True)
+    # the kept graph still owns its buffers: .grad must not alias them
+    assert all(p not in ptrs for p in (f.grad.data_ptr(), w.grad.data_ptr(), b.grad.data_ptr()))
+    (loss * scale).backward()
+    for got, exp in zip((f.grad, w.grad, b.grad), want, strict=True):
+        torch.testing.assert_close(got, 2 * exp, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="backward ran a second time on a graph that was not kept"):
+        loss.backward()
