@@ -45,6 +45,7 @@ from cbfused import reference as R  # noqa: E402
 LOSSES = ["softmax", "sigmoid", "focal", "softmax_focal"]
 GAMMA = 2.0
 BETA = 0.999
+ROUNDS = 5  # interleaved timing rounds per cell (see run_cells)
 QUICK_SHAPES = [(128, 10), (1024, 100), (1024, 1000), (65536, 80), (16384, 1000)]
 FULL_SHAPES = [(128, 10), (1024, 100), (1024, 1000), (1024, 8142), (65536, 80), (16384, 1000)]
 QUICK_BF16_SHAPES = [(1024, 1000), (16384, 1000)]
@@ -311,35 +312,54 @@ def providers(case: Case) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     return out
 
 
-def run_cell(
-    case: Case, x0: torch.Tensor, name: str, fn, mode: str, quick: bool
-) -> tuple[list[float], float, float]:
-    """-> (times, peak extra bytes (fwd+bwd only), compile seconds)."""
-    x = x0.detach().clone().requires_grad_(mode == "fwd+bwd")
-    compile_s = float("nan")
-    if mode == "fwd+bwd":
+def run_cells(case: Case, x0: torch.Tensor, fns: dict, mode: str, quick: bool) -> dict:
+    """Times every provider of one cell -> {name: (times, peak extra bytes (fwd+bwd only),
+    compile seconds)}. The repetitions are interleaved: ROUNDS rounds, each running every
+    provider for its share of the budget, so that a slow drift of this shared machine (a
+    neighbour, the CPU clock) lands on all providers of the cell alike instead of on
+    whichever ran during it: the ratios in one row are the figures that matter."""
+    steps, compile_s = {}, {}
+    for name, fn in fns.items():
+        x = x0.detach().clone().requires_grad_(mode == "fwd+bwd")
+        if mode == "fwd+bwd":
 
-        def step():
-            loss = fn(x)
-            loss.backward()
-            x.grad = None
-    else:
+            def step(fn=fn, x=x):
+                loss = fn(x)
+                loss.backward()
+                x.grad = None
+        else:
 
-        def step():
-            with torch.no_grad():
-                fn(x)
+            def step(fn=fn, x=x):
+                with torch.no_grad():
+                    fn(x)
 
-    if name == "reference+compile":
-        t = time.perf_counter()
-        step()
-        sync(case.device)
-        compile_s = time.perf_counter() - t
+        compile_s[name] = float("nan")
+        if name == "reference+compile":
+            torch._dynamo.reset()
+            t = time.perf_counter()
+            step()
+            sync(case.device)
+            compile_s[name] = time.perf_counter() - t
+        steps[name] = step
     elems = case.n * case.c
     budget = (0.25 if quick else 1.0) if elems < 2_000_000 else (0.6 if quick else 2.0)
     min_reps = 5 if quick else 15
-    times = time_fn(step, case.device, min_reps, budget)
-    peak = peak_extra_bytes(step, case.device) if mode == "fwd+bwd" else float("nan")
-    return times, peak, compile_s
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(ROUNDS):
+        for name, step in steps.items():
+            times[name] += time_fn(
+                step,
+                case.device,
+                -(-min_reps // ROUNDS),
+                budget / ROUNDS,
+                max_reps=200 // ROUNDS,
+                warmup=2 if r == 0 else 0,
+            )
+    out = {}
+    for name, step in steps.items():
+        peak = peak_extra_bytes(step, case.device) if mode == "fwd+bwd" else float("nan")
+        out[name] = (times[name], peak, compile_s[name])
+    return out
 
 
 def linear_cell(
@@ -449,11 +469,13 @@ def main(argv: list[str] | None = None) -> int:
             case, x0 = make_case(kernel, n, c, dtype, device)
             for mode in ("fwd+bwd", "fwd"):
                 ref_med = None
-                for name, fn in providers(case).items():
-                    if mode == "fwd" and name == "reference+compile":
-                        continue  # compiled reference: fwd+bwd only (compile time dominates the grid)
-                    torch._dynamo.reset() if name == "reference+compile" else None
-                    times, peak, compile_s = run_cell(case, x0, name, fn, mode, not args.full)
+                fns = {
+                    name: fn
+                    for name, fn in providers(case).items()
+                    # compiled reference: fwd+bwd only (compile time dominates the grid)
+                    if not (mode == "fwd" and name == "reference+compile")
+                }
+                for name, (times, peak, compile_s) in run_cells(case, x0, fns, mode, not args.full).items():
                     med = statistics.median(times)
                     if name == "reference":
                         ref_med = med
