@@ -379,7 +379,7 @@ def linear_cell(
         "cbfused linear (chunked)": lambda f: fused(f, y),
         "nn.Linear + cbfused": lambda f: crit(lin(f), y),
     }
-    rows = []
+    steps = {}
     for name, fn in providers.items():
         f = f0.detach().clone().requires_grad_()
 
@@ -389,9 +389,17 @@ def linear_cell(
             lin.weight.grad = None
             lin.bias.grad = None
 
-        times = time_fn(step, device, 2 if quick else 3, 0.0, warmup=1)
+        step()  # warm-up
+        steps[name] = step
+    # one repetition per provider per round, interleaved (see run_cells)
+    times = {name: [] for name in steps}
+    for _ in range(3 if quick else 5):
+        for name, step in steps.items():
+            times[name] += time_fn(step, device, 1, 0.0, warmup=0)
+    rows = []
+    for name, step in steps.items():
         peak = peak_extra_bytes(step, device)
-        med = statistics.median(times)
+        med = statistics.median(times[name])
         rows.append(
             timing_row(
                 "linear+focal",
@@ -400,7 +408,7 @@ def linear_cell(
                 dname,
                 n,
                 c,
-                times,
+                times[name],
                 peak_extra_bytes=peak,
                 peak_extra_x_nc=peak / (n * c * f0.element_size()),
                 H=h,
