@@ -312,14 +312,33 @@ def providers(case: Case) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     return out
 
 
-def run_cells(case: Case, x0: torch.Tensor, fns: dict, mode: str, quick: bool) -> dict:
-    """Times every provider of one cell -> {name: (times, peak extra bytes (fwd+bwd only),
-    compile seconds)}. The repetitions are interleaved: ROUNDS rounds, each running every
-    provider for its share of the budget, so that a slow drift of this shared machine (a
-    neighbour, the CPU clock) lands on all providers of the cell alike instead of on
-    whichever ran during it: the ratios in one row are the figures that matter."""
+def interleaved(
+    steps: dict, device: str, min_reps: int, budget: float, rounds: int = 0, warmup: int = 2
+) -> dict:
+    """{key: step} -> {key: times}. ROUNDS rounds, each running every step for its share of
+    the budget (after a warm-up in the first), so that a slow drift of this shared machine (a
+    neighbour, the CPU clock, memory) lands on every step alike instead of on whichever ran
+    during it: ratios between the steps are what the benchmark reports."""
+    rounds = rounds or ROUNDS
+    times: dict = {key: [] for key in steps}
+    for r in range(rounds):
+        for key, step in steps.items():
+            times[key] += time_fn(
+                step,
+                device,
+                -(-min_reps // rounds),
+                budget / rounds,
+                max_reps=max(1, 200 // rounds),
+                warmup=warmup if r == 0 else 0,
+            )
+    return times
+
+
+def run_cells(entries: dict, mode: str, quick: bool) -> dict:
+    """{key: (case, x0, fn)} -> {key: (times, peak extra bytes (fwd+bwd only), compile
+    seconds)}, the providers of a shape (float32 and bfloat16 together) timed interleaved."""
     steps, compile_s = {}, {}
-    for name, fn in fns.items():
+    for key, (case, x0, fn) in entries.items():
         x = x0.detach().clone().requires_grad_(mode == "fwd+bwd")
         if mode == "fwd+bwd":
 
@@ -333,32 +352,23 @@ def run_cells(case: Case, x0: torch.Tensor, fns: dict, mode: str, quick: bool) -
                 with torch.no_grad():
                     fn(x)
 
-        compile_s[name] = float("nan")
-        if name == "reference+compile":
-            torch._dynamo.reset()
+        compile_s[key] = float("nan")
+        if key[-1] == "reference+compile":
+            if not any(k[-1] == "reference+compile" for k in steps):
+                torch._dynamo.reset()  # once per cell: a reset would drop the other dtype's graph
             t = time.perf_counter()
             step()
             sync(case.device)
-            compile_s[name] = time.perf_counter() - t
-        steps[name] = step
+            compile_s[key] = time.perf_counter() - t
+        steps[key] = step
+    case = next(iter(entries.values()))[0]
     elems = case.n * case.c
     budget = (0.25 if quick else 1.0) if elems < 2_000_000 else (0.6 if quick else 2.0)
-    min_reps = 5 if quick else 15
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(ROUNDS):
-        for name, step in steps.items():
-            times[name] += time_fn(
-                step,
-                case.device,
-                -(-min_reps // ROUNDS),
-                budget / ROUNDS,
-                max_reps=200 // ROUNDS,
-                warmup=2 if r == 0 else 0,
-            )
+    times = interleaved(steps, case.device, 5 if quick else 15, budget)
     out = {}
-    for name, step in steps.items():
+    for key, step in steps.items():
         peak = peak_extra_bytes(step, case.device) if mode == "fwd+bwd" else float("nan")
-        out[name] = (times[name], peak, compile_s[name])
+        out[key] = (times[key], peak, compile_s[key])
     return out
 
 
@@ -389,13 +399,9 @@ def linear_cell(
             lin.weight.grad = None
             lin.bias.grad = None
 
-        step()  # warm-up
         steps[name] = step
-    # one repetition per provider per round, interleaved (see run_cells)
-    times = {name: [] for name in steps}
-    for _ in range(3 if quick else 5):
-        for name, step in steps.items():
-            times[name] += time_fn(step, device, 1, 0.0, warmup=0)
+    # one repetition per provider per round, interleaved
+    times = interleaved(steps, device, 3 if quick else 5, 0.0, rounds=3 if quick else 5, warmup=1)
     rows = []
     for name, step in steps.items():
         peak = peak_extra_bytes(step, device)
@@ -465,28 +471,40 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows: list[Row] = []
     t_start = time.time()
-    for (n, c), dtype in combos:
-        dname = str(dtype).replace("torch.", "")
+    for n, c in dict.fromkeys(s for s, _ in combos):
+        dtypes = [dt for s, dt in combos if s == (n, c)]
         # the floor: one sigmoid pass over the same logits (one read, one write, one exp)
-        xf = torch.randn(n, c, device=device).to(dtype)
-        buf = torch.empty_like(xf)
-        ft = time_fn(lambda xf=xf, buf=buf: torch.sigmoid(xf, out=buf), device, 10, 0.2)
-        floor_s = statistics.median(ft)
-        rows.append(timing_row("floor", "torch.sigmoid(out=)", "fwd", dname, n, c, ft, x_floor=1.0, **meta))
+        floor_steps = {}
+        for dtype in dtypes:
+            xf = torch.randn(n, c, device=device).to(dtype)
+            buf = torch.empty_like(xf)
+            floor_steps[dtype] = lambda xf=xf, buf=buf: torch.sigmoid(xf, out=buf)
+        ft = interleaved(floor_steps, device, 10, 0.2 * len(dtypes))
+        floor_s = {dtype: statistics.median(ft[dtype]) for dtype in dtypes}
+        for dtype in dtypes:
+            dname = str(dtype).replace("torch.", "")
+            rows.append(
+                timing_row("floor", "torch.sigmoid(out=)", "fwd", dname, n, c, ft[dtype], x_floor=1.0, **meta)
+            )
         for kernel in losses:
-            case, x0 = make_case(kernel, n, c, dtype, device)
+            cases = {dtype: make_case(kernel, n, c, dtype, device) for dtype in dtypes}
             for mode in ("fwd+bwd", "fwd"):
-                ref_med = None
-                fns = {
-                    name: fn
+                entries = {
+                    (dtype, name): (case, x0, fn)
+                    for dtype, (case, x0) in cases.items()
                     for name, fn in providers(case).items()
                     # compiled reference: fwd+bwd only (compile time dominates the grid)
                     if not (mode == "fwd" and name == "reference+compile")
                 }
-                for name, (times, peak, compile_s) in run_cells(case, x0, fns, mode, not args.full).items():
+                ref_med = {}
+                for (dtype, name), (times, peak, compile_s) in run_cells(
+                    entries, mode, not args.full
+                ).items():
+                    dname = str(dtype).replace("torch.", "")
+                    x0 = cases[dtype][1]
                     med = statistics.median(times)
                     if name == "reference":
-                        ref_med = med
+                        ref_med[dtype] = med
                     rows.append(
                         timing_row(
                             kernel,
@@ -496,8 +514,8 @@ def main(argv: list[str] | None = None) -> int:
                             n,
                             c,
                             times,
-                            x_floor=med / floor_s,
-                            speedup_vs_ref=(ref_med / med) if ref_med else float("nan"),
+                            x_floor=med / floor_s[dtype],
+                            speedup_vs_ref=(ref_med[dtype] / med) if dtype in ref_med else float("nan"),
                             peak_extra_bytes=peak,
                             peak_extra_x_nc=peak / (n * c * x0.element_size()),
                             compile_s=compile_s,
