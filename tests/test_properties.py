@@ -110,8 +110,12 @@ def test_matches_reference(p):
             gref = gref.to(dtype).double()  # the exact gradient, rounded to the output dtype
             gs = gref.abs().max().item() if gref.numel() else 0.0
             tol = RTOL[dtype] * 4 + (1e-6 if dtype == torch.float32 else 0)
+            atol = tol * gs + 1e-30
             if dtype == torch.float64 and scale >= 30:
-                # The reference's autograd forms 1 - sigmoid(|x|) at saturated logits and loses
-                # ~8 digits there (test_numerics checks our kernel against 50-digit mpmath).
+                # The reference's autograd forms 1 - sigmoid(|x|) at saturated logits: an
+                # absolute error of a few eps times the class weight (relative 2e-5 at
+                # |x| = 27, where the gradient is 2e-12), which the reductions only divide.
+                # test_numerics checks our kernel there against 50-digit mpmath instead.
                 tol = 1e-7
-            assert torch.allclose(grad.double(), gref, rtol=tol, atol=tol * gs + 1e-30)
+                atol = max(atol, 16 * torch.finfo(torch.float64).eps * w.abs().max().item())
+            assert torch.allclose(grad.double(), gref, rtol=tol, atol=atol)
