@@ -45,7 +45,7 @@ from cbfused import reference as R  # noqa: E402
 LOSSES = ["softmax", "sigmoid", "focal", "softmax_focal"]
 GAMMA = 2.0
 BETA = 0.999
-ROUNDS = 5  # interleaved timing rounds per cell (see run_cells)
+ROUNDS = 5  # interleaved timing rounds per cell (see interleaved)
 QUICK_SHAPES = [(128, 10), (1024, 100), (1024, 1000), (65536, 80), (16384, 1000)]
 FULL_SHAPES = [(128, 10), (1024, 100), (1024, 1000), (1024, 8142), (65536, 80), (16384, 1000)]
 QUICK_BF16_SHAPES = [(1024, 1000), (16384, 1000)]

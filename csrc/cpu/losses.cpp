@@ -126,17 +126,12 @@ inline bool row_target(const Args<scalar_t>& a, int64_t i, const scalar_t* t, sc
   return true;
 }
 
-// One-hot target vectors for the block [j, j + kStep) of a row with class y: a lane
-// compare, no memory round trip.
+// One-hot target vectors for the block [j, j + kStep) that holds the row's class y: a
+// lane compare, no memory round trip.
 template <typename IO>
 inline void one_hot_block(int64_t y, int64_t j, typename IO::V* tv) {
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
-  if (y < j || y >= j + IO::kStep) {
-    CBF_UNROLL_VECS
-    for (int v = 0; v < IO::kVecs; ++v) tv[v] = V(0);
-    return;
-  }
   const V lane = V::arange(acc_t(0), acc_t(1));
   CBF_UNROLL_VECS
   for (int v = 0; v < IO::kVecs; ++v) {
@@ -171,7 +166,10 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
     const int64_t n = std::min(IO::kStep, C - j);
     V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
     IO::load(x + j, n, xv);
-    if constexpr (kHard) {
+    if constexpr (kZeroT) {
+      CBF_UNROLL_VECS
+      for (int v = 0; v < IO::kVecs; ++v) tv[v] = V(0);  // t = 0 (binary_term folds it away)
+    } else if constexpr (kHard) {
       one_hot_block<IO>(y, j, tv);
     } else {
       IO::load(t + j, n, tv);

@@ -18,27 +18,24 @@ namespace cbfused {
 // either is NaN the result is b. Callers put the operand whose NaN must survive second,
 // or do not need it to (a NaN reaches their result another way); at::vec::maximum /
 // minimum propagate a NaN from either side at three instructions.
+template <bool kMax, typename A>
+inline at::vec::Vectorized<A> hw_pick(const at::vec::Vectorized<A>& a, const at::vec::Vectorized<A>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) return kMax ? _mm512_max_ps(a, b) : _mm512_min_ps(a, b);
+  if constexpr (std::is_same_v<A, double>) return kMax ? _mm512_max_pd(a, b) : _mm512_min_pd(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) return kMax ? _mm256_max_ps(a, b) : _mm256_min_ps(a, b);
+  if constexpr (std::is_same_v<A, double>) return kMax ? _mm256_max_pd(a, b) : _mm256_min_pd(a, b);
+#endif
+  return at::vec::Vectorized<A>::blendv(b, a, kMax ? a > b : a < b);
+}
 template <typename A>
 inline at::vec::Vectorized<A> hw_max(const at::vec::Vectorized<A>& a, const at::vec::Vectorized<A>& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<A, float>) return _mm512_max_ps(a, b);
-  if constexpr (std::is_same_v<A, double>) return _mm512_max_pd(a, b);
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<A, float>) return _mm256_max_ps(a, b);
-  if constexpr (std::is_same_v<A, double>) return _mm256_max_pd(a, b);
-#endif
-  return at::vec::Vectorized<A>::blendv(b, a, a > b);
+  return hw_pick<true>(a, b);
 }
 template <typename A>
 inline at::vec::Vectorized<A> hw_min(const at::vec::Vectorized<A>& a, const at::vec::Vectorized<A>& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<A, float>) return _mm512_min_ps(a, b);
-  if constexpr (std::is_same_v<A, double>) return _mm512_min_pd(a, b);
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<A, float>) return _mm256_min_ps(a, b);
-  if constexpr (std::is_same_v<A, double>) return _mm256_min_pd(a, b);
-#endif
-  return at::vec::Vectorized<A>::blendv(b, a, a < b);
+  return hw_pick<false>(a, b);
 }
 
 template <typename A>
@@ -145,30 +142,25 @@ struct MathOps<at::vec::Vectorized<double>> : VecMathOps<double> {};
 
 namespace cpu {
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Lanes [0, n) of a 32-lane mask: the tail of a float16 / bfloat16 block.
+inline __mmask32 first_lanes32(int64_t n) { return static_cast<__mmask32>((uint64_t(1) << n) - 1); }
+#endif
+
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
 // float -> bfloat16 (round to nearest even) for 32 floats, as torch converts: AVX512-BF16's
 // vcvtne2ps2bf16 in one instruction, which also keeps NaN a NaN but flushes denormal
-// results to zero; a pack with a denormal lane (rare: |v| < 2^-126) goes the integer way,
-// b + 0x7fff + lsb, whose denormals round like normals.
+// results to zero; a pack with a denormal lane (rare: |v| < 2^-126) takes at::vec's
+// integer conversion for those lanes.
 inline __m512i float_to_bf16(const __m512& lo, const __m512& hi) {
   constexpr int kDenormal = 0x20;  // vfpclassps category
-  if (__builtin_expect((_mm512_fpclass_ps_mask(lo, kDenormal) | _mm512_fpclass_ps_mask(hi, kDenormal)) != 0,
-                       0)) {
-    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
-    auto round = [&](const __m512& f) {
-      const __m512i b = _mm512_castps_si512(f);
-      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), one);
-      return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, bias), lsb), 16);
-    };
-    // no NaN can be in a lane that the integer rounding sees as denormal; the rest are
-    // normal, inf or NaN, which vcvtne2ps2bf16 converts exactly as the integer way would
-    const __m512i fixed = _mm512_permutexvar_epi64(_mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0),
-                                                   _mm512_packus_epi32(round(lo), round(hi)));
-    const __mmask32 den =
-        _mm512_kunpackw(_mm512_fpclass_ps_mask(hi, kDenormal), _mm512_fpclass_ps_mask(lo, kDenormal));
-    return _mm512_mask_mov_epi16((__m512i)_mm512_cvtne2ps_pbh(hi, lo), den, fixed);
-  }
-  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  const __m512i fast = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  const __mmask32 den =
+      _mm512_kunpackw(_mm512_fpclass_ps_mask(hi, kDenormal), _mm512_fpclass_ps_mask(lo, kDenormal));
+  if (__builtin_expect(den == 0, 1)) return fast;
+  const __m512i exact = at::vec::convert_from_float<c10::BFloat16>(at::vec::Vectorized<float>(lo),
+                                                                   at::vec::Vectorized<float>(hi));
+  return _mm512_mask_mov_epi16(fast, den, exact);
 }
 #endif
 
@@ -192,8 +184,7 @@ struct RowIO {
       // bf16 -> float is the 16 bits placed above 16 zero bits. Quadwords reordered
       // q0 q4 q1 q5 q2 q6 q3 q7, the in-lane unpacks give elements 0..15 and 16..31 in
       // order: 3 instructions for 32 values (at::vec's widening takes 5).
-      __m512i v = n == kStep ? _mm512_loadu_si512(p)
-                             : _mm512_maskz_loadu_epi16((__mmask32)((uint64_t(1) << n) - 1), p);
+      __m512i v = n == kStep ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(first_lanes32(n), p);
       v = _mm512_permutexvar_epi64(_mm512_set_epi64(7, 3, 6, 2, 5, 1, 4, 0), v);
       out[0] = V(_mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), v)));
       out[1] = V(_mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), v)));
@@ -218,7 +209,7 @@ struct RowIO {
       if (n == kStep) {
         _mm512_storeu_si512(p, r);
       } else {
-        _mm512_mask_storeu_epi16(p, (__mmask32)((uint64_t(1) << n) - 1), r);
+        _mm512_mask_storeu_epi16(p, first_lanes32(n), r);
       }
       return;
     }
