@@ -129,3 +129,12 @@ def sigmoid_focal(
         inputs, targets, weight, float(alpha), float(gamma), red, _grad_mode(inputs)
     )
     return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# cbfused::accumulate_ (CPU): acc += src without a float32 copy of a bfloat16 / float16 src
+
+
+@torch.library.register_fake("cbfused::accumulate_")
+def _accumulate_fake(acc, src):
+    torch._check(acc.shape == src.shape, lambda: f"cbfused: accumulate_: shapes {acc.shape} and {src.shape}")

@@ -75,11 +75,19 @@ def _accumulate(gw: torch.Tensor | None, gb: torch.Tensor | None, g: torch.Tenso
             # reduced precision: the matmul in the input dtype (CPU has no bf16 x bf16 -> fp32
             # addmm), added into the float32 accumulator by blocks of classes so that the
             # product's temporary stays small (a whole C x H one in bf16 was a quarter of
-            # the unfused path's memory at 4096 x 2048 x 8142)
+            # the unfused path's memory at 4096 x 2048 x 8142). On the CPU by
+            # cbfused::accumulate_, which widens as it adds: add_ would first copy the block
+            # to float32.
             c, h = gw.shape
             step = max(64, _PRODUCT_BLOCK_BYTES // (h * g.element_size()))
+            cpu = gw.device.type == "cpu"
             for c0 in range(0, c, step):
-                gw[c0 : c0 + step].add_(g[:, c0 : c0 + step].t() @ f)
+                prod = g[:, c0 : c0 + step].t() @ f
+                if cpu:
+                    torch.ops.cbfused.accumulate_.default(gw[c0 : c0 + step], prod)
+                else:
+                    gw[c0 : c0 + step].add_(prod)
+                del prod
     if gb is not None:
         gb += g.sum(0, dtype=gb.dtype)
 

@@ -21,6 +21,7 @@
 TORCH_LIBRARY(cbfused, m) {
   m.def(cbfused::kCbLossSchema);
   m.def(cbfused::kSigmoidFocalSchema);
+  m.def(cbfused::kAccumulateSchema);
 }
 
 static PyObject* build_info(PyObject*, PyObject*) {

@@ -161,3 +161,35 @@ def test_bfloat16_weight_gradient_by_class_blocks(monkeypatch):
     assert_close_scaled(l1, l2, torch.bfloat16, 4.0)
     for a, e in zip(g1, g2, strict=True):
         assert_close_scaled(a, e, torch.bfloat16, 4.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(3, 5), (7, 150), (257, 131)])
+def test_accumulate_adds_exactly(dtype, shape):
+    """cbfused::accumulate_ (the CPU path's float32 accumulation of reduced-precision
+    weight-gradient products) is acc + src.float() to the bit: whole 32-value blocks,
+    partial tails, a transposed (non-contiguous) addend; and it passes torch's opcheck."""
+    g = torch.Generator().manual_seed(shape[1])
+    acc = torch.randn(shape, generator=g) * 1e3
+    for src in (
+        torch.randn(shape, generator=g).to(dtype),
+        torch.randn(shape[::-1], generator=g).to(dtype).t(),
+    ):
+        want = acc + src.float()
+        torch.ops.cbfused.accumulate_.default(acc, src)
+        assert torch.equal(acc, want)
+    torch.library.opcheck(torch.ops.cbfused.accumulate_.default, (acc, src))
+
+
+def test_accumulate_errors():
+    acc = torch.zeros(4, 6)
+    with pytest.raises(RuntimeError, match="the accumulator must be float32, got Double"):
+        torch.ops.cbfused.accumulate_(acc.double(), acc)
+    with pytest.raises(RuntimeError, match="the addend must be float32, bfloat16 or float16, got Long"):
+        torch.ops.cbfused.accumulate_(acc, acc.long())
+    with pytest.raises(
+        RuntimeError, match=r"the accumulator has shape \[4, 6\] but the addend has shape \[6, 4\]"
+    ):
+        torch.ops.cbfused.accumulate_(acc, torch.zeros(6, 4))
+    with pytest.raises(RuntimeError, match="the accumulator must be contiguous"):
+        torch.ops.cbfused.accumulate_(torch.zeros(6, 4).t(), acc.bfloat16())

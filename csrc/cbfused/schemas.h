@@ -22,4 +22,9 @@ constexpr const char* kSigmoidFocalSchema =
     "sigmoid_focal(Tensor inputs, Tensor targets, Tensor? weight, float alpha, float gamma, "
     "int reduction, int grad_mode) -> (Tensor, Tensor)";
 
+// acc += src, acc float32 and src float32 / bfloat16 / float16 of acc's shape, without a
+// float32 copy of src (the fused linear path's weight-gradient accumulator). CPU only: on
+// CUDA torch's add_ converts on the fly.
+constexpr const char* kAccumulateSchema = "accumulate_(Tensor(a!) acc, Tensor src) -> ()";
+
 }  // namespace cbfused
