@@ -148,19 +148,18 @@ inline __mmask32 first_lanes32(int64_t n) { return static_cast<__mmask32>((uint6
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-// float -> bfloat16 (round to nearest even) for 32 floats, as torch converts: AVX512-BF16's
-// vcvtne2ps2bf16 in one instruction, which also keeps NaN a NaN but flushes denormal
-// results to zero; a pack with a denormal lane (rare: |v| < 2^-126) takes at::vec's
-// integer conversion for those lanes.
-inline __m512i float_to_bf16(const __m512& lo, const __m512& hi) {
-  constexpr int kDenormal = 0x20;  // vfpclassps category
+// float -> bfloat16 (round to nearest even) for the lanes `valid` of 32 floats, as torch
+// converts: AVX512-BF16's vcvtne2ps2bf16 in one instruction, which also keeps NaN a NaN but
+// flushes denormal results to zero. So a valid lane that came out +-0 (one test on the
+// packed result: rare, as a gradient is seldom exactly 0) takes at::vec's integer
+// conversion, which keeps the denormals.
+inline __m512i float_to_bf16(const __m512& lo, const __m512& hi, __mmask32 valid) {
   const __m512i fast = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-  const __mmask32 den =
-      _mm512_kunpackw(_mm512_fpclass_ps_mask(hi, kDenormal), _mm512_fpclass_ps_mask(lo, kDenormal));
-  if (__builtin_expect(den == 0, 1)) return fast;
+  const __mmask32 zero = _mm512_mask_testn_epi16_mask(valid, fast, _mm512_set1_epi16(0x7fff));
+  if (__builtin_expect(zero == 0, 1)) return fast;
   const __m512i exact = at::vec::convert_from_float<c10::BFloat16>(at::vec::Vectorized<float>(lo),
                                                                    at::vec::Vectorized<float>(hi));
-  return _mm512_mask_mov_epi16(fast, den, exact);
+  return _mm512_mask_mov_epi16(fast, zero, exact);
 }
 #endif
 
@@ -205,11 +204,11 @@ struct RowIO {
   static inline void store(scalar_t* p, int64_t n, const V* in) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      const __m512i r = float_to_bf16(in[0], in[1]);
       if (n == kStep) {
-        _mm512_storeu_si512(p, r);
+        _mm512_storeu_si512(p, float_to_bf16(in[0], in[1], ~__mmask32(0)));
       } else {
-        _mm512_mask_storeu_epi16(p, first_lanes32(n), r);
+        const __mmask32 m = first_lanes32(n);
+        _mm512_mask_storeu_epi16(p, m, float_to_bf16(in[0], in[1], m));
       }
       return;
     }
