@@ -26,6 +26,15 @@ from .weights import CountsLike, check_beta, class_balanced_weights
 __all__ = ["linear_class_balanced_loss", "ClassBalancedLinearLoss", "auto_chunk_rows"]
 
 _SUM = _ops.REDUCTIONS["sum"]
+
+
+def _cb_loss_op(*args):
+    """The fused kernel each chunk calls (one place, so that a test can run the chunked path
+    on the CUDA kernels' source in the CPU emulation). Its grad_scale output is ignored here:
+    for 'sum' and 'none' every backend returns the gradient unscaled (grad_scale 1)."""
+    return torch.ops.cbfused.cb_loss.default(*args)
+
+
 # Chunk size: at least 8 MiB of logits (2^21 float32 / 2^22 bfloat16 elements) and at least
 # _MIN_CHUNK_ROWS rows. Every chunk streams the C x H float32 grad_weight accumulator once
 # (and, for bf16 on the CPU, a bf16 C x H product: torch has no bf16 x bf16 -> fp32 matmul
@@ -147,7 +156,7 @@ class _LinearCBLoss(torch.autograd.Function):
                     if bias is not None
                     else features[i:j] @ weight.t()
                 )
-                out[i:j] = torch.ops.cbfused.cb_loss.default(
+                out[i:j] = _cb_loss_op(
                     logits,
                     target[i:j],
                     class_weight,
@@ -179,7 +188,7 @@ class _LinearCBLoss(torch.autograd.Function):
             j = min(n, i + rows)
             f = features[i:j]
             logits = torch.addmm(bias, f, weight.t()) if bias is not None else f @ weight.t()
-            loss, g, _ = torch.ops.cbfused.cb_loss.default(
+            loss, g, _ = _cb_loss_op(
                 logits, target[i:j], class_weight, lt, gamma, alpha, _SUM, ignore_index, grad_mode
             )
             del logits
@@ -225,7 +234,7 @@ class _LinearCBLoss(torch.autograd.Function):
             j = min(n, i + rows)
             f = features[i:j]
             logits = torch.addmm(bias, f, weight.t()) if bias is not None else f @ weight.t()
-            _, g, _ = torch.ops.cbfused.cb_loss.default(
+            _, g, _ = _cb_loss_op(
                 logits, target[i:j], class_weight, lt, gamma, alpha, _ops.REDUCTIONS["none"], ignore_index, 1
             )
             del logits

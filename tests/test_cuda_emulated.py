@@ -245,3 +245,45 @@ def test_sigmoid_focal_matches_torchvision(reduction, shape, dtype, offset, back
     loss, grad = run_op(backend, "sigmoid_focal", x, t, w, 0.25, 2.0, RED[reduction], 1)
     assert_close_scaled(loss, ref.detach().to(dtype), dtype)
     assert_close_scaled(grad, xr.grad.to(dtype), dtype)
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_fused_linear_chunks_on_the_emulated_kernels(loss_type, reduction, kind, monkeypatch):
+    """linear_class_balanced_loss with the CUDA kernels' source (emulated) as its per-chunk
+    kernel: loss and the three gradients equal the unfused CPU path (3 chunks of rows, the
+    last partial, ignored rows). It also holds the CUDA host code to what the chunked path
+    relies on: for 'sum' (the forward's chunks) and 'none' (their backward) the returned
+    grad_scale is 1, the gradient unscaled."""
+    import cbfused.linear as L
+
+    calls = []
+
+    def emulated(*args):
+        out = torch.ops.cbfused_emu.cb_loss.default(*args)
+        assert args[6] in (RED["sum"], RED["none"]) and out[2].item() == 1.0
+        calls.append(args[0].shape[0])
+        return out
+
+    monkeypatch.setattr(L, "_cb_loss_op", emulated)
+    n, h, c = 20, 6, 9
+    _, y = make_inputs(n, c, torch.float64, kind=kind, loss_type=loss_type, seed=c)
+    g = torch.Generator().manual_seed(1)
+    f0 = torch.randn(n, h, generator=g, dtype=torch.float64)
+    w0 = torch.randn(c, h, generator=g, dtype=torch.float64)
+    b0 = torch.randn(c, generator=g, dtype=torch.float64)
+    cw = cbfused.class_balanced_weights(make_counts(c, seed=c), 0.999)
+    kw = dict(weights=cw, loss_type=loss_type, gamma=2.0, reduction=reduction)
+    go = torch.linspace(0.5, 1.5, n if reduction == "none" else 1, dtype=torch.float64)
+
+    def run(fn):
+        f, w, b = (t.clone().requires_grad_() for t in (f0, w0, b0))
+        loss = fn(f, w, b)
+        return (loss, *torch.autograd.grad(loss, (f, w, b), go.reshape(loss.shape)))
+
+    got = run(lambda f, w, b: cbfused.linear_class_balanced_loss(f, w, b, y, chunk_rows=8, **kw))
+    assert calls[:3] == [8, 8, 4]  # the chunks ran on the emulated kernels
+    want = run(lambda f, w, b: cbfused.class_balanced_loss(f @ w.t() + b, y, **kw))
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
