@@ -193,3 +193,42 @@ def test_accumulate_errors():
         torch.ops.cbfused.accumulate_(acc, torch.zeros(6, 4))
     with pytest.raises(RuntimeError, match="the accumulator must be contiguous"):
         torch.ops.cbfused.accumulate_(torch.zeros(6, 4).t(), acc.bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compile_traces_the_chunks(dtype):
+    """Under torch.compile, dynamo traces the forward's chunk loop (the cb_loss and
+    accumulate_ fake kernels, accumulate_'s in-place write into a slice of the accumulator)
+    and the loss and gradients equal eager's: float32 within a few ulp (inductor may
+    reorder the mean's sums), bfloat16 within its rounding (inductor may round the
+    compiled matmuls differently)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    f0 = torch.randn(40, 16, generator=g).to(dtype)
+    w0 = (torch.randn(150, 16, generator=g) * 0.3).to(dtype)
+    y = torch.randint(0, 150, (40,), generator=g)
+    cw = torch.rand(150, generator=g) + 0.5
+
+    def fn(f, w):
+        return cbfused.linear_class_balanced_loss(
+            f, w, None, y, weights=cw, chunk_rows=16, loss_type="focal", gamma=2.0
+        )
+
+    def run(fn):
+        f, w = f0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = fn(f, w)
+        loss.backward()
+        return loss, f.grad, w.grad
+
+    want = run(fn)
+    got = run(torch.compile(fn, backend="inductor"))
+    for a, e in zip(got, want, strict=True):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
+        else:
+            assert_close_scaled(a, e, dtype, 2.0)
+    # the ops dynamo put in the graphs: the chunks' kernel, and for bfloat16 accumulate_
+    ex = torch._dynamo.explain(fn)(f0.clone().requires_grad_(), w0.clone().requires_grad_())
+    ops = {n.target for gm in ex.graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.ops.cbfused.cb_loss.default in ops
+    assert (torch.ops.cbfused.accumulate_.default in ops) == (dtype == torch.bfloat16)
