@@ -110,7 +110,10 @@ def _hand_over(ctx, go: torch.Tensor) -> list[torch.Tensor | None]:
     the one autograd makes of a buffer that ctx still holds) would double the gradients'
     memory at the end of the backward: the unfused path's own floor."""
     grads = ctx.grads
-    keep = torch._C._autograd._get_current_graph_task_keep_graph()
+    # Under torch.compile the backward is traced ahead of time: take the functional path
+    # (the graph task's retain_graph flag and grad_output's value are run-time facts).
+    compiling = torch.compiler.is_compiling()
+    keep = compiling or torch._C._autograd._get_current_graph_task_keep_graph()
     if not keep:
         ctx.grads = None
     if grads is None:
@@ -118,7 +121,7 @@ def _hand_over(ctx, go: torch.Tensor) -> list[torch.Tensor | None]:
             "cbfused: linear_class_balanced_loss: backward ran a second time on a graph that was "
             "not kept; call backward(retain_graph=True) the first time"
         )
-    one = go.device.type == "cpu" and go.numel() == 1 and go.item() == 1.0
+    one = not compiling and go.device.type == "cpu" and go.numel() == 1 and go.item() == 1.0
     out = []
     for t in grads:
         if t is None or one:

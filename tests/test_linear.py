@@ -197,9 +197,10 @@ def test_accumulate_errors():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_compile_traces_the_chunks(dtype):
-    """Under torch.compile, dynamo traces the forward's chunk loop (the cb_loss and
+    """torch.compile(fullgraph=True): dynamo traces the forward's chunk loop (the cb_loss and
     accumulate_ fake kernels, accumulate_'s in-place write into a slice of the accumulator)
-    and the loss and gradients equal eager's: float32 within a few ulp (inductor may
+    and the backward's hand-over without a graph break, and the loss and gradients equal
+    eager's: float32 within a few ulp (inductor may
     reorder the mean's sums), bfloat16 within its rounding (inductor may round the
     compiled matmuls differently)."""
     torch._dynamo.reset()
@@ -221,14 +222,23 @@ def test_compile_traces_the_chunks(dtype):
         return loss, f.grad, w.grad
 
     want = run(fn)
-    got = run(torch.compile(fn, backend="inductor"))
+    got = run(torch.compile(fn, backend="inductor", fullgraph=True))
     for a, e in zip(got, want, strict=True):
         if dtype == torch.float32:
             torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
         else:
             assert_close_scaled(a, e, dtype, 2.0)
-    # the ops dynamo put in the graphs: the chunks' kernel, and for bfloat16 accumulate_
+    # the ops dynamo put in the graph (the autograd.Function's forward and backward are
+    # subgraphs): the chunks' kernel, and for bfloat16 accumulate_
     ex = torch._dynamo.explain(fn)(f0.clone().requires_grad_(), w0.clone().requires_grad_())
-    ops = {n.target for gm in ex.graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert ex.graph_break_count == 0
+    ops = {
+        n.target
+        for gm in ex.graphs
+        for m in gm.modules()
+        if isinstance(m, torch.fx.GraphModule)
+        for n in m.graph.nodes
+        if n.op == "call_function"
+    }
     assert torch.ops.cbfused.cb_loss.default in ops
     assert (torch.ops.cbfused.accumulate_.default in ops) == (dtype == torch.bfloat16)
