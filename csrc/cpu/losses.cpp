@@ -35,10 +35,6 @@ scalar_t cast_saturating(double v) {
   return static_cast<scalar_t>(a);  // float -> half / bfloat16 rounds to inf past their range
 }
 
-// Loops over the kVecs vectors of a block are unrolled, so that the block's vector arrays
-// live in registers: GCC keeps an array that a loop indexes by a variable on the stack.
-#define CBF_UNROLL_VECS _Pragma("GCC unroll 4")
-
 // Rows per chunk: about kChunkElems logits, independent of the thread count.
 constexpr int64_t kChunkElems = 1 << 14;
 

@@ -142,6 +142,10 @@ struct MathOps<at::vec::Vectorized<double>> : VecMathOps<double> {};
 
 namespace cpu {
 
+// Loops over the kVecs vectors of a block are unrolled, so that the block's vector arrays
+// live in registers: GCC keeps an array that a loop indexes by a variable on the stack.
+#define CBF_UNROLL_VECS _Pragma("GCC unroll 4")
+
 #if defined(CPU_CAPABILITY_AVX512)
 // Lanes [0, n) of a 32-lane mask: the tail of a float16 / bfloat16 block.
 inline __mmask32 first_lanes32(int64_t n) { return static_cast<__mmask32>((uint64_t(1) << n) - 1); }
