@@ -62,6 +62,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             {"grad_w": model.module.weight.grad, "grad_b": model.module.bias.grad, "counts": counts},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        # Both ranks done with every collective before either tears gloo down: destroying
+        # the group while the peer is still in flight aborted a rank once in CI
+        # ("terminate called without an active exception").
+        del model
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
