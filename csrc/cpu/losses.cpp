@@ -157,9 +157,11 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
   V lacc(0);
   // One block of kStep elements; kZeroT: a hard-target block without the row's class
   // (every t is 0), where binary_term folds t away.
-  auto block = [&](auto zero_t, int64_t j) {
+  // kFull: a whole block (n = kStep known at compile time: no per-vector lane counts).
+  auto block = [&](auto zero_t, auto full_t, int64_t j) {
     constexpr bool kZeroT = decltype(zero_t)::value;
-    const int64_t n = std::min(IO::kStep, C - j);
+    constexpr bool kFull = decltype(full_t)::value;
+    const int64_t n = kFull ? IO::kStep : std::min(IO::kStep, C - j);
     V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
     IO::load(x + j, n, xv);
     if constexpr (kZeroT) {
@@ -187,13 +189,16 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
     }
     if constexpr (kGrad) IO::store(g + j, n, gv);
   };
-  for (int64_t j = 0; j < C; j += IO::kStep) {
+  auto run = [&](auto full_t, int64_t j) {
     if (kHard && (y < j || y >= j + IO::kStep)) {
-      block(std::true_type{}, j);
+      block(std::true_type{}, full_t, j);
     } else {
-      block(std::false_type{}, j);
+      block(std::false_type{}, full_t, j);
     }
-  }
+  };
+  int64_t j = 0;
+  for (; j + IO::kStep <= C; j += IO::kStep) run(std::true_type{}, j);
+  if (j < C) run(std::false_type{}, j);
   out.loss = s * IO::hsum(lacc);
   return out;
 }

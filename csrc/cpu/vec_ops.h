@@ -235,9 +235,23 @@ struct RowIO {
 
   static inline int64_t lanes(int64_t n, int v) { return std::clamp<int64_t>(n - v * kLanes, 0, kLanes); }
 
-  // v with the lanes at and past `valid` replaced by `fill`.
+  // v with the lanes at and past `valid` (0..kLanes) replaced by `fill`. A lane mask and
+  // one blend, no branch: at::vec's set takes its operands by reference, which made GCC
+  // park every loss vector on the stack and read it back (a store-to-load forward in each
+  // block of the sigmoid kernels, full blocks included).
   static inline V keep(const V& v, int64_t valid, acc_t fill) {
-    return valid == kLanes ? v : V::set(V(fill), v, valid);
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const auto m = static_cast<__mmask16>((uint32_t(1) << valid) - 1);
+      return V(_mm512_mask_mov_ps(_mm512_set1_ps(fill), m, v));
+    } else {
+      const auto m = static_cast<__mmask8>((uint32_t(1) << valid) - 1);
+      return V(_mm512_mask_mov_pd(_mm512_set1_pd(fill), m, v));
+    }
+#else
+    const V lane = V::arange(acc_t(0), acc_t(1));
+    return V::blendv(V(fill), v, lane < V(static_cast<acc_t>(valid)));
+#endif
   }
 
   // Horizontal sum in a fixed lane order (deterministic, thread-independent): a shuffle
