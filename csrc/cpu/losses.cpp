@@ -208,36 +208,27 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
 // accumulators in registers: one chain would be bound by its add / max latency), then the
 // rest one block at a time with u = 0. n is the block's length, kStep but at the tail.
 template <typename IO, int U, typename Body>
-inline void row_blocks(int64_t C, const Body& body) {
+CBF_HD void row_blocks(int64_t C, const Body& body) {
   int64_t j = 0;
   for (; j + U * IO::kStep <= C; j += U * IO::kStep) {
-    [&]<int... u>(std::integer_sequence<int, u...>) {
+    // forced inline: an out-of-line call here spills the caller's accumulators
+    [&]<int... u>(std::integer_sequence<int, u...>) __attribute__((always_inline)) {
       (body(j + u * IO::kStep, IO::kStep, std::integral_constant<int, u>{}), ...);
     }(std::make_integer_sequence<int, U>{});
   }
   for (; j < C; j += IO::kStep) body(j, std::min(IO::kStep, C - j), std::integral_constant<int, 0>{});
 }
 
-// Softmax cross-entropy and softmax focal loss, one row:
-//   hard:  l = s * (1 - p_y)^gamma * (-log p_y),  grad_k = s * G * (p_k - [k == y])
-//   float: l = s * sum_c t_c (1 - p_c)^gamma (-log p_c),
-//          grad_k = s * (p_k * sum_c t_c G_c - t_k G_k)
-template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
-RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i) {
+// The passes of a softmax row (row_max, row_sums, row_grad), shared by the hard-target
+// row groups and the float-target rows below.
+
+// Pass 1: the row's max (padding lanes hold -inf). The hardware max may drop a NaN logit
+// here; pass 2 takes it into the sum all the same.
+template <typename scalar_t>
+CBF_HD at::opmath_type<scalar_t> softmax_row_max(const scalar_t* x, int64_t C) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
-  const int64_t C = a.C;
-  const scalar_t* x = a.x + i * a.x_stride;
-  const scalar_t* t = kHard ? nullptr : a.t + i * a.t_stride;
-  scalar_t* g = kGrad ? a.grad + i * C : nullptr;
-  RowOut<acc_t> out;
-  acc_t s = 0, T = 0;
-  int64_t y = -1;
-  if (!row_target<scalar_t, kHard, kGrad>(a, i, t, g, y, s, T, out)) return out;
-
-  // Pass 1: the row's max (padding lanes hold -inf). The hardware max may drop a NaN
-  // logit here; pass 2 takes it into the sum all the same.
   constexpr int kU = 4 / IO::kVecs;  // independent accumulators
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   V mv[kU];
@@ -253,38 +244,35 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
     }
   });
   for (int u = 1; u < kU; ++u) mv[0] = hw_max(mv[0], mv[u]);
-  const acc_t mx = IO::hmax(mv[0]);
-  const V mxv(mx);
+  return IO::hmax(mv[0]);
+}
 
-  // Pass 2: sum of exp(x - max) (and, for float-target cross-entropy, sum t x). The exps
-  // are parked (in the accumulation type) so the gradient pass needs none: in the gradient
-  // row itself in full precision, in a per-thread float row for float16 / bfloat16.
-  constexpr bool kParkExp = kGrad;
-  acc_t* park = nullptr;
-  if constexpr (kParkExp) {
-    if constexpr (IO::kReduced) {
-      thread_local std::vector<acc_t> scratch;
-      if (static_cast<int64_t>(scratch.size()) < C + IO::kStep) scratch.resize(C + IO::kStep);
-      park = scratch.data();
-    } else {
-      park = reinterpret_cast<acc_t*>(g);
-    }
-  }
+// Pass 2: sum_exp = sum of exp(x - max) and, with kTX (float-target cross-entropy),
+// sum_tx = sum t x. With kPark the exps are parked in `park` (in the accumulation type) so
+// the gradient pass needs none.
+template <typename scalar_t, bool kTX, bool kPark>
+CBF_HD void softmax_row_sums(const scalar_t* x, const scalar_t* t, int64_t C, at::opmath_type<scalar_t> mx,
+                             at::opmath_type<scalar_t>* park, at::opmath_type<scalar_t>& sum_exp,
+                             at::opmath_type<scalar_t>& sum_tx) {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  constexpr int kU = 4 / IO::kVecs;
+  const V mxv(mx);
   V ev[kU], txv[kU];
   for (int u = 0; u < kU; ++u) ev[u] = txv[u] = V(0);
   row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) {
     V xv[IO::kVecs], tv[IO::kVecs], e[IO::kVecs];
     IO::load(x + j, n, xv);
-    if constexpr (!kHard && !kFocal) IO::load(t + j, n, tv);
+    if constexpr (kTX) IO::load(t + j, n, tv);
     CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
       const int64_t nv = IO::lanes(n, v);
       if (nv == 0) break;
       e[v] = MathOps<V>::exp(xv[v] - mxv);
-      ev[u] = ev[u] + IO::keep(e[v], nv, acc_t(0));
-      if constexpr (!kHard && !kFocal) txv[u] = at::vec::fmadd(tv[v], xv[v], txv[u]);
+      ev[u] = ev[u] + IO::keep(e[v], nv, 0);
+      if constexpr (kTX) txv[u] = at::vec::fmadd(tv[v], xv[v], txv[u]);
     }
-    if constexpr (kParkExp) {
+    if constexpr (kPark) {
       CBF_UNROLL_VECS
       for (int v = 0; v < IO::kVecs; ++v) {
         const int64_t nv = IO::lanes(n, v);
@@ -296,34 +284,159 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
     ev[0] = ev[0] + ev[u];
     txv[0] = txv[0] + txv[u];
   }
-  const acc_t sum_exp = IO::hsum(ev[0]);
-  const acc_t lse = mx + std::log(sum_exp);
-  const V lsev(lse);
+  sum_exp = IO::hsum(ev[0]);
+  sum_tx = IO::hsum(txv[0]);
+}
 
-  // The per-row coefficients of the gradient: grad_k = cp * p_k - ct_k.
-  acc_t cp = 0;  // coefficient of p_k
-  acc_t cy = 0;  // hard targets: the extra term at k = y
-  if constexpr (kHard) {
-    const acc_t logp = acc_t(x[y]) - lse;
-    const auto f = softmax_focal<kFocal>(logp, a.gamma);
-    out.loss = s * f.loss;
-    cp = s * f.G;
-    // grad_y = cp * (p_y - 1) = -cp * (1 - p_y).
-    if constexpr (kGrad && !kFocal) {
-      // 1 - p_y = (sum - e_y) / sum from the parked e_y = exp(x_y - max): without
-      // cancellation, as y holding the max makes e_y = 1 and sum in [1, 2] (an exact
-      // difference), and otherwise p_y <= 1/2. No libm expm1 per row (half the kernel's
-      // time at C = 80).
-      cy = -cp * ((sum_exp - park[y]) / sum_exp);
-    } else if constexpr (kGrad) {
-      cy = -cp * -std::expm1(logp);  // 1 - p_y = -expm1(log p_y)
+// The gradient pass, from the parked e_k = exp(x_k - max): grad_k = cpe e_k (= cp p_k),
+// less, for float targets, st t_k (cross-entropy) or st t_k G_k (focal, G of log p_k =
+// x_k - lse). For float32 / float64 `park` is the gradient row itself.
+template <typename scalar_t, bool kFocal, bool kHard>
+CBF_HD void softmax_row_grad(const scalar_t* x, const scalar_t* t, const at::opmath_type<scalar_t>* park,
+                             scalar_t* g, int64_t C, at::opmath_type<scalar_t> cpe,
+                             at::opmath_type<scalar_t> st, at::opmath_type<scalar_t> lse, double gamma) {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  const V cpev(cpe), stv(st), lsev(lse);
+  row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
+    V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
+    CBF_UNROLL_VECS
+    for (int v = 0; v < IO::kVecs; ++v) {
+      const int64_t nv = IO::lanes(n, v);
+      gv[v] = nv > 0 ? V::loadu(park + j + v * IO::kLanes, nv) : V(0);
     }
-  } else if constexpr (!kFocal) {
+    if constexpr (!kHard && kFocal) IO::load(x + j, n, xv);
+    if constexpr (!kHard) IO::load(t + j, n, tv);
+    CBF_UNROLL_VECS
+    for (int v = 0; v < IO::kVecs; ++v) {
+      if (IO::lanes(n, v) == 0) break;  // padding: gv[v] is 0 already
+      V gk = cpev * gv[v];
+      if constexpr (!kHard) {
+        if constexpr (kFocal) {
+          gk = gk - stv * tv[v] * softmax_focal<true>(xv[v] - lsev, gamma).G;
+        } else {
+          gk = gk - stv * tv[v];
+        }
+      }
+      gv[v] = gk;
+    }
+    IO::store(g + j, n, gv);
+  });
+}
+
+// Where a row's exps are parked: in its gradient row in full precision, in per-thread
+// float rows (`rows` of them) for float16 / bfloat16.
+template <typename scalar_t>
+inline at::opmath_type<scalar_t>* park_rows(scalar_t* g, int64_t C, int64_t rows, int64_t r) {
+  using IO = RowIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  if constexpr (IO::kReduced) {
+    thread_local std::vector<acc_t> scratch;
+    const int64_t stride = C + IO::kStep;
+    if (static_cast<int64_t>(scratch.size()) < rows * stride) scratch.resize(rows * stride);
+    return scratch.data() + r * stride;
+  } else {
+    return reinterpret_cast<acc_t*>(g);
+  }
+}
+
+// Hard-target softmax cross-entropy and softmax focal loss, rows [i0, i1) (at most one
+// vector's lanes of them):
+//   l = s * (1 - p_y)^gamma * (-log p_y),  grad_k = s * G * (p_k - [k == y])
+// Per row the max and sum passes (exps parked); then the per-row math (log of the sum,
+// the focal factors, 1 - p_y) for all rows at once, one row per lane: as scalars per row
+// (libm's logf, expf, expm1f and the register spills around their calls) they were two
+// thirds of softmax focal's time at C = 80. Then per row the gradient pass.
+template <typename scalar_t, bool kFocal, bool kGrad>
+void softmax_hard_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1,
+                       RowOut<at::opmath_type<scalar_t>>* out) {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  constexpr int64_t L = IO::kLanes;
+  const int64_t C = a.C, R = i1 - i0;
+  // Unused and ignored lanes: s = 0, sum = 1, the rest 0 (finite math, zero loss).
+  alignas(64) acc_t s[L] = {}, mx[L] = {}, xy[L] = {}, ey[L] = {}, sum[L];
+  int64_t y[L];
+  bool live[L] = {};
+  for (int64_t k = 0; k < L; ++k) sum[k] = acc_t(1);
+  for (int64_t k = 0; k < R; ++k) {
+    const int64_t i = i0 + k;
+    const scalar_t* x = a.x + i * a.x_stride;
+    scalar_t* g = kGrad ? a.grad + i * C : nullptr;
+    out[k] = {};
+    acc_t T = 0;
+    if (!row_target<scalar_t, true, kGrad>(a, i, nullptr, g, y[k], s[k], T, out[k])) continue;
+    live[k] = true;
+    mx[k] = softmax_row_max(x, C);
+    acc_t* park = kGrad ? park_rows(g, C, R, k) : nullptr;
+    acc_t unused;
+    softmax_row_sums<scalar_t, false, kGrad>(x, nullptr, C, mx[k], park, sum[k], unused);
+    xy[k] = static_cast<acc_t>(x[y[k]]);
+    if constexpr (kGrad && !kFocal) ey[k] = park[y[k]];
+  }
+  const V sumv = V::loadu(sum), sv = V::loadu(s);
+  const V lse = V::loadu(mx) + MathOps<V>::log(sumv);
+  const V logp = V::loadu(xy) - lse;
+  const auto f = softmax_focal<kFocal>(logp, a.gamma);
+  alignas(64) acc_t loss[L];
+  (sv * f.loss).store(loss);
+  for (int64_t k = 0; k < R; ++k)
+    if (live[k]) out[k].loss = loss[k];  // an ignored row keeps +0
+  if constexpr (kGrad) {
+    // grad_y = cp * (p_y - 1) = -cp * (1 - p_y); cp carries the mean's 1/D when known.
+    const V cp = sv * f.G * V(a.grad_prescale);
+    V q;  // 1 - p_y
+    if constexpr (!kFocal) {
+      // (sum - e_y) / sum from the parked e_y = exp(x_y - max): without cancellation, as
+      // y holding the max makes e_y = 1 and sum in [1, 2] (an exact difference), and
+      // otherwise p_y <= 1/2.
+      q = (sumv - V::loadu(ey)) / sumv;
+    } else {
+      q = -MathOps<V>::expm1(logp);
+    }
+    alignas(64) acc_t cpe[L], cy[L];
+    (cp / sumv).store(cpe);
+    (-cp * q).store(cy);
+    for (int64_t k = 0; k < R; ++k) {
+      if (!live[k]) continue;
+      scalar_t* g = a.grad + (i0 + k) * C;
+      softmax_row_grad<scalar_t, kFocal, true>(nullptr, nullptr, park_rows(g, C, R, k), g, C, cpe[k], 0, 0,
+                                               a.gamma);
+      g[y[k]] = static_cast<scalar_t>(cy[k]);
+    }
+  }
+}
+
+// Float-target softmax cross-entropy and softmax focal loss, one row:
+//   l = s * sum_c t_c (1 - p_c)^gamma (-log p_c),
+//   grad_k = s * (p_k * sum_c t_c G_c - t_k G_k)
+template <typename scalar_t, bool kFocal, bool kGrad>
+RowOut<at::opmath_type<scalar_t>> softmax_soft_row(const Args<scalar_t>& a, int64_t i) {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  const int64_t C = a.C;
+  const scalar_t* x = a.x + i * a.x_stride;
+  const scalar_t* t = a.t + i * a.t_stride;
+  scalar_t* g = kGrad ? a.grad + i * C : nullptr;
+  RowOut<acc_t> out;
+  acc_t s = 0, T = 0;
+  int64_t y = -1;
+  if (!row_target<scalar_t, false, kGrad>(a, i, t, g, y, s, T, out)) return out;
+  const acc_t mx = softmax_row_max(x, C);
+  acc_t* park = kGrad ? park_rows(g, C, 1, 0) : nullptr;
+  acc_t sum_exp = 0, sum_tx = 0;
+  softmax_row_sums<scalar_t, !kFocal, kGrad>(x, t, C, mx, park, sum_exp, sum_tx);
+  const acc_t lse = mx + std::log(sum_exp);
+  acc_t cp = 0;  // coefficient of p_k in the gradient
+  if constexpr (!kFocal) {
     // sum_c t_c (lse - x_c) = T lse - sum t x.
-    out.loss = s * (T * lse - IO::hsum(txv[0]));
+    out.loss = s * (T * lse - sum_tx);
     cp = s * T;
   } else {
-    // Pass 3 (float-target focal): sum_c t_c * focal loss, sum_c t_c G_c.
+    // Pass 3: sum_c t_c * focal loss, sum_c t_c G_c.
+    const V lsev(lse);
     V lv(0), gsum(0);
     for (int64_t j = 0; j < C; j += IO::kStep) {
       const int64_t n = std::min(IO::kStep, C - j);
@@ -342,47 +455,20 @@ RowOut<at::opmath_type<scalar_t>> softmax_row(const Args<scalar_t>& a, int64_t i
     out.loss = s * IO::hsum(lv);
     cp = s * IO::hsum(gsum);
   }
-
   if constexpr (kGrad) {
     cp *= a.grad_prescale;  // the mean's 1/D when known up front
-    cy *= a.grad_prescale;
-    const V cpv(cp), sv(s * a.grad_prescale), cpe(cp / sum_exp);
-    row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
-      V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
-      if constexpr (kParkExp) {
-        CBF_UNROLL_VECS
-        for (int v = 0; v < IO::kVecs; ++v) {  // exp(x - max)
-          const int64_t nv = IO::lanes(n, v);
-          gv[v] = nv > 0 ? V::loadu(park + j + v * IO::kLanes, nv) : V(0);
-        }
-      }
-      if constexpr (!kParkExp || (!kHard && kFocal)) IO::load(x + j, n, xv);
-      if constexpr (!kHard) IO::load(t + j, n, tv);
-      CBF_UNROLL_VECS
-      for (int v = 0; v < IO::kVecs; ++v) {
-        if (IO::lanes(n, v) == 0) break;  // padding: gv[v] is 0 already
-        // p_k = exp(x_k - max) / sum = exp(x_k - lse)
-        V gk = kParkExp ? cpe * gv[v] : cpv * MathOps<V>::exp(xv[v] - lsev);
-        if constexpr (!kHard) {
-          if constexpr (kFocal) {
-            gk = gk - sv * tv[v] * softmax_focal<true>(xv[v] - lsev, a.gamma).G;
-          } else {
-            gk = gk - sv * tv[v];
-          }
-        }
-        gv[v] = gk;
-      }
-      IO::store(g + j, n, gv);
-    });
-    if constexpr (kHard) g[y] = static_cast<scalar_t>(cy);
+    softmax_row_grad<scalar_t, kFocal, false>(x, t, park, g, C, cp / sum_exp, s * a.grad_prescale, lse,
+                                              a.gamma);
   }
   return out;
 }
 
-// Runs `row` over all N rows in fixed chunks. Writes the per-row loss when
+// Runs `rows(i0, i1, out)` over all N rows in fixed chunks, `group` rows (at most
+// kMaxGroup) a call, each filling out[0 .. i1 - i0). Writes the per-row loss when
 // `per_row` is given; returns the totals of loss and denominator.
-template <typename scalar_t, typename RowFn>
-std::pair<double, double> run_rows(int64_t N, int64_t C, scalar_t* per_row, const RowFn& row) {
+template <typename scalar_t, int64_t kMaxGroup, typename RowsFn>
+std::pair<double, double> run_row_groups(int64_t N, int64_t C, int64_t group, scalar_t* per_row,
+                                         const RowsFn& rows) {
   const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(C, 1));
   const int64_t chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
   std::vector<double> loss_part(chunks, 0.0), denom_part(chunks, 0.0);
@@ -391,11 +477,15 @@ std::pair<double, double> run_rows(int64_t N, int64_t C, scalar_t* per_row, cons
       const int64_t i0 = c * rows_per_chunk, i1 = std::min(N, i0 + rows_per_chunk);
       // Sums across rows in double: a mean can be in range while the float sum is not.
       double l = 0, d = 0;
-      for (int64_t i = i0; i < i1; ++i) {
-        const auto r = row(i);
-        if (per_row) per_row[i] = static_cast<scalar_t>(r.loss);
-        l += r.loss;
-        d += r.denom;
+      for (int64_t i = i0; i < i1; i += group) {
+        const int64_t e = std::min(i1, i + group);
+        RowOut<at::opmath_type<scalar_t>> out[kMaxGroup];
+        rows(i, e, out);
+        for (int64_t k = 0; k < e - i; ++k) {
+          if (per_row) per_row[i + k] = static_cast<scalar_t>(out[k].loss);
+          l += out[k].loss;
+          d += out[k].denom;
+        }
       }
       loss_part[c] = l;
       denom_part[c] = d;
@@ -407,6 +497,26 @@ std::pair<double, double> run_rows(int64_t N, int64_t C, scalar_t* per_row, cons
     d += denom_part[c];
   }
   return {l, d};
+}
+
+// run_row_groups for a function of one row.
+template <typename scalar_t, typename RowFn>
+std::pair<double, double> run_rows(int64_t N, int64_t C, scalar_t* per_row, const RowFn& row) {
+  return run_row_groups<scalar_t, 1>(N, C, 1, per_row,
+                                     [&](int64_t i, int64_t, auto* out) { out[0] = row(i); });
+}
+
+// Hard-target softmax rows per group: about kGroupElems logits, so that a group's rows and
+// parked exps are still in cache for the gradient pass; one vector's lanes at most.
+constexpr int64_t kGroupElems = 1 << 12;
+
+template <typename scalar_t, bool kFocal, bool kGrad>
+std::pair<double, double> run_softmax_hard(const Args<scalar_t>& a, int64_t N, scalar_t* per_row) {
+  constexpr int64_t L = RowIO<scalar_t>::kLanes;
+  const int64_t group = std::clamp<int64_t>(kGroupElems / std::max<int64_t>(a.C, 1), 1, L);
+  return run_row_groups<scalar_t, L>(N, a.C, group, per_row, [&](int64_t i0, int64_t i1, auto* out) {
+    softmax_hard_rows<scalar_t, kFocal, kGrad>(a, i0, i1, out);
+  });
 }
 
 // 1/D of the means for hard targets (D: non-ignored samples, or the sum of their class
@@ -428,11 +538,13 @@ std::pair<double, double> dispatch_loss(const Args<scalar_t>& a, int64_t loss_ty
                                         scalar_t* per_row) {
   switch (loss_type) {
     case kSoftmax:
+      if constexpr (kHard) return run_softmax_hard<scalar_t, false, kGrad>(a, N, per_row);
       return run_rows<scalar_t>(N, a.C, per_row,
-                                [&](int64_t i) { return softmax_row<scalar_t, false, kGrad, kHard>(a, i); });
+                                [&](int64_t i) { return softmax_soft_row<scalar_t, false, kGrad>(a, i); });
     case kSoftmaxFocal:
+      if constexpr (kHard) return run_softmax_hard<scalar_t, true, kGrad>(a, N, per_row);
       return run_rows<scalar_t>(N, a.C, per_row,
-                                [&](int64_t i) { return softmax_row<scalar_t, true, kGrad, kHard>(a, i); });
+                                [&](int64_t i) { return softmax_soft_row<scalar_t, true, kGrad>(a, i); });
     case kSigmoid:
       return run_rows<scalar_t>(N, a.C, per_row,
                                 [&](int64_t i) { return sigmoid_row<scalar_t, false, kGrad, kHard>(a, i); });
