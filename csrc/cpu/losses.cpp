@@ -340,53 +340,55 @@ inline at::opmath_type<scalar_t>* park_rows(scalar_t* g, int64_t C, int64_t rows
   }
 }
 
-// Hard-target softmax cross-entropy and softmax focal loss, rows [i0, i1) (at most one
-// vector's lanes of them):
-//   l = s * (1 - p_y)^gamma * (-log p_y),  grad_k = s * G * (p_k - [k == y])
-// Per row the max and sum passes (exps parked); then the per-row math (log of the sum,
-// the focal factors, 1 - p_y) for all rows at once, one row per lane: as scalars per row
-// (libm's logf, expf, expm1f and the register spills around their calls) they were two
-// thirds of softmax focal's time at C = 80. Then per row the gradient pass.
-template <typename scalar_t, bool kFocal, bool kGrad>
-void softmax_hard_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1,
-                       RowOut<at::opmath_type<scalar_t>>* out) {
+// Softmax cross-entropy and softmax focal loss, rows [i0, i1) (at most one vector's lanes
+// of them):
+//   hard:  l = s * (1 - p_y)^gamma * (-log p_y),  grad_k = s * G * (p_k - [k == y])
+//   float: l = s * sum_c t_c (1 - p_c)^gamma (-log p_c),
+//          grad_k = s * (p_k * sum_c t_c G_c - t_k G_k)
+// Per row the max and sum passes (exps parked); then the per-row math (log of the sum and,
+// for hard targets, the focal factors and 1 - p_y) for all rows at once, one row per lane:
+// as scalars per row (libm's logf, expf, expm1f and the register spills around their
+// calls) they were two thirds of softmax focal's time at C = 80. Then per row the float-
+// target focal sums (pass 3) and the gradient pass.
+template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
+void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::opmath_type<scalar_t>>* out) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
   constexpr int64_t L = IO::kLanes;
   const int64_t C = a.C, R = i1 - i0;
   // Unused and ignored lanes: s = 0, sum = 1, the rest 0 (finite math, zero loss).
-  alignas(64) acc_t s[L] = {}, mx[L] = {}, xy[L] = {}, ey[L] = {}, sum[L];
+  // xy: hard targets' x_y; float targets' T = sum t and sum t x (cross-entropy).
+  alignas(64) acc_t s[L] = {}, mx[L] = {}, xy[L] = {}, ey[L] = {}, T[L] = {}, tx[L] = {}, sum[L];
   int64_t y[L];
   bool live[L] = {};
   for (int64_t k = 0; k < L; ++k) sum[k] = acc_t(1);
   for (int64_t k = 0; k < R; ++k) {
     const int64_t i = i0 + k;
     const scalar_t* x = a.x + i * a.x_stride;
+    const scalar_t* t = kHard ? nullptr : a.t + i * a.t_stride;
     scalar_t* g = kGrad ? a.grad + i * C : nullptr;
     out[k] = {};
-    acc_t T = 0;
-    if (!row_target<scalar_t, true, kGrad>(a, i, nullptr, g, y[k], s[k], T, out[k])) continue;
+    if (!row_target<scalar_t, kHard, kGrad>(a, i, t, g, y[k], s[k], T[k], out[k])) continue;
     live[k] = true;
     mx[k] = softmax_row_max(x, C);
     acc_t* park = kGrad ? park_rows(g, C, R, k) : nullptr;
-    acc_t unused;
-    softmax_row_sums<scalar_t, false, kGrad>(x, nullptr, C, mx[k], park, sum[k], unused);
-    xy[k] = static_cast<acc_t>(x[y[k]]);
-    if constexpr (kGrad && !kFocal) ey[k] = park[y[k]];
+    softmax_row_sums<scalar_t, !kHard && !kFocal, kGrad>(x, t, C, mx[k], park, sum[k], tx[k]);
+    if constexpr (kHard) {
+      xy[k] = static_cast<acc_t>(x[y[k]]);
+      if constexpr (kGrad && !kFocal) ey[k] = park[y[k]];
+    }
   }
   const V sumv = V::loadu(sum), sv = V::loadu(s);
   const V lse = V::loadu(mx) + MathOps<V>::log(sumv);
-  const V logp = V::loadu(xy) - lse;
-  const auto f = softmax_focal<kFocal>(logp, a.gamma);
-  alignas(64) acc_t loss[L];
-  (sv * f.loss).store(loss);
-  for (int64_t k = 0; k < R; ++k)
-    if (live[k]) out[k].loss = loss[k];  // an ignored row keeps +0
-  if constexpr (kGrad) {
-    // grad_y = cp * (p_y - 1) = -cp * (1 - p_y); cp carries the mean's 1/D when known.
-    const V cp = sv * f.G * V(a.grad_prescale);
-    V q;  // 1 - p_y
+  alignas(64) acc_t loss[L], cp[L], lse_k[L];
+  if constexpr (!kHard) lse.store(lse_k);
+  V q;  // hard targets: 1 - p_y
+  if constexpr (kHard) {
+    const V logp = V::loadu(xy) - lse;
+    const auto f = softmax_focal<kFocal>(logp, a.gamma);
+    (sv * f.loss).store(loss);
+    (sv * f.G).store(cp);
     if constexpr (!kFocal) {
       // (sum - e_y) / sum from the parked e_y = exp(x_y - max): without cancellation, as
       // y holding the max makes e_y = 1 and sum in [1, 2] (an exact difference), and
@@ -395,72 +397,56 @@ void softmax_hard_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1,
     } else {
       q = -MathOps<V>::expm1(logp);
     }
-    alignas(64) acc_t cpe[L], cy[L];
-    (cp / sumv).store(cpe);
-    (-cp * q).store(cy);
+  } else if constexpr (!kFocal) {
+    // sum_c t_c (lse - x_c) = T lse - sum t x.
+    const V Tv = V::loadu(T);
+    (sv * (Tv * lse - V::loadu(tx))).store(loss);
+    (sv * Tv).store(cp);
+  } else {
+    // Pass 3 (float-target focal), per row: sum_c t_c * focal loss, sum_c t_c G_c.
     for (int64_t k = 0; k < R; ++k) {
       if (!live[k]) continue;
-      scalar_t* g = a.grad + (i0 + k) * C;
-      softmax_row_grad<scalar_t, kFocal, true>(nullptr, nullptr, park_rows(g, C, R, k), g, C, cpe[k], 0, 0,
-                                               a.gamma);
-      g[y[k]] = static_cast<scalar_t>(cy[k]);
-    }
-  }
-}
-
-// Float-target softmax cross-entropy and softmax focal loss, one row:
-//   l = s * sum_c t_c (1 - p_c)^gamma (-log p_c),
-//   grad_k = s * (p_k * sum_c t_c G_c - t_k G_k)
-template <typename scalar_t, bool kFocal, bool kGrad>
-RowOut<at::opmath_type<scalar_t>> softmax_soft_row(const Args<scalar_t>& a, int64_t i) {
-  using IO = RowIO<scalar_t>;
-  using V = typename IO::V;
-  using acc_t = typename IO::acc_t;
-  const int64_t C = a.C;
-  const scalar_t* x = a.x + i * a.x_stride;
-  const scalar_t* t = a.t + i * a.t_stride;
-  scalar_t* g = kGrad ? a.grad + i * C : nullptr;
-  RowOut<acc_t> out;
-  acc_t s = 0, T = 0;
-  int64_t y = -1;
-  if (!row_target<scalar_t, false, kGrad>(a, i, t, g, y, s, T, out)) return out;
-  const acc_t mx = softmax_row_max(x, C);
-  acc_t* park = kGrad ? park_rows(g, C, 1, 0) : nullptr;
-  acc_t sum_exp = 0, sum_tx = 0;
-  softmax_row_sums<scalar_t, !kFocal, kGrad>(x, t, C, mx, park, sum_exp, sum_tx);
-  const acc_t lse = mx + std::log(sum_exp);
-  acc_t cp = 0;  // coefficient of p_k in the gradient
-  if constexpr (!kFocal) {
-    // sum_c t_c (lse - x_c) = T lse - sum t x.
-    out.loss = s * (T * lse - sum_tx);
-    cp = s * T;
-  } else {
-    // Pass 3: sum_c t_c * focal loss, sum_c t_c G_c.
-    const V lsev(lse);
-    V lv(0), gsum(0);
-    for (int64_t j = 0; j < C; j += IO::kStep) {
-      const int64_t n = std::min(IO::kStep, C - j);
-      V xv[IO::kVecs], tv[IO::kVecs];
-      IO::load(x + j, n, xv);
-      IO::load(t + j, n, tv);
-      CBF_UNROLL_VECS
-      for (int v = 0; v < IO::kVecs; ++v) {
-        const int64_t nv = IO::lanes(n, v);
-        if (nv == 0) break;
-        const auto f = softmax_focal<true>(xv[v] - lsev, a.gamma);
-        lv = lv + IO::keep(tv[v] * f.loss, nv, acc_t(0));
-        gsum = gsum + IO::keep(tv[v] * f.G, nv, acc_t(0));
+      const scalar_t* x = a.x + (i0 + k) * a.x_stride;
+      const scalar_t* t = a.t + (i0 + k) * a.t_stride;
+      const V lsev(lse_k[k]);
+      V lv(0), gsum(0);
+      for (int64_t j = 0; j < C; j += IO::kStep) {
+        const int64_t n = std::min(IO::kStep, C - j);
+        V xv[IO::kVecs], tv[IO::kVecs];
+        IO::load(x + j, n, xv);
+        IO::load(t + j, n, tv);
+        CBF_UNROLL_VECS
+        for (int v = 0; v < IO::kVecs; ++v) {
+          const int64_t nv = IO::lanes(n, v);
+          if (nv == 0) break;
+          const auto f = softmax_focal<true>(xv[v] - lsev, a.gamma);
+          lv = lv + IO::keep(tv[v] * f.loss, nv, acc_t(0));
+          gsum = gsum + IO::keep(tv[v] * f.G, nv, acc_t(0));
+        }
       }
+      loss[k] = s[k] * IO::hsum(lv);
+      cp[k] = s[k] * IO::hsum(gsum);
     }
-    out.loss = s * IO::hsum(lv);
-    cp = s * IO::hsum(gsum);
   }
+  for (int64_t k = 0; k < R; ++k)
+    if (live[k]) out[k].loss = loss[k];  // an ignored row keeps +0
   if constexpr (kGrad) {
-    cp *= a.grad_prescale;  // the mean's 1/D when known up front
-    softmax_row_grad<scalar_t, kFocal, false>(x, t, park, g, C, cp / sum_exp, s * a.grad_prescale, lse,
-                                              a.gamma);
+    // cp: the coefficient of p_k, times the mean's 1/D when known up front.
+    const V cpv = V::loadu(cp) * V(a.grad_prescale);
+    alignas(64) acc_t cpe[L], cy[L];
+    (cpv / sumv).store(cpe);                    // cp p_k = cpe e_k
+    if constexpr (kHard) (-cpv * q).store(cy);  // grad_y = cp * (p_y - 1) = -cp * (1 - p_y)
+    for (int64_t k = 0; k < R; ++k) {
+      if (!live[k]) continue;
+      const int64_t i = i0 + k;
+      scalar_t* g = a.grad + i * C;
+      const scalar_t* x = a.x + i * a.x_stride;
+      const scalar_t* t = kHard ? nullptr : a.t + i * a.t_stride;
+      softmax_row_grad<scalar_t, kFocal, kHard>(x, t, park_rows(g, C, R, k), g, C, cpe[k],
+                                                s[k] * a.grad_prescale, kHard ? acc_t(0) : lse_k[k], a.gamma);
+      if constexpr (kHard) g[y[k]] = static_cast<scalar_t>(cy[k]);
+    }
   }
-  return out;
 }
 
 // Runs `rows(i0, i1, out)` over all N rows in fixed chunks, `group` rows (at most
@@ -506,16 +492,16 @@ std::pair<double, double> run_rows(int64_t N, int64_t C, scalar_t* per_row, cons
                                      [&](int64_t i, int64_t, auto* out) { out[0] = row(i); });
 }
 
-// Hard-target softmax rows per group: about kGroupElems logits, so that a group's rows and
-// parked exps are still in cache for the gradient pass; one vector's lanes at most.
+// Softmax rows per group: about kGroupElems logits, so that a group's rows and parked exps
+// are still in cache for the gradient pass; one vector's lanes at most.
 constexpr int64_t kGroupElems = 1 << 12;
 
-template <typename scalar_t, bool kFocal, bool kGrad>
-std::pair<double, double> run_softmax_hard(const Args<scalar_t>& a, int64_t N, scalar_t* per_row) {
+template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
+std::pair<double, double> run_softmax(const Args<scalar_t>& a, int64_t N, scalar_t* per_row) {
   constexpr int64_t L = RowIO<scalar_t>::kLanes;
   const int64_t group = std::clamp<int64_t>(kGroupElems / std::max<int64_t>(a.C, 1), 1, L);
   return run_row_groups<scalar_t, L>(N, a.C, group, per_row, [&](int64_t i0, int64_t i1, auto* out) {
-    softmax_hard_rows<scalar_t, kFocal, kGrad>(a, i0, i1, out);
+    softmax_rows<scalar_t, kFocal, kGrad, kHard>(a, i0, i1, out);
   });
 }
 
@@ -538,13 +524,9 @@ std::pair<double, double> dispatch_loss(const Args<scalar_t>& a, int64_t loss_ty
                                         scalar_t* per_row) {
   switch (loss_type) {
     case kSoftmax:
-      if constexpr (kHard) return run_softmax_hard<scalar_t, false, kGrad>(a, N, per_row);
-      return run_rows<scalar_t>(N, a.C, per_row,
-                                [&](int64_t i) { return softmax_soft_row<scalar_t, false, kGrad>(a, i); });
+      return run_softmax<scalar_t, false, kGrad, kHard>(a, N, per_row);
     case kSoftmaxFocal:
-      if constexpr (kHard) return run_softmax_hard<scalar_t, true, kGrad>(a, N, per_row);
-      return run_rows<scalar_t>(N, a.C, per_row,
-                                [&](int64_t i) { return softmax_soft_row<scalar_t, true, kGrad>(a, i); });
+      return run_softmax<scalar_t, true, kGrad, kHard>(a, N, per_row);
     case kSigmoid:
       return run_rows<scalar_t>(N, a.C, per_row,
                                 [&](int64_t i) { return sigmoid_row<scalar_t, false, kGrad, kHard>(a, i); });
