@@ -203,6 +203,31 @@ def test_saturated_logits(loss_type, c, backend):
     check(x, y, w, loss_type, "sum", backend=backend)
 
 
+@pytest.mark.parametrize("case", ["softmax-hard", "softmax_focal-hard", "softmax_focal-float"])
+@pytest.mark.parametrize("c", [9, 1500])
+def test_softmax_shift_invariant_to_an_ulp_of_one(case, c, backend):
+    """As on the CPU (test_numerics): log p is (x - max) - log sum, so float32 losses and
+    gradients at logits near 1000 err by about an ulp of 1, not of 1000. (Float-target
+    cross-entropy keeps T lse - sum t x on CUDA: not in this test.)"""
+    loss_type, kind = case.split("-")
+    g = torch.Generator().manual_seed(6)
+    n, shift = 48, 1000.0
+    base = torch.randn(n, c, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, c, (n,), generator=g)
+    base[torch.arange(n), y] += torch.linspace(0, 12, n, dtype=torch.float64)
+    x = (base + shift).float()
+    if kind == "float":
+        y = torch.nn.functional.one_hot(y, c).float() * 0.9 + 0.1 / c
+    w = torch.ones(c)
+    loss, grad = run_cb_loss(x, y, w, loss_type, "none", backend=backend)
+    ref_loss, ref_grad = expected(
+        x.double() - shift, y.double() if kind == "float" else y, w, loss_type, "none"
+    )
+    tol = 16 * torch.finfo(torch.float32).eps
+    assert ((loss.double() - ref_loss).abs() / ref_loss.abs().clamp(min=1)).max() <= tol
+    assert (grad.double() - ref_grad).abs().max() <= tol
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("c", [10, 1000])
 def test_device_asserts_emulated(loss_type, c):

@@ -159,6 +159,39 @@ def test_float64_gradient_exact_at_saturated_logits_vs_mpmath(loss_type, gamma):
         )
 
 
+@pytest.mark.parametrize("shift", [1e3, 1e4])
+@pytest.mark.parametrize("kind", ["hard", "float"])
+@pytest.mark.parametrize("loss_type", ["softmax", "softmax_focal"])
+def test_float32_softmax_is_shift_invariant_to_an_ulp_of_one(device, loss_type, kind, shift):
+    """Softmax losses do not depend on the logits' offset. log p is (x - max) - log(sum), as
+    torch's log_softmax, so the float32 loss and gradient err by about an ulp of 1 wherever
+    the logits sit; x - (max + log sum) would err by an ulp of the max (6e-5 at 1000, 5e-4
+    at 10^4). Confident rows (margins up to 12) included, where 1 - p_y is small."""
+    g = torch.Generator().manual_seed(5)
+    n, c = 64, 9
+    base = torch.randn(n, c, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, c, (n,), generator=g)
+    base[torch.arange(n), y] += torch.linspace(0, 12, n, dtype=torch.float64)  # margins
+    x = (base + shift).float()  # exact: shift and base both fit float32's 24 bits here
+    if kind == "float":
+        y = torch.nn.functional.one_hot(y, c).float() * 0.9 + 0.1 / c
+    w = torch.ones(c)
+    xa = x.clone().to(device).requires_grad_()
+    loss = cbfused.class_balanced_loss(
+        xa, y.to(device), weights=w.to(device), loss_type=loss_type, gamma=2.0, reduction="none"
+    )
+    loss.sum().backward()
+    xr = (x.double() - shift).requires_grad_()  # the same logits, offset removed, in float64
+    yr = y.double() if kind == "float" else y
+    ref = R.class_balanced_loss(xr, yr, w.double(), loss_type=loss_type, gamma=2.0, reduction="none")
+    ref.sum().backward()
+    tol = 16 * torch.finfo(torch.float32).eps
+    err_loss = (loss.detach().cpu().double() - ref.detach()).abs() / ref.detach().abs().clamp(min=1)
+    err_grad = (xa.grad.cpu().double() - xr.grad).abs()
+    assert err_loss.max() <= tol, f"loss off by {err_loss.max():.2e}"
+    assert err_grad.max() <= tol, f"gradient off by {err_grad.max():.2e}"
+
+
 def _assert_ulps(got: torch.Tensor, exact: torch.Tensor, ulps: float = 4.0):
     err = (got.double() - exact).abs()
     normal = exact.abs() >= torch.finfo(torch.float32).tiny

@@ -248,8 +248,9 @@ CBF_HD at::opmath_type<scalar_t> softmax_row_max(const scalar_t* x, int64_t C) {
 }
 
 // Pass 2: sum_exp = sum of exp(x - max) and, with kTX (float-target cross-entropy),
-// sum_tx = sum t x. With kPark the exps are parked in `park` (in the accumulation type) so
-// the gradient pass needs none.
+// sum_tx = sum t (x - max) (<= 0: the loss T log(sum_exp) - sum_tx adds two terms of one
+// sign, and neither depends on the logits' offset). With kPark the exps
+// are parked in `park` (in the accumulation type) so the gradient pass needs none.
 template <typename scalar_t, bool kTX, bool kPark>
 CBF_HD void softmax_row_sums(const scalar_t* x, const scalar_t* t, int64_t C, at::opmath_type<scalar_t> mx,
                              at::opmath_type<scalar_t>* park, at::opmath_type<scalar_t>& sum_exp,
@@ -268,9 +269,10 @@ CBF_HD void softmax_row_sums(const scalar_t* x, const scalar_t* t, int64_t C, at
     for (int v = 0; v < IO::kVecs; ++v) {
       const int64_t nv = IO::lanes(n, v);
       if (nv == 0) break;
-      e[v] = MathOps<V>::exp(xv[v] - mxv);
+      const V d = xv[v] - mxv;
+      e[v] = MathOps<V>::exp(d);
       ev[u] = ev[u] + IO::keep(e[v], nv, 0);
-      if constexpr (kTX) txv[u] = at::vec::fmadd(tv[v], xv[v], txv[u]);
+      if constexpr (kTX) txv[u] = at::vec::fmadd(tv[v], d, txv[u]);
     }
     if constexpr (kPark) {
       CBF_UNROLL_VECS
@@ -290,14 +292,15 @@ CBF_HD void softmax_row_sums(const scalar_t* x, const scalar_t* t, int64_t C, at
 
 // The gradient pass, from the parked e_k = exp(x_k - max): grad_k = cpe e_k (= cp p_k),
 // less, for float targets, st t_k (cross-entropy) or st t_k G_k (focal, G of log p_k =
-// x_k - lse). For float32 / float64 `park` is the gradient row itself.
+// (x_k - max) - log sum). For float32 / float64 `park` is the gradient row itself.
 template <typename scalar_t, bool kFocal, bool kHard>
 CBF_HD void softmax_row_grad(const scalar_t* x, const scalar_t* t, const at::opmath_type<scalar_t>* park,
                              scalar_t* g, int64_t C, at::opmath_type<scalar_t> cpe,
-                             at::opmath_type<scalar_t> st, at::opmath_type<scalar_t> lse, double gamma) {
+                             at::opmath_type<scalar_t> st, at::opmath_type<scalar_t> mx,
+                             at::opmath_type<scalar_t> log_sum, double gamma) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
-  const V cpev(cpe), stv(st), lsev(lse);
+  const V cpev(cpe), stv(st), mxv(mx), lsv(log_sum);
   row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
     V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
     CBF_UNROLL_VECS
@@ -313,7 +316,7 @@ CBF_HD void softmax_row_grad(const scalar_t* x, const scalar_t* t, const at::opm
       V gk = cpev * gv[v];
       if constexpr (!kHard) {
         if constexpr (kFocal) {
-          gk = gk - stv * tv[v] * softmax_focal<true>(xv[v] - lsev, gamma).G;
+          gk = gk - stv * tv[v] * softmax_focal<true>((xv[v] - mxv) - lsv, gamma).G;
         } else {
           gk = gk - stv * tv[v];
         }
@@ -375,17 +378,20 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
     acc_t* park = kGrad ? park_rows(g, C, R, k) : nullptr;
     softmax_row_sums<scalar_t, !kHard && !kFocal, kGrad>(x, t, C, mx[k], park, sum[k], tx[k]);
     if constexpr (kHard) {
-      xy[k] = static_cast<acc_t>(x[y[k]]);
+      xy[k] = static_cast<acc_t>(x[y[k]]) - mx[k];  // x_y - max <= 0
       if constexpr (kGrad && !kFocal) ey[k] = park[y[k]];
     }
   }
   const V sumv = V::loadu(sum), sv = V::loadu(s);
-  const V lse = V::loadu(mx) + MathOps<V>::log(sumv);
-  alignas(64) acc_t loss[L], cp[L], lse_k[L];
-  if constexpr (!kHard) lse.store(lse_k);
+  // log p = (x - max) - log sum, as torch's log_softmax: its error is that of log sum (an
+  // ulp of 1 or so), not an ulp of max + log sum (6e-5 in float32 at logits near 1000,
+  // where x - (max + log sum) cancels).
+  const V ls = MathOps<V>::log(sumv);
+  alignas(64) acc_t loss[L], cp[L], ls_k[L];
+  if constexpr (!kHard) ls.store(ls_k);
   V q;  // hard targets: 1 - p_y
   if constexpr (kHard) {
-    const V logp = V::loadu(xy) - lse;
+    const V logp = V::loadu(xy) - ls;
     const auto f = softmax_focal<kFocal>(logp, a.gamma);
     (sv * f.loss).store(loss);
     (sv * f.G).store(cp);
@@ -398,9 +404,9 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
       q = -MathOps<V>::expm1(logp);
     }
   } else if constexpr (!kFocal) {
-    // sum_c t_c (lse - x_c) = T lse - sum t x.
+    // sum_c t_c (-log p_c) = T log sum - sum t (x - max).
     const V Tv = V::loadu(T);
-    (sv * (Tv * lse - V::loadu(tx))).store(loss);
+    (sv * (Tv * ls - V::loadu(tx))).store(loss);
     (sv * Tv).store(cp);
   } else {
     // Pass 3 (float-target focal), per row: sum_c t_c * focal loss, sum_c t_c G_c.
@@ -408,7 +414,7 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
       if (!live[k]) continue;
       const scalar_t* x = a.x + (i0 + k) * a.x_stride;
       const scalar_t* t = a.t + (i0 + k) * a.t_stride;
-      const V lsev(lse_k[k]);
+      const V mxv(mx[k]), lsv(ls_k[k]);
       V lv(0), gsum(0);
       for (int64_t j = 0; j < C; j += IO::kStep) {
         const int64_t n = std::min(IO::kStep, C - j);
@@ -419,7 +425,7 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
         for (int v = 0; v < IO::kVecs; ++v) {
           const int64_t nv = IO::lanes(n, v);
           if (nv == 0) break;
-          const auto f = softmax_focal<true>(xv[v] - lsev, a.gamma);
+          const auto f = softmax_focal<true>((xv[v] - mxv) - lsv, a.gamma);
           lv = lv + IO::keep(tv[v] * f.loss, nv, acc_t(0));
           gsum = gsum + IO::keep(tv[v] * f.G, nv, acc_t(0));
         }
@@ -443,7 +449,8 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
       const scalar_t* x = a.x + i * a.x_stride;
       const scalar_t* t = kHard ? nullptr : a.t + i * a.t_stride;
       softmax_row_grad<scalar_t, kFocal, kHard>(x, t, park_rows(g, C, R, k), g, C, cpe[k],
-                                                s[k] * a.grad_prescale, kHard ? acc_t(0) : lse_k[k], a.gamma);
+                                                s[k] * a.grad_prescale, mx[k], kHard ? acc_t(0) : ls_k[k],
+                                                a.gamma);
       if constexpr (kHard) g[y[k]] = static_cast<scalar_t>(cy[k]);
     }
   }

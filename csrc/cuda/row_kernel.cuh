@@ -193,7 +193,10 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
       }
     });
     ms = RR::max_sum(ms, smem_a, smem_b);
-    const acc_t lse = ms.m + ::log(ms.s);
+    // log p = (x - max) - log sum, as torch's log_softmax and the CPU kernels: the error of
+    // log sum, not an ulp of max + log sum. (Float-target cross-entropy keeps T lse - sum t
+    // x: the online pass sums t x before the max is known.)
+    const acc_t log_sum = ::log(ms.s);
     if constexpr (!kHard) {
       s = RR::sum(sw, smem_a);
       T = RR::sum(st, smem_b);
@@ -201,13 +204,13 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
     }
     acc_t cp = 0, cy = 0;
     if constexpr (kHard) {
-      const acc_t logp = static_cast<acc_t>(x[y]) - lse;
+      const acc_t logp = (static_cast<acc_t>(x[y]) - ms.m) - log_sum;
       const auto f = softmax_focal<kFoc>(logp, a.gamma);
       loss = s * f.loss;
       cp = s * f.G;
       cy = cp * ::expm1(logp);  // cp * (p_y - 1)
     } else if constexpr (!kFoc) {
-      loss = s * (T * lse - RR::sum(tx, smem_a));
+      loss = s * (T * (ms.m + log_sum) - RR::sum(tx, smem_a));
       cp = s * T;
     } else {
       acc_t lf = 0, gs = 0;
@@ -218,7 +221,7 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
         load<K>(t + c, tv);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          const auto f = softmax_focal<true>(xv[k] - lse, a.gamma);
+          const auto f = softmax_focal<true>((xv[k] - ms.m) - log_sum, a.gamma);
           lf += tv[k] * f.loss;
           gs += tv[k] * f.G;
         }
@@ -234,7 +237,7 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
         if constexpr (!kHard) load<K>(t + c, tv);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          const acc_t lp = xv[k] - lse;
+          const acc_t lp = (xv[k] - ms.m) - log_sum;
           acc_t gk = cp * ::exp(lp);
           if constexpr (kHard) {
             if (c + k == y) gk = cy;
