@@ -165,7 +165,8 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
         cache_stride > 0 ? dynamic_smem<scalar_t>() + slot * cache_stride + misalignment(x) / sizeof(scalar_t)
                          : nullptr;
     // One read of the row: online max / sum of exp (one exp per element plus one per
-    // group), and for float targets sum t w, sum t and sum t x.
+    // group), and for float targets sum t w, sum t and (cross-entropy) tx = sum t (x - m)
+    // relative to this thread's running max m, re-based as m grows.
     MaxSum<acc_t> ms{acc_t(-INFINITY), acc_t(0)};
     acc_t sw = 0, st = 0, tx = 0;
     for_each_group<kThreads, scalar_t>(sp, C, lane, [&](auto w, int64_t c) {
@@ -176,7 +177,7 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
       acc_t mx = xv[0];
 #pragma unroll
       for (int k = 1; k < K; ++k) mx = nan_max(mx, xv[k]);
-      const acc_t m = nan_max(ms.m, mx);
+      const acc_t m = nan_max(ms.m, mx), m_old = ms.m;
       if (m != acc_t(-INFINITY)) {
         acc_t sum = ms.s * ::exp(ms.m - m);
 #pragma unroll
@@ -185,17 +186,19 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
       }
       if constexpr (!kHard) {
         acc_t tv[K];
+        const acc_t st_old = st;
         add_target_sums<K>(t + c, a.w + c, tv, bad, sw, st);
         if constexpr (!kFoc) {
+          if (st_old > acc_t(0)) tx -= st_old * (m - m_old);
 #pragma unroll
-          for (int k = 0; k < K; ++k) tx += tv[k] * xv[k];
+          for (int k = 0; k < K; ++k) tx += tv[k] * (xv[k] - m);
         }
       }
     });
+    const acc_t m_thread = ms.m;
     ms = RR::max_sum(ms, smem_a, smem_b);
     // log p = (x - max) - log sum, as torch's log_softmax and the CPU kernels: the error of
-    // log sum, not an ulp of max + log sum. (Float-target cross-entropy keeps T lse - sum t
-    // x: the online pass sums t x before the max is known.)
+    // log sum, not an ulp of max + log sum.
     const acc_t log_sum = ::log(ms.s);
     if constexpr (!kHard) {
       s = RR::sum(sw, smem_a);
@@ -210,7 +213,8 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
       cp = s * f.G;
       cy = cp * ::expm1(logp);  // cp * (p_y - 1)
     } else if constexpr (!kFoc) {
-      loss = s * (T * (ms.m + log_sum) - RR::sum(tx, smem_a));
+      // sum_c t_c (-log p_c) = T log sum - sum t (x - max): two terms of one sign.
+      loss = s * (T * log_sum - RR::sum(st > acc_t(0) ? tx - st * (ms.m - m_thread) : tx, smem_a));
       cp = s * T;
     } else {
       acc_t lf = 0, gs = 0;
