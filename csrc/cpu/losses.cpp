@@ -219,8 +219,8 @@ CBF_HD void row_blocks(int64_t C, const Body& body) {
   for (; j < C; j += IO::kStep) body(j, std::min(IO::kStep, C - j), std::integral_constant<int, 0>{});
 }
 
-// The passes of a softmax row (row_max, row_sums, row_grad), shared by the hard-target
-// row groups and the float-target rows below.
+// The passes over one softmax row (max, sums, gradient), which softmax_rows runs per row
+// around the per-group vector math.
 
 // Pass 1: the row's max (padding lanes hold -inf). The hardware max may drop a NaN logit
 // here; pass 2 takes it into the sum all the same.
@@ -249,8 +249,9 @@ CBF_HD at::opmath_type<scalar_t> softmax_row_max(const scalar_t* x, int64_t C) {
 
 // Pass 2: sum_exp = sum of exp(x - max) and, with kTX (float-target cross-entropy),
 // sum_tx = sum t (x - max) (<= 0: the loss T log(sum_exp) - sum_tx adds two terms of one
-// sign, and neither depends on the logits' offset). `next`: a row to prefetch. With kPark the exps
-// are parked in `park` (in the accumulation type) so the gradient pass needs none.
+// sign, and neither depends on the logits' offset). With kPark the exps are parked in
+// `park` (in the accumulation type) so the gradient pass needs none. `next`: a row to
+// prefetch, one 64-byte line per block.
 template <typename scalar_t, bool kTX, bool kPark>
 CBF_HD void softmax_row_sums(const scalar_t* x, const scalar_t* t, int64_t C, at::opmath_type<scalar_t> mx,
                              at::opmath_type<scalar_t>* park, at::opmath_type<scalar_t>& sum_exp,
@@ -263,7 +264,7 @@ CBF_HD void softmax_row_sums(const scalar_t* x, const scalar_t* t, int64_t C, at
   for (int u = 0; u < kU; ++u) ev[u] = txv[u] = V(0);
   row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) {
     V xv[IO::kVecs], tv[IO::kVecs], e[IO::kVecs];
-    if (next) __builtin_prefetch(next + j);  // one 64-byte line of the next row per block
+    if (next) __builtin_prefetch(next + j);
     IO::load(x + j, n, xv);
     if constexpr (kTX) IO::load(t + j, n, tv);
     CBF_UNROLL_VECS
