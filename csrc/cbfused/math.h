@@ -179,6 +179,15 @@ CBF_HD void torchvision_focal_term(T x, T t, G gamma, T& loss, T& grad) {
   }
 }
 
+// log p of a softmax class from its logit x, the row's max and log(sum_c exp(x_c - max)):
+// (x - max) - log sum, as torch's log_softmax. Two terms of one sign, so the error is that
+// of log sum (an ulp of 1 or so), not an ulp of max + log sum (6e-5 in float32 at logits
+// near 1000, where x - (max + log sum) cancels).
+template <typename T>
+CBF_HD T log_softmax_of(T x, T max, T log_sum) {
+  return (x - max) - log_sum;
+}
+
 // Softmax focal factors for log p (p = softmax probability of a class):
 //   loss factor  (1 - p)^gamma * (-log p)
 //   G            = (1 - p)^gamma * (1 - gamma * p * log p / (1 - p))  >= 0

@@ -20,8 +20,9 @@ template <typename scalar_t>
 void add_into_float(float* acc, const scalar_t* src, int64_t begin, int64_t end) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
-  for (int64_t j = begin; j < end; j += IO::kStep) {
-    const int64_t n = std::min(IO::kStep, end - j);
+  acc += begin;
+  src += begin;
+  row_blocks<IO, 1>(end - begin, [&](int64_t j, int64_t n, auto) {
     V sv[IO::kVecs];
     IO::load(src + j, n, sv);
     CBF_UNROLL_VECS
@@ -31,7 +32,7 @@ void add_into_float(float* acc, const scalar_t* src, int64_t begin, int64_t end)
       float* a = acc + j + v * IO::kLanes;
       (V::loadu(a, nv) + sv[v]).store(a, nv);
     }
-  }
+  });
 }
 
 void accumulate_cpu(const at::Tensor& acc, const at::Tensor& src) {

@@ -68,8 +68,7 @@ inline void target_row_sums(const Args<scalar_t>& a, const scalar_t* t, int64_t 
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
   V sv(0), Tv(0), lo(0), hi(0);
-  for (int64_t j = 0; j < a.C; j += IO::kStep) {
-    const int64_t n = std::min(IO::kStep, a.C - j);
+  row_blocks<IO, 1>(a.C, [&](int64_t j, int64_t n, auto) {
     V tv[IO::kVecs];
     IO::load(t + j, n, tv);
     CBF_UNROLL_VECS
@@ -82,7 +81,7 @@ inline void target_row_sums(const Args<scalar_t>& a, const scalar_t* t, int64_t 
       lo = at::vec::minimum(lo, tv[v]);
       hi = at::vec::maximum(hi, tv[v]);
     }
-  }
+  });
   // minimum / maximum propagate NaN, so a NaN target fails the check too (a comparison
   // with NaN is false). One vector test per row; lane by lane only to report a bad one.
   const V ok = (lo >= V(acc_t(0))) & (hi <= V(acc_t(1)));
@@ -203,22 +202,6 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
   return out;
 }
 
-// Runs body(j, n, u) over the blocks of a row of C elements: the whole blocks U at a time
-// with u = 0 .. U-1 as compile-time constants (so a reduction can keep U independent
-// accumulators in registers: one chain would be bound by its add / max latency), then the
-// rest one block at a time with u = 0. n is the block's length, kStep but at the tail.
-template <typename IO, int U, typename Body>
-CBF_HD void row_blocks(int64_t C, const Body& body) {
-  int64_t j = 0;
-  for (; j + U * IO::kStep <= C; j += U * IO::kStep) {
-    // forced inline: an out-of-line call here spills the caller's accumulators
-    [&]<int... u>(std::integer_sequence<int, u...>) __attribute__((always_inline)) {
-      (body(j + u * IO::kStep, IO::kStep, std::integral_constant<int, u>{}), ...);
-    }(std::make_integer_sequence<int, U>{});
-  }
-  for (; j < C; j += IO::kStep) body(j, std::min(IO::kStep, C - j), std::integral_constant<int, 0>{});
-}
-
 // The passes over one softmax row (max, sums, gradient), which softmax_rows runs per row
 // around the per-group vector math.
 
@@ -318,7 +301,7 @@ CBF_HD void softmax_row_grad(const scalar_t* x, const scalar_t* t, const at::opm
       V gk = cpev * gv[v];
       if constexpr (!kHard) {
         if constexpr (kFocal) {
-          gk = gk - stv * tv[v] * softmax_focal<true>((xv[v] - mxv) - lsv, gamma).G;
+          gk = gk - stv * tv[v] * softmax_focal<true>(log_softmax_of(xv[v], mxv, lsv), gamma).G;
         } else {
           gk = gk - stv * tv[v];
         }
@@ -363,7 +346,8 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
   constexpr int64_t L = IO::kLanes;
   const int64_t C = a.C, R = i1 - i0;
   // Unused and ignored lanes: s = 0, sum = 1, the rest 0 (finite math, zero loss).
-  // xy: hard targets' x_y; float targets' T = sum t and sum t x (cross-entropy).
+  // xy, ey: hard targets' x_y and parked exp(x_y - max); T, tx: float targets' sum t and
+  // (cross-entropy) sum t (x - max).
   alignas(64) acc_t s[L] = {}, mx[L] = {}, xy[L] = {}, ey[L] = {}, T[L] = {}, tx[L] = {}, sum[L];
   int64_t y[L];
   bool live[L] = {};
@@ -384,20 +368,17 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
     const scalar_t* next = i + 1 < a.N ? x + a.x_stride : nullptr;
     softmax_row_sums<scalar_t, !kHard && !kFocal, kGrad>(x, t, C, mx[k], park, sum[k], tx[k], next);
     if constexpr (kHard) {
-      xy[k] = static_cast<acc_t>(x[y[k]]) - mx[k];  // x_y - max <= 0
+      xy[k] = static_cast<acc_t>(x[y[k]]);
       if constexpr (kGrad && !kFocal) ey[k] = park[y[k]];
     }
   }
   const V sumv = V::loadu(sum), sv = V::loadu(s);
-  // log p = (x - max) - log sum, as torch's log_softmax: its error is that of log sum (an
-  // ulp of 1 or so), not an ulp of max + log sum (6e-5 in float32 at logits near 1000,
-  // where x - (max + log sum) cancels).
   const V ls = MathOps<V>::log(sumv);
   alignas(64) acc_t loss[L], cp[L], ls_k[L];
   if constexpr (!kHard) ls.store(ls_k);
   V q;  // hard targets: 1 - p_y
   if constexpr (kHard) {
-    const V logp = V::loadu(xy) - ls;
+    const V logp = log_softmax_of(V::loadu(xy), V::loadu(mx), ls);
     const auto f = softmax_focal<kFocal>(logp, a.gamma);
     (sv * f.loss).store(loss);
     (sv * f.G).store(cp);
@@ -422,8 +403,7 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
       const scalar_t* t = a.t + (i0 + k) * a.t_stride;
       const V mxv(mx[k]), lsv(ls_k[k]);
       V lv(0), gsum(0);
-      for (int64_t j = 0; j < C; j += IO::kStep) {
-        const int64_t n = std::min(IO::kStep, C - j);
+      row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
         V xv[IO::kVecs], tv[IO::kVecs];
         IO::load(x + j, n, xv);
         IO::load(t + j, n, tv);
@@ -431,11 +411,11 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
         for (int v = 0; v < IO::kVecs; ++v) {
           const int64_t nv = IO::lanes(n, v);
           if (nv == 0) break;
-          const auto f = softmax_focal<true>((xv[v] - mxv) - lsv, a.gamma);
+          const auto f = softmax_focal<true>(log_softmax_of(xv[v], mxv, lsv), a.gamma);
           lv = lv + IO::keep(tv[v] * f.loss, nv, acc_t(0));
           gsum = gsum + IO::keep(tv[v] * f.G, nv, acc_t(0));
         }
-      }
+      });
       loss[k] = s[k] * IO::hsum(lv);
       cp[k] = s[k] * IO::hsum(gsum);
     }

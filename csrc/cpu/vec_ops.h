@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "cbfused/math.h"
 
@@ -291,6 +292,22 @@ struct RowIO {
     return at::vec::vec_reduce_all<acc_t>([](const V& a, const V& b) { return hw_max(a, b); }, v);
   }
 };
+
+// Runs body(j, n, u) over the blocks of a row of C elements: the whole blocks U at a time
+// with u = 0 .. U-1 as compile-time constants (so a reduction can keep U independent
+// accumulators in registers: one chain would be bound by its add / max latency), then the
+// rest one block at a time with u = 0. n is the block's length, kStep but at the tail.
+template <typename IO, int U, typename Body>
+CBF_HD void row_blocks(int64_t C, const Body& body) {
+  int64_t j = 0;
+  for (; j + U * IO::kStep <= C; j += U * IO::kStep) {
+    // forced inline: an out-of-line call here spills the caller's accumulators
+    [&]<int... u>(std::integer_sequence<int, u...>) __attribute__((always_inline)) {
+      (body(j + u * IO::kStep, IO::kStep, std::integral_constant<int, u>{}), ...);
+    }(std::make_integer_sequence<int, U>{});
+  }
+  for (; j < C; j += IO::kStep) body(j, std::min(IO::kStep, C - j), std::integral_constant<int, 0>{});
+}
 
 }  // namespace cpu
 }  // namespace cbfused

@@ -197,9 +197,7 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
     });
     const acc_t m_thread = ms.m;
     ms = RR::max_sum(ms, smem_a, smem_b);
-    // log p = (x - max) - log sum, as torch's log_softmax and the CPU kernels: the error of
-    // log sum, not an ulp of max + log sum.
-    const acc_t log_sum = ::log(ms.s);
+    const acc_t log_sum = ::log(ms.s);  // log p: log_softmax_of (math.h)
     if constexpr (!kHard) {
       s = RR::sum(sw, smem_a);
       T = RR::sum(st, smem_b);
@@ -207,7 +205,7 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
     }
     acc_t cp = 0, cy = 0;
     if constexpr (kHard) {
-      const acc_t logp = (static_cast<acc_t>(x[y]) - ms.m) - log_sum;
+      const acc_t logp = log_softmax_of(static_cast<acc_t>(x[y]), ms.m, log_sum);
       const auto f = softmax_focal<kFoc>(logp, a.gamma);
       loss = s * f.loss;
       cp = s * f.G;
@@ -225,7 +223,7 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
         load<K>(t + c, tv);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          const auto f = softmax_focal<true>((xv[k] - ms.m) - log_sum, a.gamma);
+          const auto f = softmax_focal<true>(log_softmax_of(xv[k], ms.m, log_sum), a.gamma);
           lf += tv[k] * f.loss;
           gs += tv[k] * f.G;
         }
@@ -241,7 +239,7 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
         if constexpr (!kHard) load<K>(t + c, tv);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          const acc_t lp = (xv[k] - ms.m) - log_sum;
+          const acc_t lp = log_softmax_of(xv[k], ms.m, log_sum);
           acc_t gk = cp * ::exp(lp);
           if constexpr (kHard) {
             if (c + k == y) gk = cy;
