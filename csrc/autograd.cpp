@@ -25,20 +25,47 @@ bool traced(const at::Tensor& t) {
          t.key_set().has(c10::DispatchKey::Functionalize);
 }
 
-// grad * scale. grad_mode 2 lets it reuse the kernel's buffer: in place when the graph is
-// not kept (nothing can read the saved gradient again), and not at all when the scale is
-// exactly 1 on the CPU (loss.backward(); reading a CPU scalar needs no device sync).
-at::Tensor scale_saved_grad(const at::Tensor& grad, const at::Tensor& scale, bool may_reuse) {
+// A one-element CPU tensor that is not being traced: its value can be read on the host
+// (no device sync) and used as a number.
+bool host_scalar(const at::Tensor& t) {
+  return !traced(t) && !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() && t.device().is_cpu() &&
+         t.numel() == 1;
+}
+
+void check_first_order(const at::Tensor& grad) {
   if (at::GradMode::is_enabled() && !traced(grad)) {
     TORCH_CHECK(
         false,
         "cbfused losses support first derivatives only (backward with create_graph=True is not supported)");
   }
+}
+
+// grad * scale. grad_mode 2 lets it reuse the kernel's buffer: in place when the graph is
+// not kept (nothing can read the saved gradient again), and not at all when the scale is
+// exactly 1 on the CPU (loss.backward(); reading a CPU scalar needs no device sync).
+at::Tensor scale_saved_grad(const at::Tensor& grad, const at::Tensor& scale, bool may_reuse) {
+  check_first_order(grad);
   if (!may_reuse || traced(grad) || traced(scale) || torch::autograd::get_current_graph_task_keep_graph()) {
     return grad * scale;
   }
-  if (scale.device().is_cpu() && scale.numel() == 1 && scale.item<double>() == 1.0) return grad;
+  if (host_scalar(scale) && scale.item<double>() == 1.0) return grad;
   return grad.mul_(scale);
+}
+
+// grad * scale for a scale known to be exactly 1: grad itself where scale_saved_grad would
+// reuse it, else a copy.
+at::Tensor unit_scaled_grad(const at::Tensor& grad, bool may_reuse) {
+  check_first_order(grad);
+  if (!may_reuse || traced(grad) || torch::autograd::get_current_graph_task_keep_graph()) return grad.clone();
+  return grad;
+}
+
+// Whether g_loss * grad_scale, two host scalars, is exactly 1 in grad_scale's type (float32,
+// or float64 for float64 logits), as their 0-dim tensor product would be.
+bool unit_product(const at::Tensor& g_loss, const at::Tensor& grad_scale) {
+  if (grad_scale.scalar_type() == at::kDouble)
+    return g_loss.item<double>() * grad_scale.item<double>() == 1.0;
+  return g_loss.item<float>() * grad_scale.item<float>() == 1.0f;
 }
 
 using CbLossFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
@@ -70,9 +97,15 @@ class CbLossFunction : public torch::autograd::Function<CbLossFunction> {
     TORCH_CHECK(grad_mode != 0,
                 "cbfused: cb_loss ran with grad_mode=0, so it saved no gradient to backpropagate");
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor scale =
-        ctx->saved_data["reduction"].toInt() == kNone ? g_loss.unsqueeze(-1) : g_loss * saved[1];
-    out[0] = scale_saved_grad(saved[0], scale, grad_mode == 2);
+    const bool none = ctx->saved_data["reduction"].toInt() == kNone;
+    if (!none && host_scalar(g_loss) && host_scalar(saved[1]) && unit_product(g_loss, saved[1])) {
+      // loss.backward() where the kernel folded the mean's 1/D into its gradient: the scale
+      // is 1, known from the two host scalars without their tensor product (a mul, and for
+      // a float16 / bfloat16 loss a cast: 7% of a bfloat16 step at 128 x 10).
+      out[0] = unit_scaled_grad(saved[0], grad_mode == 2);
+    } else {
+      out[0] = scale_saved_grad(saved[0], none ? g_loss.unsqueeze(-1) : g_loss * saved[1], grad_mode == 2);
+    }
     return out;
   }
 };

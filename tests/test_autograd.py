@@ -125,6 +125,50 @@ def test_grad_output_scaling(device, reduction):
     torch.testing.assert_close(g, gr, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["hard", "float"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "weighted_mean"])
+def test_backward_scale_is_the_tensor_product_bit_for_bit(device, dtype, kind, reduction):
+    """The backward multiplies the saved gradient by grad_output * grad_scale (float32, or
+    float64 for float64 logits), in that type: for float16 / bfloat16 one rounding of the
+    float32 product, not a product with the scale rounded to the gradient's type first. On
+    the CPU the scale is computed from the two scalars on the host; in place or not, the
+    result must be that product bit for bit."""
+    x, y = make_inputs(9, 7, dtype, device, kind, "sigmoid", seed=4)
+    w = torch.rand(7, generator=torch.Generator().manual_seed(1)).to(device) + 0.3
+    red = _ops.REDUCTIONS[reduction]
+    loss, grad, scale = torch.ops.cbfused.cb_loss(x, y, w, 2, 2.0, 0.25, red, -100, 1)
+    for go in (1.0, 0.3, -7.1):
+        g_loss = torch.tensor(go, dtype=dtype, device=device)
+        expected = (grad.to(scale.dtype) * (g_loss.to(scale.dtype) * scale)).to(dtype)
+        xr = x.detach().clone().requires_grad_()
+        out = cbfused.class_balanced_loss(
+            xr, y, weights=w, loss_type="focal", gamma=2.0, alpha=0.25, reduction=reduction
+        )
+        (g_keep,) = torch.autograd.grad(out, xr, g_loss, retain_graph=True)  # out of place
+        (g_reuse,) = torch.autograd.grad(out, xr, g_loss)  # the saved buffer, scaled in place
+        assert g_keep.dtype == dtype
+        assert torch.equal(g_keep, expected), (go, (g_keep - expected).abs().max())
+        assert torch.equal(g_reuse, expected), (go, (g_reuse - expected).abs().max())
+
+
+def test_backward_scale_one_from_two_scalars_that_are_not_one(device):
+    """grad_output 2 times the mean's 1/D = 1/2 is a scale of exactly 1: the gradient is the
+    kernel's saved one unscaled (not halved, not doubled), in place or not."""
+    x, _ = make_inputs(4, 3, torch.float32, device, "float", "sigmoid", seed=6)
+    t = torch.tensor([[1.0, 0, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0]], device=device)  # D = 2
+    w = torch.ones(3, device=device)
+    _, grad, scale = torch.ops.cbfused.cb_loss(x, t, w, 1, 0.0, -1.0, 2, -100, 1)
+    assert scale.item() == 0.5
+    go = torch.tensor(2.0, device=device)
+    xr = x.detach().clone().requires_grad_()
+    out = cbfused.class_balanced_loss(xr, t, weights=w, loss_type="sigmoid", reduction="mean")
+    (g_keep,) = torch.autograd.grad(out, xr, go, retain_graph=True)
+    (g_reuse,) = torch.autograd.grad(out, xr, go)
+    assert torch.equal(g_keep, grad)
+    assert torch.equal(g_reuse, grad)
+
+
 def test_double_backward_raises(device):
     x, y = make_inputs(5, 4, torch.float64, device, "hard", seed=5)
     x.requires_grad_()
