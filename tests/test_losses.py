@@ -85,6 +85,31 @@ def test_non_contiguous_and_offset_views(device, loss_type):
         assert_close_scaled(ga, gb, dtype)
 
 
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_class_weights_of_any_float_dtype_and_stride(device, logits_dtype):
+    """The class weights are read in the accumulation type (float64 for float64 logits, else
+    float32) from any floating dtype and any stride: the result is bit for bit that of the
+    weights converted up front, for both ops."""
+    x, y = make_inputs(13, 11, logits_dtype, device, "hard", seed=9)
+    acc = torch.float64 if logits_dtype == torch.float64 else torch.float32
+    base = torch.rand(22, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(device) + 0.25
+    t = (torch.rand(13, 11, generator=torch.Generator().manual_seed(3)) > 0.6).to(logits_dtype).to(device)
+    for wdt in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        for w in (base.to(wdt)[:11], base.to(wdt)[::2]):  # contiguous, and stride 2
+            w_acc = w.to(acc).contiguous()
+            for lt in range(4):
+                a = torch.ops.cbfused.cb_loss(x, y, w, lt, 2.0, -1.0, 0, -100, 1)
+                b = torch.ops.cbfused.cb_loss(x, y, w_acc, lt, 2.0, -1.0, 0, -100, 1)
+                assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (wdt, w.stride(), lt)
+            a = torch.ops.cbfused.sigmoid_focal(x, t, w, 0.25, 2.0, 0, 1)
+            b = torch.ops.cbfused.sigmoid_focal(x, t, w_acc, 0.25, 2.0, 0, 1)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (wdt, w.stride())
+            # and the weights are used at all: doubling them doubles the loss
+            c = torch.ops.cbfused.cb_loss(x, y, w * 2, 1, 2.0, -1.0, 0, -100, 1)
+            d = torch.ops.cbfused.cb_loss(x, y, w_acc, 1, 2.0, -1.0, 0, -100, 1)
+            assert torch.equal(c[0].double(), 2 * d[0].double())
+
+
 @pytest.mark.parametrize("shape", [(1000, 37), (200, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("kind", ["hard", "float"])
 @pytest.mark.parametrize("loss_type", ["softmax", "softmax_focal"])
