@@ -140,8 +140,8 @@ CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1) {
     T m;
     if (pow_k >= 0) {
       const T base = convex<kZeroT>(t, u, L.sig_neg, L.sig_pos);  // 1 - p_t
-      m = T(1);
-      for (int k = 0; k < pow_k; ++k) m = m * base;
+      m = pow_k == 0 ? T(1) : base;  // base^pow_k; 1 * base would be base exactly
+      for (int k = 1; k < pow_k; ++k) m = m * base;
     } else {
       m = O::exp(-g * convex<kZeroT>(t, u, L.sp_pos, L.sp_neg));
     }

@@ -149,7 +149,12 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
   acc_t s = 0, T = 0;
   int64_t y = -1;
   if (!row_target<scalar_t, kHard, kGrad>(a, i, t, g, y, s, T, out)) return out;
-  const bool has_alpha = a.alpha >= acc_t(0);
+  // The row's constants as locals: as far as the compiler knows, the gradient stores may
+  // alias `a`, so a.gamma and a.alpha used in the block loop were loaded again (and t = 0's
+  // alpha_t recomputed as scalars) for every vector.
+  const acc_t gamma = a.gamma, alpha = a.alpha;
+  const bool has_alpha = alpha >= acc_t(0);
+  const V alpha_t0 = alpha_t(V(0), alpha);  // alpha_t of t = 0
   // Hard targets are exactly 0 / 1: an integer gamma needs no second exp.
   const int pow_k = kHard ? a.gamma_int : -1;
   const V sv(s * a.grad_prescale);
@@ -177,9 +182,9 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
       gv[v] = V(0);
       if (nv == 0) break;  // a float16 / bfloat16 tail of <= 16: no math on padding
       V lv, dv;
-      binary_term<kFocal, kGrad, kZeroT>(xv[v], tv[v], a.gamma, lv, dv, pow_k);
+      binary_term<kFocal, kGrad, kZeroT>(xv[v], tv[v], gamma, lv, dv, pow_k);
       if (has_alpha) {
-        const V at = alpha_t(tv[v], a.alpha);
+        const V at = kZeroT ? alpha_t0 : alpha_t(tv[v], alpha);
         lv = lv * at;
         if constexpr (kGrad) dv = dv * at;
       }
