@@ -40,14 +40,18 @@ void check_first_order(const at::Tensor& grad) {
   }
 }
 
-// grad * scale. grad_mode 2 lets it reuse the kernel's buffer: in place when the graph is
-// not kept (nothing can read the saved gradient again), and not at all when the scale is
-// exactly 1 on the CPU (loss.backward(); reading a CPU scalar needs no device sync).
+// Whether the backward may hand over or scale in place the kernel's saved gradient
+// (grad_mode 2): only outside tracing and when the graph is not kept, so that nothing can
+// read the saved gradient again.
+bool reuse_saved(const at::Tensor& grad, bool may_reuse) {
+  return may_reuse && !traced(grad) && !torch::autograd::get_current_graph_task_keep_graph();
+}
+
+// grad * scale: in place where the saved gradient may be reused, and not at all when the
+// scale is exactly 1 on the CPU (loss.backward(); reading a CPU scalar needs no device sync).
 at::Tensor scale_saved_grad(const at::Tensor& grad, const at::Tensor& scale, bool may_reuse) {
   check_first_order(grad);
-  if (!may_reuse || traced(grad) || traced(scale) || torch::autograd::get_current_graph_task_keep_graph()) {
-    return grad * scale;
-  }
+  if (!reuse_saved(grad, may_reuse) || traced(scale)) return grad * scale;
   if (host_scalar(scale) && scale.item<double>() == 1.0) return grad;
   return grad.mul_(scale);
 }
@@ -56,8 +60,7 @@ at::Tensor scale_saved_grad(const at::Tensor& grad, const at::Tensor& scale, boo
 // reuse it, else a copy.
 at::Tensor unit_scaled_grad(const at::Tensor& grad, bool may_reuse) {
   check_first_order(grad);
-  if (!may_reuse || traced(grad) || torch::autograd::get_current_graph_task_keep_graph()) return grad.clone();
-  return grad;
+  return reuse_saved(grad, may_reuse) ? grad : grad.clone();
 }
 
 // Whether g_loss * grad_scale, two host scalars, is exactly 1 in grad_scale's type (float32,
