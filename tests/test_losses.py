@@ -35,7 +35,7 @@ def test_matrix_against_reference(device, loss_type, kind, reduction, dtype):
     n, c = 67, 37
     x, y = make_inputs(n, c, dtype, device, kind, loss_type, seed=hash((loss_type, kind)) % 1000)
     w = cbfused.class_balanced_weights(make_counts(c), 0.999, device=device)
-    alpha = 0.3 if loss_type == "focal" else None
+    alpha = 0.3 if loss_type in ("focal", "sigmoid") else None
     ours, ref, ga, gb = run_both(x, y, w, loss_type, reduction, alpha=alpha)
     assert_close_scaled(ours, ref, dtype)
     assert_close_scaled(ga, gb, dtype)

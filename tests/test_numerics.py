@@ -227,29 +227,48 @@ def test_float32_sigmoid_terms_accurate_to_a_few_ulp_over_the_whole_range(target
     _assert_ulps(xb.grad[:, 0], torch.sigmoid(xd))
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "focal", "softmax"])
-def test_bfloat16_gradients_round_like_torch_denormals_and_nan_included(loss_type):
+@pytest.mark.parametrize(
+    "loss_type,alpha,gamma",
+    [
+        ("sigmoid", None, 0.0),
+        ("sigmoid", 0.25, 0.0),
+        ("focal", None, 0.0),
+        ("focal", 0.25, 2.0),
+        ("focal", 0.75, 1.5),
+        ("softmax", None, 0.0),
+    ],
+)
+def test_bfloat16_gradients_round_like_torch_denormals_and_nan_included(loss_type, alpha, gamma):
     """bfloat16 gradients are the float32 gradient rounded to nearest even, as torch's own
     conversion does: denormal bfloat16 results are kept, not flushed to zero (the AVX512-BF16
     conversion flushes them; a pack with a denormal lane is converted the integer way), and a
     NaN logit gives NaN where it should. Each row mixes denormal, normal and (row 1) NaN lanes
-    in the same 32-element pack."""
+    in the same 32-element pack. The class sits in the tail or in either half of the first
+    pack; alpha (which the t = 0 vectors fold into one gradient scale) on and off, integer
+    and fractional gamma. Per-sample losses are the float32 row sums, rounded once."""
     C = 40  # a whole pack of 32 and a tail of 8
-    x = torch.linspace(-96.0, 4.0, C).repeat(3, 1)
+    x = torch.linspace(-96.0, 4.0, C).repeat(5, 1)
     x[2] = torch.linspace(-90.0, -86.0, C)  # every gradient lane near the float32 normal limit
     x[1, 5] = float("nan")
     x = x.to(torch.bfloat16)
-    y = torch.tensor([C - 1, C - 1, C - 1])
-    w = torch.ones(C)
+    y = torch.tensor([C - 1, C - 1, C - 1, 20, 3])
+    w = torch.linspace(0.5, 2.0, C)
+    kw = dict(weights=w, loss_type=loss_type, gamma=gamma, alpha=alpha, reduction="none")
     xg = x.clone().requires_grad_()
-    cbfused.class_balanced_loss(xg, y, weights=w, loss_type=loss_type, gamma=0.0, reduction="sum").backward()
+    loss_bf16 = cbfused.class_balanced_loss(xg, y, **kw)
+    loss_bf16.sum().backward()
     # the float32 kernel's gradient, rounded by torch (round to nearest even, denormals kept)
     xf = x.float().requires_grad_()
-    cbfused.class_balanced_loss(xf, y, weights=w, loss_type=loss_type, gamma=0.0, reduction="sum").backward()
+    loss_f32 = cbfused.class_balanced_loss(xf, y, **kw)
+    loss_f32.sum().backward()
+    # per-sample losses: the float32 row sum, rounded once
+    torch.testing.assert_close(
+        loss_bf16.detach(), loss_f32.detach().to(torch.bfloat16), rtol=0, atol=0, equal_nan=True
+    )
     want = xf.grad.to(torch.bfloat16)
     finite = torch.isfinite(want)
     assert torch.equal(xg.grad[finite], want[finite])
     assert torch.equal(torch.isnan(xg.grad), torch.isnan(want))
     tiny = finite & (want != 0) & (want.abs() < torch.finfo(torch.bfloat16).tiny)
-    if loss_type != "softmax":  # sigmoid(-90) ~ 8e-40: bfloat16 denormals
+    if loss_type != "softmax" and gamma == 0:  # sigmoid(-90) ~ 8e-40: bfloat16 denormals
         assert tiny.sum() >= 10, tiny.sum()

@@ -121,17 +121,13 @@ inline bool row_target(const Args<scalar_t>& a, int64_t i, const scalar_t* t, sc
   return true;
 }
 
-// One-hot target vectors for the block [j, j + kStep) that holds the row's class y: a
-// lane compare, no memory round trip.
+// The one-hot target vector of the kLanes elements from k0 (which hold the row's class y):
+// a lane compare, no memory round trip.
 template <typename IO>
-inline void one_hot_block(int64_t y, int64_t j, typename IO::V* tv) {
+inline typename IO::V one_hot_vector(int64_t y, int64_t k0) {
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
-  const V lane = V::arange(acc_t(0), acc_t(1));
-  CBF_UNROLL_VECS
-  for (int v = 0; v < IO::kVecs; ++v) {
-    tv[v] = V(acc_t(1)) & (lane == V(static_cast<acc_t>(y - j - v * IO::kLanes)));
-  }
+  return V(acc_t(1)) & (V::arange(acc_t(0), acc_t(1)) == V(static_cast<acc_t>(y - k0)));
 }
 
 // Sigmoid cross-entropy and the paper's sigmoid focal loss, one row:
@@ -150,60 +146,87 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
   int64_t y = -1;
   if (!row_target<scalar_t, kHard, kGrad>(a, i, t, g, y, s, T, out)) return out;
   // The row's constants as locals: as far as the compiler knows, the gradient stores may
-  // alias `a`, so a.gamma and a.alpha used in the block loop were loaded again (and t = 0's
-  // alpha_t recomputed as scalars) for every vector.
+  // alias `a`, so a.gamma and a.alpha used in the block loop were loaded again for every
+  // vector.
   const acc_t gamma = a.gamma, alpha = a.alpha;
-  const bool has_alpha = alpha >= acc_t(0);
-  const V alpha_t0 = alpha_t(V(0), alpha);  // alpha_t of t = 0
   // Hard targets are exactly 0 / 1: an integer gamma needs no second exp.
   const int pow_k = kHard ? a.gamma_int : -1;
   const V sv(s * a.grad_prescale);
-  V lacc(0);
-  // One block of kStep elements; kZeroT: a hard-target block without the row's class
-  // (every t is 0), where binary_term folds t away.
-  // kFull: a whole block (n = kStep known at compile time: no per-vector lane counts).
-  auto block = [&](auto zero_t, auto full_t, int64_t j) {
-    constexpr bool kZeroT = decltype(zero_t)::value;
-    constexpr bool kFull = decltype(full_t)::value;
-    const int64_t n = kFull ? IO::kStep : std::min(IO::kStep, C - j);
-    V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
-    IO::load(x + j, n, xv);
-    if constexpr (kZeroT) {
-      CBF_UNROLL_VECS
-      for (int v = 0; v < IO::kVecs; ++v) tv[v] = V(0);  // t = 0 (binary_term folds it away)
-    } else if constexpr (kHard) {
-      one_hot_block<IO>(y, j, tv);
-    } else {
-      IO::load(t + j, n, tv);
-    }
-    CBF_UNROLL_VECS
-    for (int v = 0; v < IO::kVecs; ++v) {
-      const int64_t nv = IO::lanes(n, v);
-      gv[v] = V(0);
-      if (nv == 0) break;  // a float16 / bfloat16 tail of <= 16: no math on padding
+  // kAlpha (alpha given) is a compile-time branch, not a test per vector. A vector of t = 0
+  // (hard targets, away from the class) has the row constant alpha_t0: its gradient takes
+  // one factor alpha_t0 * s, and its losses are summed in lacc0 and scaled once at the end.
+  // A vector with the class scales by alpha_t * s lane by lane, so a t = 0 lane there gets
+  // the same bits as in a t = 0 vector (and a bfloat16 row the same as a float32 one).
+  auto body = [&](auto alpha_c) -> acc_t {
+    constexpr bool kAlpha = decltype(alpha_c)::value;
+    const V at0 = kAlpha ? alpha_t(V(0), alpha) : V(1);
+    const V sv0 = kAlpha ? at0 * sv : sv;
+    V lacc(0), lacc0(0);
+    // One vector: adds its loss (lanes [0, nv)) and returns its gradient.
+    auto vec = [&](auto zero_t, const V& xv, const V& tv, int64_t nv) -> V {
+      constexpr bool kZeroT = decltype(zero_t)::value;
       V lv, dv;
-      binary_term<kFocal, kGrad, kZeroT>(xv[v], tv[v], gamma, lv, dv, pow_k);
-      if (has_alpha) {
-        const V at = kZeroT ? alpha_t0 : alpha_t(tv[v], alpha);
-        lv = lv * at;
-        if constexpr (kGrad) dv = dv * at;
+      binary_term<kFocal, kGrad, kZeroT>(xv, tv, gamma, lv, dv, pow_k);
+      if constexpr (kZeroT) {
+        V& acc = kAlpha ? lacc0 : lacc;
+        acc = acc + IO::keep(lv, nv, acc_t(0));
+        return dv * sv0;
+      } else {
+        V gs = sv;
+        if constexpr (kAlpha) {
+          const V at = alpha_t(tv, alpha);
+          lv = lv * at;
+          gs = at * sv;
+        }
+        lacc = lacc + IO::keep(lv, nv, acc_t(0));
+        return dv * gs;
       }
-      lacc = lacc + IO::keep(lv, nv, acc_t(0));
-      if constexpr (kGrad) gv[v] = dv * sv;
-    }
-    if constexpr (kGrad) IO::store(g + j, n, gv);
+    };
+    // One block of kStep elements; kZeroT: a hard-target block without the row's class
+    // (every t is 0), where binary_term folds t away. kFull: a whole block (n = kStep
+    // known at compile time: no per-vector lane counts).
+    auto block = [&](auto zero_t, auto full_t, int64_t j) {
+      constexpr bool kZeroT = decltype(zero_t)::value;
+      constexpr bool kFull = decltype(full_t)::value;
+      const int64_t n = kFull ? IO::kStep : std::min(IO::kStep, C - j);
+      V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
+      IO::load(x + j, n, xv);
+      if constexpr (!kHard) IO::load(t + j, n, tv);
+      CBF_UNROLL_VECS
+      for (int v = 0; v < IO::kVecs; ++v) {
+        const int64_t nv = IO::lanes(n, v);
+        gv[v] = V(0);
+        if (nv == 0) break;  // a float16 / bfloat16 tail of <= 16: no math on padding
+        const int64_t k0 = j + v * IO::kLanes;
+        if constexpr (kZeroT) {
+          gv[v] = vec(std::true_type{}, xv[v], V(0), nv);
+        } else if constexpr (kHard) {
+          // the class block: only the vector that holds y takes the one-hot path
+          if (y >= k0 && y < k0 + IO::kLanes) {
+            gv[v] = vec(std::false_type{}, xv[v], one_hot_vector<IO>(y, k0), nv);
+          } else {
+            gv[v] = vec(std::true_type{}, xv[v], V(0), nv);
+          }
+        } else {
+          gv[v] = vec(std::false_type{}, xv[v], tv[v], nv);
+        }
+      }
+      if constexpr (kGrad) IO::store(g + j, n, gv);
+    };
+    auto run = [&](auto full_t, int64_t j) {
+      if (kHard && (y < j || y >= j + IO::kStep)) {
+        block(std::true_type{}, full_t, j);
+      } else {
+        block(std::false_type{}, full_t, j);
+      }
+    };
+    int64_t j = 0;
+    for (; j + IO::kStep <= C; j += IO::kStep) run(std::true_type{}, j);
+    if (j < C) run(std::false_type{}, j);
+    if constexpr (kAlpha) lacc = at::vec::fmadd(lacc0, at0, lacc);
+    return IO::hsum(lacc);
   };
-  auto run = [&](auto full_t, int64_t j) {
-    if (kHard && (y < j || y >= j + IO::kStep)) {
-      block(std::true_type{}, full_t, j);
-    } else {
-      block(std::false_type{}, full_t, j);
-    }
-  };
-  int64_t j = 0;
-  for (; j + IO::kStep <= C; j += IO::kStep) run(std::true_type{}, j);
-  if (j < C) run(std::false_type{}, j);
-  out.loss = s * IO::hsum(lacc);
+  out.loss = s * (alpha >= acc_t(0) ? body(std::true_type{}) : body(std::false_type{}));
   return out;
 }
 
