@@ -135,13 +135,19 @@ def test_softmax_row_groups_across_chunks(device, shape, kind, loss_type, dtype)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 5.0])
-def test_gamma_range(device, loss_type, gamma):
-    x, y = make_inputs(50, 13, torch.float64, device, "hard", loss_type, seed=int(gamma * 10))
-    w = cbfused.class_balanced_weights(make_counts(13), 0.9, device=device)
-    ours, ref, ga, gb = run_both(x, y, w, loss_type, "mean", gamma=gamma)
-    assert_close_scaled(ours, ref, torch.float64)
-    assert_close_scaled(ga, gb, torch.float64)
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 3.0, 5.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_gamma_range(device, loss_type, gamma, dtype):
+    """Every gamma path of the kernels (hard targets: an integer gamma is a product, 1 and 2
+    compiled as constants on the CPU; other values an exp), with and without alpha, in rows
+    with vectors on both sides of the class."""
+    c = 40
+    x, y = make_inputs(50, c, dtype, device, "hard", loss_type, seed=int(gamma * 10))
+    w = cbfused.class_balanced_weights(make_counts(c), 0.9, device=device)
+    for alpha in [None, 0.25] if loss_type in ("sigmoid", "focal") else [None]:
+        ours, ref, ga, gb = run_both(x, y, w, loss_type, "mean", gamma=gamma, alpha=alpha)
+        assert_close_scaled(ours, ref, dtype)
+        assert_close_scaled(ga, gb, dtype)
 
 
 def test_gamma_zero_focal_equals_sigmoid(device):
