@@ -34,16 +34,19 @@ enum LossType : int64_t { kSoftmax = 0, kSigmoid = 1, kFocal = 2, kSoftmaxFocal 
 enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2, kWeightedMean = 3 };
 
 // Primitive operations on T. Mask is what comparisons return and select takes.
+// exp_nonpos and expm1_nonpos take x <= 0 (or NaN) only: every exp of the losses is of a
+// non-positive number (e^-|x|, exp(-gamma softplus), exp(gamma log(1 - p)), exp(log p),
+// exp(x - max)), and the CPU vector exp needs no upper clamp then.
 template <typename T>
 struct MathOps;
 
 template <typename T>
 struct ScalarMathOps {
   using Mask = bool;
-  static CBF_HD T exp(T x) { return ::exp(x); }
+  static CBF_HD T exp_nonpos(T x) { return ::exp(x); }
   static CBF_HD T log(T x) { return ::log(x); }
   static CBF_HD T log1p(T x) { return ::log1p(x); }
-  static CBF_HD T expm1(T x) { return ::expm1(x); }
+  static CBF_HD T expm1_nonpos(T x) { return ::expm1(x); }
   // log1p for x in [0, 1] (the CPU vector version exploits the narrow domain).
   static CBF_HD T log1p_unit(T x) { return log1p(x); }
   static CBF_HD T abs(T x) { return ::fabs(x); }
@@ -57,11 +60,11 @@ struct ScalarMathOps {
 
 template <>
 struct MathOps<float> : ScalarMathOps<float> {
-  static CBF_HD float exp(float x) { return ::expf(x); }
+  static CBF_HD float exp_nonpos(float x) { return ::expf(x); }
   static CBF_HD float log(float x) { return ::logf(x); }
   static CBF_HD float log1p(float x) { return ::log1pf(x); }
   static CBF_HD float log1p_unit(float x) { return ::log1pf(x); }
-  static CBF_HD float expm1(float x) { return ::expm1f(x); }
+  static CBF_HD float expm1_nonpos(float x) { return ::expm1f(x); }
   static CBF_HD float abs(float x) { return ::fabsf(x); }
 };
 
@@ -82,7 +85,7 @@ template <typename T>
 CBF_HD Logistic<T> logistic(T x) {
   using O = MathOps<T>;
   const T zero(0), one(1);
-  const T e = O::exp(-O::abs(x));  // in (0, 1]
+  const T e = O::exp_nonpos(-O::abs(x));  // in (0, 1]
   const T l = O::log1p_unit(e);
   const T r = O::recip_1_2(one + e);
   const T er = e * r;
@@ -143,7 +146,7 @@ CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1) {
       m = pow_k == 0 ? T(1) : base;  // base^pow_k; 1 * base would be base exactly
       for (int k = 1; k < pow_k; ++k) m = m * base;
     } else {
-      m = O::exp(-g * convex<kZeroT>(t, u, L.sp_pos, L.sp_neg));
+      m = O::exp_nonpos(-g * convex<kZeroT>(t, u, L.sp_pos, L.sp_neg));
     }
     loss = m * bce;
     if constexpr (kGrad) {
@@ -170,7 +173,7 @@ CBF_HD void torchvision_focal_term(T x, T t, G gamma, T& loss, T& grad) {
   const T g(gamma);
   const auto b_pos = O::gt(B, zero);
   const T safe_B = O::select(b_pos, B, one);
-  const T m = O::select(b_pos, O::exp(g * O::log(safe_B)), gamma == G(0) ? one : zero);
+  const T m = O::select(b_pos, O::exp_nonpos(g * O::log(safe_B)), gamma == G(0) ? one : zero);
   loss = m * bce;
   if constexpr (kGrad) {
     const T d1 = u * L.sig_pos - t * L.sig_neg;
@@ -212,11 +215,11 @@ CBF_HD SoftmaxFocal<T> softmax_focal(T logp, G gamma) {
   } else {
     const T zero(0), one(1);
     const T g(gamma);
-    const T q = -O::expm1(logp);  // 1 - p
-    const T p = O::exp(logp);
+    const T q = -O::expm1_nonpos(logp);  // 1 - p
+    const T p = O::exp_nonpos(logp);
     const auto q_pos = O::gt(q, zero);
     const T safe_q = O::select(q_pos, q, one);
-    const T pw = O::select(q_pos, O::exp(g * O::log(safe_q)), gamma == G(0) ? one : zero);
+    const T pw = O::select(q_pos, O::exp_nonpos(g * O::log(safe_q)), gamma == G(0) ? one : zero);
     const T ratio = O::select(q_pos, logp / safe_q, -one);  // log p / (1 - p)
     out.loss = pw * (-logp);
     out.G = pw * (one - g * p * ratio);

@@ -286,7 +286,7 @@ CBF_HD void softmax_row_sums(const scalar_t* x, const scalar_t* t, int64_t C, at
       const int64_t nv = IO::lanes(n, v);
       if (nv == 0) break;
       const V d = xv[v] - mxv;
-      e[v] = MathOps<V>::exp(d);
+      e[v] = MathOps<V>::exp_nonpos(d);
       ev[u] = ev[u] + IO::keep(e[v], nv, 0);
       if constexpr (kTX) txv[u] = at::vec::fmadd(tv[v], d, txv[u]);
     }
@@ -434,7 +434,7 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
       // otherwise p_y <= 1/2.
       q = (sumv - V::loadu(ey)) / sumv;
     } else {
-      q = -MathOps<V>::expm1(logp);
+      q = -MathOps<V>::expm1_nonpos(logp);
     }
   } else if constexpr (!kFocal) {
     // sum_c t_c (-log p_c) = T log sum - sum t (x - max).

@@ -43,10 +43,10 @@ template <typename A>
 struct VecMathOps {
   using V = at::vec::Vectorized<A>;
   using Mask = V;
-  static V exp(const V& x) { return x.exp(); }
+  static V exp_nonpos(const V& x) { return x.exp(); }
   static V log(const V& x) { return x.log(); }
   static V log1p(const V& x) { return x.log1p(); }
-  static V expm1(const V& x) { return x.expm1(); }
+  static V expm1_nonpos(const V& x) { return x.expm1(); }
   // log1p(x) for x in [0, 1]: 2 atanh(s), s = x / (2 + x) in [0, 1/3], by its odd series
   // 2 s (1 + s^2/3 + s^4/5 + ...), truncated where (1/9)^K / (2K + 1) is below the
   // type's epsilon. Relative error of a few ulp over the whole domain, tiny x included,
@@ -76,13 +76,14 @@ struct VecMathOps {
 // exp is Cephes' expf: n = round(x log2 e), r = x - n ln 2 in two parts (|r| <= ln2 / 2),
 // e^r = 1 + r + r^2 P(r) with P of degree 5 (about 1 ulp), times 2^n: one vscalefps on
 // AVX512, else two factors 2^n1 2^n2 that are both normal for every n in [-150, 128];
-// either way denormal results round correctly. x is clamped to [-104, 88.8]: beyond it
-// the result is 0 or inf anyway; NaN propagates.
+// either way denormal results round correctly. x <= 0 is clamped below at -104, beyond
+// which the result is 0 anyway (no upper clamp: one instruction and, in the bfloat16
+// kernels, one register fewer; measured 2 to 5% there); NaN propagates.
 template <>
 struct MathOps<at::vec::Vectorized<float>> : VecMathOps<float> {
-  static V exp(const V& x) {
+  static V exp_nonpos(const V& x) {
     using I = at::vec::Vectorized<int32_t>;
-    const V xc = hw_min(V(88.8f), hw_max(V(-104.0f), x));  // x second: NaN stays NaN
+    const V xc = hw_max(V(-104.0f), x);  // x second: NaN stays NaN
     const V n = (xc * V(1.44269504088896341f)).round();
     V r = at::vec::fmadd(n, V(-0.693359375f), xc);
     r = at::vec::fmadd(n, V(2.12194440e-4f), r);
@@ -104,12 +105,12 @@ struct MathOps<at::vec::Vectorized<float>> : VecMathOps<float> {
     return p * s1 * s2;
 #endif
   }
-  // expm1: x + x^2 P(x) for |x| < 1/2, P the Taylor series of (e^x - 1 - x) / x^2 to x^7
-  // (truncation below 2^-28 relative), else exp(x) - 1, which cancels at most 1.6x there.
-  // About 2 ulp; inf, -inf and NaN give inf, -1 and NaN. Inline: at::vec's is Sleef's
+  // expm1 of x <= 0: x + x^2 P(x) for |x| < 1/2, P the Taylor series of (e^x - 1 - x) / x^2
+  // to x^7 (truncation below 2^-28 relative), else exp(x) - 1, which cancels at most 1.6x
+  // there. About 2 ulp; -inf and NaN give -1 and NaN. Inline: at::vec's is Sleef's
   // double-float expm1, out of line, and was most of the float-target softmax focal
   // kernel's time (two per element).
-  static V expm1(const V& x) {
+  static V expm1_nonpos(const V& x) {
     V p(1.0f / 362880.0f);
     p = at::vec::fmadd(p, x, V(1.0f / 40320.0f));
     p = at::vec::fmadd(p, x, V(1.0f / 5040.0f));
@@ -119,7 +120,7 @@ struct MathOps<at::vec::Vectorized<float>> : VecMathOps<float> {
     p = at::vec::fmadd(p, x, V(1.0f / 6.0f));
     p = at::vec::fmadd(p, x, V(0.5f));
     const V small = at::vec::fmadd(x * x, p, x);
-    const V big = exp(x) - V(1.0f);
+    const V big = exp_nonpos(x) - V(1.0f);
     return V::blendv(big, small, x.abs() < V(0.5f));
   }
   // log1p(x) for x in [0, 1] without a division: x Q(x), Q the degree-9 Chebyshev fit of
