@@ -18,6 +18,7 @@
 #include "cbfused/checks.h"
 #include "cbfused/math.h"
 #include "cbfused/row_args.h"
+#include "cpu/rows.h"
 #include "cpu/vec_ops.h"
 
 namespace cbfused {
@@ -33,204 +34,6 @@ scalar_t cast_saturating(double v) {
   const acc_t a = v > kMax ? std::numeric_limits<acc_t>::infinity()
                            : (v < -kMax ? -std::numeric_limits<acc_t>::infinity() : static_cast<acc_t>(v));
   return static_cast<scalar_t>(a);  // float -> half / bfloat16 rounds to inf past their range
-}
-
-// Rows per chunk: about kChunkElems logits, independent of the thread count.
-constexpr int64_t kChunkElems = 1 << 14;
-
-template <typename scalar_t>
-using Args = RowArgs<scalar_t>;
-
-template <typename acc_t>
-struct RowOut {
-  acc_t loss = 0;   // s_i * l_i
-  acc_t denom = 0;  // this row's share of the mean's D
-};
-
-[[noreturn]] void target_out_of_range(int64_t y, int64_t C, int64_t i, int64_t ignore_index) {
-  TORCH_CHECK(false, "cbfused: target ", y, " is out of range for ", C, " classes (sample ", i,
-              "); class indices must be in [0, ", C, ") or equal ignore_index (", ignore_index, ")");
-}
-
-template <typename acc_t>
-[[noreturn]] void float_target_out_of_range(acc_t v, int64_t i) {
-  TORCH_CHECK(v == v, "cbfused: float target nan in row ", i,
-              " is outside [0, 1]; float targets are multi-hot labels or class probabilities");
-  TORCH_CHECK(false, "cbfused: float target ", v, " in row ", i,
-              " is outside [0, 1]; float targets are multi-hot labels or class probabilities");
-}
-
-// Reads the float target row: s = sum_c t_c w_c, T = sum_c t_c; checks 0 <= t <= 1.
-template <typename scalar_t>
-inline void target_row_sums(const Args<scalar_t>& a, const scalar_t* t, int64_t i,
-                            at::opmath_type<scalar_t>& s, at::opmath_type<scalar_t>& T) {
-  using IO = RowIO<scalar_t>;
-  using V = typename IO::V;
-  using acc_t = typename IO::acc_t;
-  V sv(0), Tv(0), lo(0), hi(0);
-  row_blocks<IO, 1>(a.C, [&](int64_t j, int64_t n, auto) {
-    V tv[IO::kVecs];
-    IO::load(t + j, n, tv);
-    CBF_UNROLL_VECS
-    for (int v = 0; v < IO::kVecs; ++v) {
-      const int64_t nv = IO::lanes(n, v);
-      if (nv == 0) break;
-      const V wv = V::loadu(a.w + j + v * IO::kLanes, nv);
-      sv = at::vec::fmadd(tv[v], wv, sv);
-      Tv = Tv + tv[v];
-      lo = at::vec::minimum(lo, tv[v]);
-      hi = at::vec::maximum(hi, tv[v]);
-    }
-  });
-  // minimum / maximum propagate NaN, so a NaN target fails the check too (a comparison
-  // with NaN is false). One vector test per row; lane by lane only to report a bad one.
-  const V ok = (lo >= V(acc_t(0))) & (hi <= V(acc_t(1)));
-  if (ok.zero_mask() != 0) {
-    alignas(64) acc_t l[IO::kLanes], h[IO::kLanes];
-    lo.store(l);
-    hi.store(h);
-    for (int64_t k = 0; k < IO::kLanes; ++k) {
-      if (!(l[k] >= acc_t(0))) float_target_out_of_range(l[k], i);
-      if (!(h[k] <= acc_t(1))) float_target_out_of_range(h[k], i);
-    }
-  }
-  s = IO::hsum(sv);
-  T = IO::hsum(Tv);
-}
-
-// The row's class weight s and its share of the mean's denominator; false for
-// an ignored sample (whose gradient row is zeroed here).
-template <typename scalar_t, bool kHard, bool kGrad>
-inline bool row_target(const Args<scalar_t>& a, int64_t i, const scalar_t* t, scalar_t* g, int64_t& y,
-                       at::opmath_type<scalar_t>& s, at::opmath_type<scalar_t>& T,
-                       RowOut<at::opmath_type<scalar_t>>& out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  if constexpr (kHard) {
-    y = a.y[i];
-    if (y == a.ignore_index) {
-      if constexpr (kGrad) std::fill(g, g + a.C, scalar_t(0));
-      return false;
-    }
-    if (y < 0 || y >= a.C) target_out_of_range(y, a.C, i, a.ignore_index);
-    s = a.w[y];
-    out.denom = a.weighted ? s : acc_t(1);
-  } else {
-    target_row_sums(a, t, i, s, T);
-    out.denom = a.weighted ? s : T;
-  }
-  return true;
-}
-
-// The one-hot target vector of the kLanes elements from k0 (which hold the row's class y):
-// a lane compare, no memory round trip.
-template <typename IO>
-inline typename IO::V one_hot_vector(int64_t y, int64_t k0) {
-  using V = typename IO::V;
-  using acc_t = typename IO::acc_t;
-  return V(acc_t(1)) & (V::arange(acc_t(0), acc_t(1)) == V(static_cast<acc_t>(y - k0)));
-}
-
-// pow_k of a sigmoid row as a template constant: kAnyPow reads a.gamma_int at run time.
-constexpr int kAnyPow = -2;
-
-// Sigmoid cross-entropy and the paper's sigmoid focal loss, one row:
-//   l = s * sum_c alpha_t * m * bce(x_c, t_c),  grad_c = s * d/dx_c(...)
-// kAlpha (alpha given) and kPow (the focal power for hard targets: -1 none, k >= 0 an
-// integer gamma, kAnyPow read at run time) are template parameters, chosen once per call
-// (run_sigmoid), not tested per vector: the power's loop with a run-time trip count alone
-// cost 5 to 8% of the focal kernel at gamma = 2.
-template <typename scalar_t, bool kFocal, bool kGrad, bool kHard, bool kAlpha, int kPow>
-RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i) {
-  using IO = RowIO<scalar_t>;
-  using V = typename IO::V;
-  using acc_t = typename IO::acc_t;
-  const int64_t C = a.C;
-  const scalar_t* x = a.x + i * a.x_stride;
-  const scalar_t* t = kHard ? nullptr : a.t + i * a.t_stride;
-  scalar_t* g = kGrad ? a.grad + i * C : nullptr;
-  RowOut<acc_t> out;
-  acc_t s = 0, T = 0;
-  int64_t y = -1;
-  if (!row_target<scalar_t, kHard, kGrad>(a, i, t, g, y, s, T, out)) return out;
-  // The row's constants as locals: as far as the compiler knows, the gradient stores may
-  // alias `a`, so a.gamma and a.alpha used in the block loop were loaded again for every
-  // vector.
-  const acc_t gamma = a.gamma, alpha = a.alpha;
-  // Hard targets are exactly 0 / 1: an integer gamma needs no second exp.
-  const int pow_k = !kHard ? -1 : kPow == kAnyPow ? a.gamma_int : kPow;
-  const V sv(s * a.grad_prescale);
-  // A vector of t = 0 (hard targets, away from the class) has the row constant alpha_t0:
-  // its gradient takes one factor alpha_t0 * s, and its losses are summed in lacc0 and
-  // scaled once at the end. A vector with the class scales by alpha_t * s lane by lane, so
-  // a t = 0 lane there gets the same bits as in a t = 0 vector (and a bfloat16 row the
-  // same as a float32 one).
-  const V at0 = kAlpha ? alpha_t(V(0), alpha) : V(1);
-  const V sv0 = kAlpha ? at0 * sv : sv;
-  V lacc(0), lacc0(0);
-  // One vector: adds its loss (lanes [0, nv)) and returns its gradient.
-  auto vec = [&](auto zero_t, const V& xv, const V& tv, int64_t nv) -> V {
-    constexpr bool kZeroT = decltype(zero_t)::value;
-    V lv, dv;
-    binary_term<kFocal, kGrad, kZeroT>(xv, tv, gamma, lv, dv, pow_k);
-    if constexpr (kZeroT) {
-      V& acc = kAlpha ? lacc0 : lacc;
-      acc = acc + IO::keep(lv, nv, acc_t(0));
-      return dv * sv0;
-    } else {
-      V gs = sv;
-      if constexpr (kAlpha) {
-        const V at = alpha_t(tv, alpha);
-        lv = lv * at;
-        gs = at * sv;
-      }
-      lacc = lacc + IO::keep(lv, nv, acc_t(0));
-      return dv * gs;
-    }
-  };
-  // One block of kStep elements; kZeroT: a hard-target block without the row's class
-  // (every t is 0), where binary_term folds t away. kFull: a whole block (n = kStep
-  // known at compile time: no per-vector lane counts).
-  auto block = [&](auto zero_t, auto full_t, int64_t j) {
-    constexpr bool kZeroT = decltype(zero_t)::value;
-    constexpr bool kFull = decltype(full_t)::value;
-    const int64_t n = kFull ? IO::kStep : std::min(IO::kStep, C - j);
-    V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
-    IO::load(x + j, n, xv);
-    if constexpr (!kHard) IO::load(t + j, n, tv);
-    CBF_UNROLL_VECS
-    for (int v = 0; v < IO::kVecs; ++v) {
-      const int64_t nv = IO::lanes(n, v);
-      gv[v] = V(0);
-      if (nv == 0) break;  // a float16 / bfloat16 tail of <= 16: no math on padding
-      const int64_t k0 = j + v * IO::kLanes;
-      if constexpr (kZeroT) {
-        gv[v] = vec(std::true_type{}, xv[v], V(0), nv);
-      } else if constexpr (kHard) {
-        // the class block: only the vector that holds y takes the one-hot path
-        if (y >= k0 && y < k0 + IO::kLanes) {
-          gv[v] = vec(std::false_type{}, xv[v], one_hot_vector<IO>(y, k0), nv);
-        } else {
-          gv[v] = vec(std::true_type{}, xv[v], V(0), nv);
-        }
-      } else {
-        gv[v] = vec(std::false_type{}, xv[v], tv[v], nv);
-      }
-    }
-    if constexpr (kGrad) IO::store(g + j, n, gv);
-  };
-  auto run = [&](auto full_t, int64_t j) {
-    if (kHard && (y < j || y >= j + IO::kStep)) {
-      block(std::true_type{}, full_t, j);
-    } else {
-      block(std::false_type{}, full_t, j);
-    }
-  };
-  int64_t j = 0;
-  for (; j + IO::kStep <= C; j += IO::kStep) run(std::true_type{}, j);
-  if (j < C) run(std::false_type{}, j);
-  if constexpr (kAlpha) lacc = at::vec::fmadd(lacc0, at0, lacc);
-  out.loss = s * IO::hsum(lacc);
-  return out;
 }
 
 // The passes over one softmax row (max, sums, gradient), which softmax_rows runs per row
@@ -488,49 +291,6 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
   }
 }
 
-// Runs `rows(i0, i1, out)` over all N rows in fixed chunks, `group` rows (at most
-// kMaxGroup) a call, each filling out[0 .. i1 - i0). Writes the per-row loss when
-// `per_row` is given; returns the totals of loss and denominator.
-template <typename scalar_t, int64_t kMaxGroup, typename RowsFn>
-std::pair<double, double> run_row_groups(int64_t N, int64_t C, int64_t group, scalar_t* per_row,
-                                         const RowsFn& rows) {
-  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(C, 1));
-  const int64_t chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
-  std::vector<double> loss_part(chunks, 0.0), denom_part(chunks, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t i0 = c * rows_per_chunk, i1 = std::min(N, i0 + rows_per_chunk);
-      // Sums across rows in double: a mean can be in range while the float sum is not.
-      double l = 0, d = 0;
-      for (int64_t i = i0; i < i1; i += group) {
-        const int64_t e = std::min(i1, i + group);
-        RowOut<at::opmath_type<scalar_t>> out[kMaxGroup];
-        rows(i, e, out);
-        for (int64_t k = 0; k < e - i; ++k) {
-          if (per_row) per_row[i + k] = static_cast<scalar_t>(out[k].loss);
-          l += out[k].loss;
-          d += out[k].denom;
-        }
-      }
-      loss_part[c] = l;
-      denom_part[c] = d;
-    }
-  });
-  double l = 0, d = 0;
-  for (int64_t c = 0; c < chunks; ++c) {
-    l += loss_part[c];
-    d += denom_part[c];
-  }
-  return {l, d};
-}
-
-// run_row_groups for a function of one row.
-template <typename scalar_t, typename RowFn>
-std::pair<double, double> run_rows(int64_t N, int64_t C, scalar_t* per_row, const RowFn& row) {
-  return run_row_groups<scalar_t, 1>(N, C, 1, per_row,
-                                     [&](int64_t i, int64_t, auto* out) { out[0] = row(i); });
-}
-
 // Softmax rows per group: about kGroupElems logits, so that a group's rows and parked exps
 // are still in cache for the gradient pass; one vector's lanes at most.
 constexpr int64_t kGroupElems = 1 << 12;
@@ -542,35 +302,6 @@ std::pair<double, double> run_softmax(const Args<scalar_t>& a, int64_t N, scalar
   return run_row_groups<scalar_t, L>(N, a.C, group, per_row, [&](int64_t i0, int64_t i1, auto* out) {
     softmax_rows<scalar_t, kFocal, kGrad, kHard>(a, i0, i1, out);
   });
-}
-
-// The sigmoid / focal rows of one call, with alpha on or off and, for the focal loss with
-// hard targets, the power of a common integer gamma (1, 2) or of none as a constant.
-template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
-std::pair<double, double> run_sigmoid(const Args<scalar_t>& a, int64_t N, scalar_t* per_row) {
-  auto with_alpha = [&](auto alpha_c, auto pow_c) {
-    return run_rows<scalar_t>(N, a.C, per_row, [&](int64_t i) {
-      return sigmoid_row<scalar_t, kFocal, kGrad, kHard, decltype(alpha_c)::value, decltype(pow_c)::value>(a,
-                                                                                                           i);
-    });
-  };
-  auto with_pow = [&](auto pow_c) {
-    return a.alpha >= 0 ? with_alpha(std::true_type{}, pow_c) : with_alpha(std::false_type{}, pow_c);
-  };
-  if constexpr (!kFocal || !kHard) {
-    return with_pow(std::integral_constant<int, -1>{});
-  } else {
-    switch (a.gamma_int) {
-      case -1:
-        return with_pow(std::integral_constant<int, -1>{});
-      case 1:
-        return with_pow(std::integral_constant<int, 1>{});
-      case 2:
-        return with_pow(std::integral_constant<int, 2>{});
-      default:
-        return with_pow(std::integral_constant<int, kAnyPow>{});
-    }
-  }
 }
 
 // 1/D of the means for hard targets (D: non-ignored samples, or the sum of their class
@@ -595,10 +326,8 @@ std::pair<double, double> dispatch_loss(const Args<scalar_t>& a, int64_t loss_ty
       return run_softmax<scalar_t, false, kGrad, kHard>(a, N, per_row);
     case kSoftmaxFocal:
       return run_softmax<scalar_t, true, kGrad, kHard>(a, N, per_row);
-    case kSigmoid:
-      return run_sigmoid<scalar_t, false, kGrad, kHard>(a, N, per_row);
-    default:
-      return run_sigmoid<scalar_t, true, kGrad, kHard>(a, N, per_row);
+    default:  // kSigmoid, kFocal: sigmoid.cpp
+      return sigmoid_loss_rows<scalar_t>(a, loss_type == kFocal, kGrad, kHard, N, per_row);
   }
 }
 

@@ -82,7 +82,6 @@ struct VecMathOps {
 template <>
 struct MathOps<at::vec::Vectorized<float>> : VecMathOps<float> {
   static V exp_nonpos(const V& x) {
-    using I = at::vec::Vectorized<int32_t>;
     const V xc = hw_max(V(-104.0f), x);  // x second: NaN stays NaN
     const V n = (xc * V(1.44269504088896341f)).round();
     V r = at::vec::fmadd(n, V(-0.693359375f), xc);
@@ -97,6 +96,7 @@ struct MathOps<at::vec::Vectorized<float>> : VecMathOps<float> {
 #if defined(CPU_CAPABILITY_AVX512)
     return V(_mm512_scalef_ps(p, n));  // p 2^n in one instruction, denormals rounded
 #else
+    using I = at::vec::Vectorized<int32_t>;
     const V n1 = (n * V(0.5f)).floor();
     const V n2 = n - n1;
     const I bias(127), shift(23);

@@ -1,0 +1,166 @@
+// The row machinery of the CPU kernel files (losses.cpp: softmax, the torchvision-style
+// focal op and the entry points; sigmoid.cpp: the sigmoid / focal rows): arguments,
+// per-row outputs, a row's target and class weight, and the chunked row loop whose sums
+// do not depend on the thread count.
+//
+// In an unnamed namespace on purpose: each kernel file compiles its own copy with its own
+// optimisation options (sigmoid.cpp schedules for register pressure), and no copy is
+// shared between them at link time.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "cbfused/math.h"
+#include "cbfused/row_args.h"
+#include "cpu/vec_ops.h"
+
+namespace cbfused {
+namespace cpu {
+
+// The sigmoid / focal rows of one call (sigmoid.cpp): totals of loss and denominator, as
+// run_row_groups returns them.
+template <typename scalar_t>
+std::pair<double, double> sigmoid_loss_rows(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard,
+                                            int64_t N, scalar_t* per_row);
+
+namespace {
+
+// Rows per chunk: about kChunkElems logits, independent of the thread count.
+constexpr int64_t kChunkElems = 1 << 14;
+
+template <typename scalar_t>
+using Args = RowArgs<scalar_t>;
+
+template <typename acc_t>
+struct RowOut {
+  acc_t loss = 0;   // s_i * l_i
+  acc_t denom = 0;  // this row's share of the mean's D
+};
+
+[[noreturn]] void target_out_of_range(int64_t y, int64_t C, int64_t i, int64_t ignore_index) {
+  TORCH_CHECK(false, "cbfused: target ", y, " is out of range for ", C, " classes (sample ", i,
+              "); class indices must be in [0, ", C, ") or equal ignore_index (", ignore_index, ")");
+}
+
+template <typename acc_t>
+[[noreturn]] void float_target_out_of_range(acc_t v, int64_t i) {
+  TORCH_CHECK(v == v, "cbfused: float target nan in row ", i,
+              " is outside [0, 1]; float targets are multi-hot labels or class probabilities");
+  TORCH_CHECK(false, "cbfused: float target ", v, " in row ", i,
+              " is outside [0, 1]; float targets are multi-hot labels or class probabilities");
+}
+
+// Reads the float target row: s = sum_c t_c w_c, T = sum_c t_c; checks 0 <= t <= 1.
+template <typename scalar_t>
+inline void target_row_sums(const Args<scalar_t>& a, const scalar_t* t, int64_t i,
+                            at::opmath_type<scalar_t>& s, at::opmath_type<scalar_t>& T) {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  V sv(0), Tv(0), lo(0), hi(0);
+  row_blocks<IO, 1>(a.C, [&](int64_t j, int64_t n, auto) {
+    V tv[IO::kVecs];
+    IO::load(t + j, n, tv);
+    CBF_UNROLL_VECS
+    for (int v = 0; v < IO::kVecs; ++v) {
+      const int64_t nv = IO::lanes(n, v);
+      if (nv == 0) break;
+      const V wv = V::loadu(a.w + j + v * IO::kLanes, nv);
+      sv = at::vec::fmadd(tv[v], wv, sv);
+      Tv = Tv + tv[v];
+      lo = at::vec::minimum(lo, tv[v]);
+      hi = at::vec::maximum(hi, tv[v]);
+    }
+  });
+  // minimum / maximum propagate NaN, so a NaN target fails the check too (a comparison
+  // with NaN is false). One vector test per row; lane by lane only to report a bad one.
+  const V ok = (lo >= V(acc_t(0))) & (hi <= V(acc_t(1)));
+  if (ok.zero_mask() != 0) {
+    alignas(64) acc_t l[IO::kLanes], h[IO::kLanes];
+    lo.store(l);
+    hi.store(h);
+    for (int64_t k = 0; k < IO::kLanes; ++k) {
+      if (!(l[k] >= acc_t(0))) float_target_out_of_range(l[k], i);
+      if (!(h[k] <= acc_t(1))) float_target_out_of_range(h[k], i);
+    }
+  }
+  s = IO::hsum(sv);
+  T = IO::hsum(Tv);
+}
+
+// The row's class weight s and its share of the mean's denominator; false for
+// an ignored sample (whose gradient row is zeroed here).
+template <typename scalar_t, bool kHard, bool kGrad>
+inline bool row_target(const Args<scalar_t>& a, int64_t i, const scalar_t* t, scalar_t* g, int64_t& y,
+                       at::opmath_type<scalar_t>& s, at::opmath_type<scalar_t>& T,
+                       RowOut<at::opmath_type<scalar_t>>& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (kHard) {
+    y = a.y[i];
+    if (y == a.ignore_index) {
+      if constexpr (kGrad) std::fill(g, g + a.C, scalar_t(0));
+      return false;
+    }
+    if (y < 0 || y >= a.C) target_out_of_range(y, a.C, i, a.ignore_index);
+    s = a.w[y];
+    out.denom = a.weighted ? s : acc_t(1);
+  } else {
+    target_row_sums(a, t, i, s, T);
+    out.denom = a.weighted ? s : T;
+  }
+  return true;
+}
+
+// Runs `rows(i0, i1, out)` over all N rows in fixed chunks, `group` rows (at most
+// kMaxGroup) a call, each filling out[0 .. i1 - i0). Writes the per-row loss when
+// `per_row` is given; returns the totals of loss and denominator.
+template <typename scalar_t, int64_t kMaxGroup, typename RowsFn>
+std::pair<double, double> run_row_groups(int64_t N, int64_t C, int64_t group, scalar_t* per_row,
+                                         const RowsFn& rows) {
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(C, 1));
+  const int64_t chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
+  std::vector<double> loss_part(chunks, 0.0), denom_part(chunks, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t i0 = c * rows_per_chunk, i1 = std::min(N, i0 + rows_per_chunk);
+      // Sums across rows in double: a mean can be in range while the float sum is not.
+      double l = 0, d = 0;
+      for (int64_t i = i0; i < i1; i += group) {
+        const int64_t e = std::min(i1, i + group);
+        RowOut<at::opmath_type<scalar_t>> out[kMaxGroup];
+        rows(i, e, out);
+        for (int64_t k = 0; k < e - i; ++k) {
+          if (per_row) per_row[i + k] = static_cast<scalar_t>(out[k].loss);
+          l += out[k].loss;
+          d += out[k].denom;
+        }
+      }
+      loss_part[c] = l;
+      denom_part[c] = d;
+    }
+  });
+  double l = 0, d = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    l += loss_part[c];
+    d += denom_part[c];
+  }
+  return {l, d};
+}
+
+// run_row_groups for a function of one row.
+template <typename scalar_t, typename RowFn>
+std::pair<double, double> run_rows(int64_t N, int64_t C, scalar_t* per_row, const RowFn& row) {
+  return run_row_groups<scalar_t, 1>(N, C, 1, per_row,
+                                     [&](int64_t i, int64_t, auto* out) { out[0] = row(i); });
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace cbfused
