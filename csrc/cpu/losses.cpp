@@ -1,9 +1,9 @@
-// Fused CPU kernels: one pass per row computes the class-balanced loss and,
-// when asked, its gradient w.r.t. the logits (for reduction 'sum'; the
-// backward scales it by grad_output and by the mean's 1/D).
-//
-// Parallel over fixed chunks of rows whose partial sums are combined in chunk
-// order: the bits do not depend on the number of threads.
+// Fused CPU kernels: the entry points of both ops, the softmax rows and the
+// torchvision-style elementwise focal loss. A row's passes compute the class-balanced
+// loss and, when asked, its gradient w.r.t. the logits (for reduction 'sum'; the
+// backward scales it by grad_output and by the mean's 1/D). The sigmoid / focal rows are
+// in sigmoid.cpp; the chunked row loop both use (fixed chunks, sums in chunk order: the
+// bits do not depend on the number of threads) is in rows.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>

@@ -73,7 +73,7 @@ struct VecMathOps {
 // float32 exp, log1p_unit and recip_1_2, inline and division-free (at::vec's exp calls
 // Sleef out of line: the call spills every live vector register, and was a fifth of the
 // sigmoid kernel's time).
-// exp is Cephes' expf: n = round(x log2 e), r = x - n ln 2 in two parts (|r| <= ln2 / 2),
+// exp_nonpos is Cephes' expf: n = round(x log2 e), r = x - n ln 2 in two parts (|r| <= ln2 / 2),
 // e^r = 1 + r + r^2 P(r) with P of degree 5 (about 1 ulp), times 2^n: one vscalefps on
 // AVX512, else two factors 2^n1 2^n2 that are both normal for every n in [-150, 128];
 // either way denormal results round correctly. x <= 0 is clamped below at -104, beyond
