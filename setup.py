@@ -151,7 +151,7 @@ def emulated_cuda_extension():
         "cbfused._emulated_cuda",
         sorted(glob.glob("csrc/emulated/*.cpp")),
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O1", "-pthread"]},
+        extra_compile_args={"cxx": ["-O1", "-pthread", "-std=c++20"]},  # std::barrier
         extra_link_args=["-pthread"],
     )
 

@@ -11,6 +11,9 @@
 #include <torch/library.h>
 
 #include "cbfused/math.h"
+#if defined(CBFUSED_WITH_CUDA)
+#include "cbfused/scale_grad.h"
+#endif
 
 namespace cbfused {
 namespace {
@@ -71,6 +74,27 @@ bool unit_product(const at::Tensor& g_loss, const at::Tensor& grad_scale) {
   return g_loss.item<float>() * grad_scale.item<float>() == 1.0f;
 }
 
+// Whether the GPU's own backward scaling (cuda::scale_grad) takes these operands.
+bool device_scalars(const at::Tensor& grad, const at::Tensor& g_loss, const at::Tensor& grad_scale) {
+#if defined(CBFUSED_WITH_CUDA)
+  return grad.is_cuda() && !traced(grad) && !traced(g_loss) && !traced(grad_scale) &&
+         cuda::scale_grad_applies(grad, g_loss, grad_scale);
+#else
+  (void)grad, (void)g_loss, (void)grad_scale;
+  return false;
+#endif
+}
+
+at::Tensor scale_on_device(const at::Tensor& grad, const at::Tensor& g_loss, const at::Tensor& grad_scale,
+                           bool in_place) {
+#if defined(CBFUSED_WITH_CUDA)
+  return cuda::scale_grad(grad, g_loss, grad_scale, in_place);
+#else
+  (void)in_place;
+  return grad * (g_loss * grad_scale);
+#endif
+}
+
 using CbLossFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                 const at::Tensor&, int64_t, double, double,
                                                                 int64_t, int64_t, int64_t);
@@ -106,6 +130,12 @@ class CbLossFunction : public torch::autograd::Function<CbLossFunction> {
       // is 1, known from the two host scalars without their tensor product (a mul, and for
       // a float16 / bfloat16 loss a cast: 7% of a bfloat16 step at 128 x 10).
       out[0] = unit_scaled_grad(saved[0], grad_mode == 2);
+    } else if (!none && device_scalars(saved[0], g_loss, saved[1])) {
+      // On the GPU: one kernel forms g_loss * grad_scale on the device and scales the
+      // gradient by it in float32 (torch's mul would round the scale to a float16 /
+      // bfloat16 gradient's dtype first, and take two launches).
+      check_first_order(saved[0]);
+      out[0] = scale_on_device(saved[0], g_loss, saved[1], reuse_saved(saved[0], grad_mode == 2));
     } else {
       out[0] = scale_saved_grad(saved[0], none ? g_loss.unsqueeze(-1) : g_loss * saved[1], grad_mode == 2);
     }

@@ -23,13 +23,13 @@ bool check_grad_mode(int64_t grad_mode) {
   return grad_mode > 0;
 }
 
+at::ScalarType acc_type_of(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
 namespace {
 
 bool is_supported_float(at::ScalarType s) {
   return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
 }
-
-at::ScalarType acc_type_of(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Unit stride along the class dimension; any row stride (e.g. a column slice of a
 // wider tensor) is read in place.

@@ -47,3 +47,86 @@ def test_cuda_second_device():
     w = torch.ones(10, device="cuda:1")
     out = cbfused.class_balanced_loss(x, y, weights=w, loss_type="focal")
     assert out.device == torch.device("cuda:1")
+
+
+def _x(n=4, c=10, dtype=torch.float32):
+    return torch.randn(n, c, dtype=dtype, device="cuda")
+
+
+CUDA_BAD_INPUTS = {
+    # checks in the CUDA op's host code (C++): each must raise, not take the process down
+    "grad_mode": (
+        lambda: torch.ops.cbfused.cb_loss(
+            _x(),
+            torch.zeros(4, dtype=torch.long, device="cuda"),
+            torch.ones(10, device="cuda"),
+            0,
+            1.0,
+            -1.0,
+            2,
+            -100,
+            3,
+        ),
+        r"grad_mode must be 0, 1 or 2, got 3",
+    ),
+    "target shape": (
+        lambda: cbfused.class_balanced_loss(
+            _x(), torch.zeros(3, dtype=torch.long, device="cuda"), weights=torch.ones(10, device="cuda")
+        ),
+        r"class-index target must have shape \[4\] for logits of shape \[4, 10\], got \[3\]",
+    ),
+    "float target dtype": (
+        lambda: cbfused.class_balanced_loss(
+            _x(), torch.rand(4, 10, dtype=torch.float64, device="cuda"), weights=torch.ones(10, device="cuda")
+        ),
+        r"float target dtype Double does not match the logits' dtype Float",
+    ),
+    "focal targets shape": (
+        lambda: cbfused.sigmoid_focal_loss(_x(), torch.rand(4, 9, device="cuda")),
+        r"targets must have the inputs' shape \[4, 10\], got \[4, 9\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CUDA_BAD_INPUTS))
+def test_cuda_bad_input_raises(case):
+    fn, match = CUDA_BAD_INPUTS[case]
+    with pytest.raises(RuntimeError, match=match):
+        fn()
+    # the process and the device are fine afterwards
+    x, y = make_inputs(8, 10, torch.float32, "cuda", "hard", seed=0)
+    assert torch.isfinite(cbfused.class_balanced_loss(x, y, weights=torch.ones(10, device="cuda")))
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("kind", ["hard", "float"])
+def test_cuda_graph_capture_forward_and_backward(loss_type, kind):
+    """Forward and backward record into a CUDA graph: a host synchronisation anywhere
+    (an .item(), a device-to-host copy) would make the capture raise. A replay on new
+    logits gives what eager gives on them."""
+    c = 100
+    x, y = make_inputs(256, c, torch.float32, "cuda", kind, loss_type, seed=3)
+    w = cbfused.class_balanced_weights(make_counts(c), 0.999, device="cuda")
+    xr = x.clone().requires_grad_()
+
+    def step():
+        loss = cbfused.class_balanced_loss(xr, y, weights=w, loss_type=loss_type, gamma=2.0)
+        (gx,) = torch.autograd.grad(loss, xr)
+        return loss, gx
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm-up outside the capture (allocator, lazy init)
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss_g, gx_g = step()
+    with torch.no_grad():
+        xr.copy_(torch.randn_like(x) * 3)
+    graph.replay()
+    torch.cuda.synchronize()
+    loss_e, gx_e = step()
+    assert torch.equal(loss_g, loss_e)
+    assert torch.equal(gx_g, gx_e)

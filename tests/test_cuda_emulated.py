@@ -314,3 +314,30 @@ def test_fused_linear_chunks_on_the_emulated_kernels(loss_type, reduction, kind,
     want = run(lambda f, w, b: cbfused.class_balanced_loss(f @ w.t() + b, y, **kw))
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["new", "in_place"])
+@pytest.mark.parametrize("offset", [0, 1, 3], ids=lambda o: f"offset{o}")
+@pytest.mark.parametrize("n", [0, 1, 7, 1000, 4099])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_scale_grad_is_one_rounding_of_the_scalars_product(dtype, n, offset, in_place):
+    """The GPU backward's scaling kernel (cuda::scale_grad; on a GPU the autograd tests
+    check it through backward): grad * (g_loss * grad_scale), the two scalars multiplied
+    in float32 (float64 for float64) and each element rounded once, bit for bit what torch
+    computes on the CPU from the upcast operands. Packs, a scalar head for views that start
+    off a 16-byte boundary, and a tail."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(n + offset)
+    base = (torch.randn(n + offset, generator=g, dtype=torch.float64) * 3).to(dtype)
+    grad = base[offset:]
+    before = grad.clone()
+    for go, scale in ((1.0, 1 / 3), (-7.1, 0.3), (0.3, 1 / 45)):
+        g_loss = torch.tensor(go, dtype=dtype)
+        s = torch.tensor(scale, dtype=acc)
+        want = (before.to(acc) * (g_loss.to(acc) * s)).to(dtype)
+        work = base.clone()[offset:] if in_place else grad
+        out = torch.ops.cbfused_emu.scale_grad(work, g_loss, s, in_place)
+        assert torch.equal(out, want), (go, scale)
+        if n:
+            assert (out.data_ptr() == work.data_ptr()) is in_place
+        assert torch.equal(grad, before)  # not in place: the input is untouched

@@ -21,7 +21,7 @@ def _grads(fn, f, w, b):
     w = w.detach().clone().requires_grad_()
     b = None if b is None else b.detach().clone().requires_grad_()
     loss = fn(f, w, b)
-    go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
     inputs = [f, w] + ([b] if b is not None else [])
     gs = torch.autograd.grad(loss, inputs, go)
     return loss, gs

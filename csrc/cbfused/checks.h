@@ -47,4 +47,7 @@ std::string shape_str(const at::Tensor& t);
 // grad_mode of the ops' schemas: 0 (none), 1 or 2 (compute the gradient).
 bool check_grad_mode(int64_t grad_mode);
 
+// The accumulation type of a float dtype: float64 for float64, float32 otherwise.
+at::ScalarType acc_type_of(at::ScalarType s);
+
 }  // namespace cbfused
