@@ -429,6 +429,17 @@ def linear_cell(
     return rows
 
 
+def write_csv(rows: list[Row], path: str) -> None:
+    fields = [f for f in Row.__dataclass_fields__ if f != "extra"]
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=fields)
+        wr.writeheader()
+        for r in rows:
+            d = asdict(r)
+            d.pop("extra")
+            wr.writerow(d)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the whole grid (slow)")
@@ -470,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     rows: list[Row] = []
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{device}-{grid}.csv")
     t_start = time.time()
     for n, c in dict.fromkeys(s for s, _ in combos):
         dtypes = [dt for s, dt in combos if s == (n, c)]
@@ -528,20 +541,12 @@ def main(argv: list[str] | None = None) -> int:
                         + (f"  compile {compile_s:.1f}s" if compile_s == compile_s else ""),
                         flush=True,
                     )
+        write_csv(rows, path)  # after every shape: a run cut short keeps what it measured
     if not args.no_linear:
         lin_shapes = FULL_LINEAR if args.full else QUICK_LINEAR
         for (n, h, c), dtype in itertools.product(lin_shapes, [torch.float32, torch.bfloat16]):
             rows += linear_cell(n, h, c, dtype, device, not args.full, meta)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{device}-{grid}.csv")
-    fields = [f for f in Row.__dataclass_fields__ if f != "extra"]
-    with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=fields)
-        wr.writeheader()
-        for r in rows:
-            d = asdict(r)
-            d.pop("extra")
-            wr.writerow(d)
+    write_csv(rows, path)
     print(f"\nwrote {path} ({len(rows)} rows, {time.time() - t_start:.0f} s)\n")
     table = report.markdown_table(report.load(path))
     print(table)
