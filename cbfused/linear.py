@@ -46,6 +46,13 @@ def _cb_loss_op(*args):
 _CHUNK_BYTES = 8 << 20
 _PRODUCT_BLOCK_BYTES = 4 << 20
 _MIN_CHUNK_ROWS = 512
+# addmm with out_dtype (CUDA, torch >= 2.8): a bfloat16 / float16 product accumulated by
+# cuBLAS straight into the float32 grad_weight. Without it, on an H100 the bf16 weight
+# gradient of 4096 x 2048 x 8142 went through 64 class-block products and their bf16 ->
+# fp32 adds (0.76 ms of elementwise work, 3.6 ms fwd+bwd against 1.7 ms unfused).
+_ADDMM_OUT_DTYPE = "out_dtype" in "".join(
+    str(s) for s in torch._C._jit_get_schemas_for_operator("aten::addmm")
+)
 
 
 def auto_chunk_rows(n: int, h: int, c: int, dtype: torch.dtype = torch.float32) -> int:
@@ -80,6 +87,8 @@ def _accumulate(gw: torch.Tensor | None, gb: torch.Tensor | None, g: torch.Tenso
     if gw is not None:
         if g.dtype == gw.dtype:
             gw.addmm_(g.t(), f)  # no C x H temporary
+        elif gw.is_cuda and _ADDMM_OUT_DTYPE:
+            torch.addmm(gw, g.t(), f, out_dtype=gw.dtype, out=gw)  # float32 accumulation, no temporary
         else:
             # reduced precision: the matmul in the input dtype (CPU has no bf16 x bf16 -> fp32
             # addmm), added into the float32 accumulator by blocks of classes so that the

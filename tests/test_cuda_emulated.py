@@ -341,3 +341,20 @@ def test_scale_grad_is_one_rounding_of_the_scalars_product(dtype, n, offset, in_
         if n:
             assert (out.data_ptr() == work.data_ptr()) is in_place
         assert torch.equal(grad, before)  # not in place: the input is untouched
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "weighted_mean"])
+@pytest.mark.parametrize("n", [4096, 9001])
+def test_final_reduction_over_many_rows(n, reduction, backend):
+    """finish_kernel sums the per-row losses (and denominators) of n rows with 1024
+    threads of four accumulators each: n = 4096 is one whole step, 9001 two and a
+    partial third. In float64 the sum matches the reference to rounding; a dropped or
+    doubled row moves it far more."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 8, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 8, (n,), generator=g)
+    y[::7] = -100
+    w = torch.rand(8, generator=g, dtype=torch.float64) + 0.5
+    loss, _ = run_cb_loss(x, y, w, "sigmoid", reduction, backend=backend)
+    ref, _ = expected(x, y, w, "sigmoid", reduction)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)

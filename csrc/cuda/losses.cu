@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cuda(const at::Tensor& lo
           out.inv_norm.fill_(1);
         } else {
           const bool mean = reduction == kMean || reduction == kWeightedMean;
-          launch_kernel(finish_kernel<scalar_t, acc_t>, dim3(1), dim3(kBlock), 0, stream,
+          launch_kernel(finish_kernel<scalar_t, acc_t>, dim3(1), dim3(kFinishBlock), 0, stream,
                         static_cast<const acc_t*>(a.row_loss), static_cast<const acc_t*>(a.row_denom), plan.N,
                         mean, acc_t(1), out.loss.mutable_data_ptr<scalar_t>(),
                         out.inv_norm.mutable_data_ptr<acc_t>());
@@ -129,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_cuda(const at::Tensor& inputs, 
             reduction == kNone ? loss.mutable_data_ptr<scalar_t>() : nullptr,
             compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr, part.mutable_data_ptr<acc_t>());
         if (reduction != kNone) {
-          launch_kernel(finish_kernel<scalar_t, acc_t>, dim3(1), dim3(kBlock), 0, stream,
+          launch_kernel(finish_kernel<scalar_t, acc_t>, dim3(1), dim3(kFinishBlock), 0, stream,
                         part.const_data_ptr<acc_t>(), static_cast<const acc_t*>(nullptr), blocks, false,
                         static_cast<acc_t>(scale), loss.mutable_data_ptr<scalar_t>(),
                         static_cast<acc_t*>(nullptr));
