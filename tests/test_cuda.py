@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from testing import CUDA_BUILT, CUDA_SKIP_REASON, HAS_CUDA, LOSS_TYPES, make_counts, make_inputs
@@ -130,3 +134,30 @@ def test_cuda_graph_capture_forward_and_backward(loss_type, kind):
     loss_e, gx_e = step()
     assert torch.equal(loss_g, loss_e)
     assert torch.equal(gx_g, gx_e)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "torch.zeros(64, dtype=torch.long, device='cuda').index_fill_(0, torch.tensor([37], device='cuda'), 10)",
+        "torch.rand(64, 10, device='cuda').index_fill_(0, torch.tensor([5], device='cuda'), 1.5)",
+    ],
+    ids=["class index out of range", "float target above 1"],
+)
+def test_cuda_bad_target_is_a_device_side_assert(target):
+    """A target out of range is caught on the device, without a host sync in the op: a
+    device-side assert, as in F.cross_entropy. It leaves the CUDA context unusable, so it
+    runs in a subprocess; the process must fail with the assert, not return a loss."""
+    code = (
+        "import torch, cbfused\n"
+        "x = torch.randn(64, 10, device='cuda')\n"
+        f"loss = cbfused.class_balanced_loss(x, {target}, weights=torch.ones(10, device='cuda'), loss_type='focal')\n"
+        "torch.cuda.synchronize()\n"
+        "print('no assert: loss', loss.item())\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=dict(os.environ)
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert "device-side assert" in out, out

@@ -17,7 +17,10 @@ if HAS_CUDA and CUDA_BUILT:
 elif HAS_CUDA:
     CUDA_SKIP_REASON = "cbfused was built without CUDA kernels (FORCE_ONLY_CPU=1 or no nvcc at build time)"
 elif CUDA_BUILT:
-    CUDA_SKIP_REASON = "no CUDA GPU on this machine: the CUDA kernels are compiled here, never executed"
+    CUDA_SKIP_REASON = (
+        "no CUDA GPU on this machine: the CUDA kernels are compiled here, not executed "
+        "(benchmarks/gpu_session.sh runs these tests on a GPU; README says where they last ran)"
+    )
 else:
     CUDA_SKIP_REASON = "no CUDA GPU on this machine, and cbfused was built without CUDA kernels"
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA and CUDA_BUILT else [])
