@@ -27,14 +27,18 @@ def test_gradcheck(device, loss_type, kind, reduction):
     assert torch.autograd.gradcheck(f, (x.requires_grad_(),), eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
+@pytest.mark.parametrize("gamma", [1.5, 0.0, 1.0, 3.0])  # integer gamma: the product path
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-def test_gradcheck_sigmoid_focal_loss(device, reduction):
+def test_gradcheck_sigmoid_focal_loss(device, reduction, gamma):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
-    t = torch.rand(4, 3, 5, generator=g, dtype=torch.float64).to(device)
+    t = torch.rand(4, 3, 5, generator=g, dtype=torch.float64).to(device)  # soft targets
     w = torch.rand(5, generator=g, dtype=torch.float64).to(device)
     assert torch.autograd.gradcheck(
-        lambda x: cbfused.sigmoid_focal_loss(x, t, 0.25, 1.5, reduction, weight=w), (x,), eps=1e-6, atol=1e-7
+        lambda x: cbfused.sigmoid_focal_loss(x, t, 0.25, gamma, reduction, weight=w),
+        (x,),
+        eps=1e-6,
+        atol=1e-7,
     )
 
 

@@ -128,6 +128,15 @@ CBF_HD T convex_diff(T t, T u, T a, T b) {  // u b - t a
   }
 }
 
+// base^k for an integer k >= 0 by repeated multiplication (k = 0 gives 1, k = 1 base
+// itself: 1 * base is not formed).
+template <typename T>
+CBF_HD T integer_power(T base, int k) {
+  T m = k == 0 ? T(1) : base;
+  for (int i = 1; i < k; ++i) m = m * base;
+  return m;
+}
+
 template <bool kFocal, bool kGrad, bool kZeroT = false, typename T, typename G>
 CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1) {
   using O = MathOps<T>;
@@ -142,9 +151,7 @@ CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1) {
     const T g(gamma);
     T m;
     if (pow_k >= 0) {
-      const T base = convex<kZeroT>(t, u, L.sig_neg, L.sig_pos);  // 1 - p_t
-      m = pow_k == 0 ? T(1) : base;  // base^pow_k; 1 * base would be base exactly
-      for (int k = 1; k < pow_k; ++k) m = m * base;
+      m = integer_power(convex<kZeroT>(t, u, L.sig_neg, L.sig_pos), pow_k);  // (1 - p_t)^pow_k
     } else {
       m = O::exp_nonpos(-g * convex<kZeroT>(t, u, L.sp_pos, L.sp_neg));
     }
@@ -162,14 +169,28 @@ CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1) {
 //   dm/dx = gamma * m * sigmoid(x) sigmoid(-x) (u - t) / B
 // For binary t this equals binary_term<true>. B = 0 only when t is 0 or 1 and
 // x saturates past the dtype's range; there m -> 0 (gamma > 0) and dm -> 0.
+// pow_k >= 0: gamma is that integer (small_integer_gamma), for any t in [0, 1]: then
+// m = B^k and dm/dx = k B^(k-1) sigmoid(x) sigmoid(-x) (u - t) by multiplication, with no
+// log, exp or division (the same values to rounding; at B = 0 the same limits).
 template <bool kGrad, typename T, typename G>
-CBF_HD void torchvision_focal_term(T x, T t, G gamma, T& loss, T& grad) {
+CBF_HD void torchvision_focal_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1) {
   using O = MathOps<T>;
   const T zero(0), one(1);
   const T u = one - t;
   const Logistic<T> L = logistic(x);
   const T bce = t * L.sp_neg + u * L.sp_pos;
   const T B = u * L.sig_pos + t * L.sig_neg;
+  if (pow_k >= 0) {
+    const T pk1 = pow_k >= 1 ? integer_power(B, pow_k - 1) : one;  // B^(k-1)
+    const T mk = pow_k == 0 ? one : pk1 * B;
+    loss = mk * bce;
+    if constexpr (kGrad) {
+      const T d1 = u * L.sig_pos - t * L.sig_neg;
+      const T dm = pow_k == 0 ? zero : T(static_cast<float>(pow_k)) * pk1 * L.sig_pos * L.sig_neg * (u - t);
+      grad = dm * bce + mk * d1;
+    }
+    return;
+  }
   const T g(gamma);
   const auto b_pos = O::gt(B, zero);
   const T safe_B = O::select(b_pos, B, one);

@@ -379,6 +379,7 @@ double focal_elementwise(const FocalPlan& p, double gamma, double alpha, double 
   const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
   const int64_t K = p.K;
   const acc_t g = static_cast<acc_t>(gamma), al = static_cast<acc_t>(alpha);
+  const int pow_k = small_integer_gamma(gamma);
   const bool has_alpha = al >= acc_t(0);
   const V gs(static_cast<acc_t>(grad_scale));
   // Rows of K elements; the per-row "loss" is the row's sum.
@@ -397,7 +398,7 @@ double focal_elementwise(const FocalPlan& p, double gamma, double alpha, double 
         lv[v] = gv[v] = V(0);
         if (nv == 0) break;
         V l, d;
-        torchvision_focal_term<kGrad>(xv[v], tv[v], g, l, d);
+        torchvision_focal_term<kGrad>(xv[v], tv[v], g, l, d, pow_k);
         if (has_alpha) {
           const V at = alpha_t(tv[v], al);
           l = l * at;
