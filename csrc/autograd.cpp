@@ -85,13 +85,15 @@ bool device_scalars(const at::Tensor& grad, const at::Tensor& g_loss, const at::
 #endif
 }
 
+// Only reached where device_scalars said yes, so only in a CUDA build.
 at::Tensor scale_on_device(const at::Tensor& grad, const at::Tensor& g_loss, const at::Tensor& grad_scale,
                            bool in_place) {
 #if defined(CBFUSED_WITH_CUDA)
   return cuda::scale_grad(grad, g_loss, grad_scale, in_place);
 #else
-  (void)in_place;
-  return grad * (g_loss * grad_scale);
+  (void)g_loss, (void)grad_scale, (void)in_place;
+  TORCH_INTERNAL_ASSERT(false, "cbfused: the GPU backward scaling in a build without CUDA kernels");
+  return grad;
 #endif
 }
 
