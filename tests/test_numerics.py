@@ -227,6 +227,50 @@ def test_float32_sigmoid_terms_accurate_to_a_few_ulp_over_the_whole_range(target
     _assert_ulps(xb.grad[:, 0], torch.sigmoid(xd))
 
 
+def _rounds_from(low: torch.Tensor, f32: torch.Tensor) -> bool:
+    """Each element of `low` (float16 / bfloat16) is the float32 value, or that value moved
+    by at most 4 float32 ulps, rounded to nearest: the float32 and the reduced-precision
+    kernels are separate compilations of the same formulas, and the compiler's multiply-add
+    contraction may differ by an ulp between them, which decides a rounding that falls on a
+    tie. A value from the wrong lane, or a lane left unwritten, is not that close."""
+    step = f32.abs() * 2.0**-21
+    lo, hi = (f32 - step).to(low.dtype), (f32 + step).to(low.dtype)
+    return bool(((low == lo) | (low == hi)).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "loss_type,alpha,gamma", [("sigmoid", None, 0.0), ("focal", None, 2.0), ("focal", 0.25, 1.5)]
+)
+def test_reduced_precision_rows_are_the_float32_rows_rounded(dtype, loss_type, alpha, gamma):
+    """CPU, every column count from 1 to 72: a float16 / bfloat16 row is read as two float
+    vectors a 32-element pack, and its tail as one vector when it has at most 16 elements
+    (exactly 16 without a mask), else as a masked pack. Whatever the split, each per-sample
+    loss and each gradient element must be the float32 kernel's on the same values, rounded
+    once (_rounds_from): a lane read from the wrong place, a lane written short or a padding
+    lane summed changes them. Hard targets with the class in every position (the one-hot
+    vector of the tail included), and multi-hot float targets."""
+    for C in range(1, 73):
+        g = torch.Generator().manual_seed(C)
+        n = max(C, 3)
+        x = (torch.randn(n, C, generator=g) * 4).to(dtype)
+        y = torch.arange(n) % C
+        t = (torch.rand(n, C, generator=g) > 0.7).to(dtype)
+        w = torch.rand(C, generator=g) + 0.5
+        kw = dict(weights=w, loss_type=loss_type, gamma=gamma, alpha=alpha, reduction="none")
+        for target in (y, t):
+            xr = x.clone().requires_grad_()
+            loss = cbfused.class_balanced_loss(xr, target, **kw)
+            loss.backward(torch.ones_like(loss))
+            xf = x.float().requires_grad_()
+            tf = target if target.dtype == torch.int64 else target.float()
+            loss_f = cbfused.class_balanced_loss(xf, tf, **kw)
+            loss_f.backward(torch.ones_like(loss_f))
+            what = (C, "hard" if target is y else "multi-hot")
+            assert _rounds_from(loss.detach(), loss_f.detach()), what
+            assert _rounds_from(xr.grad, xf.grad), what
+
+
 @pytest.mark.parametrize(
     "loss_type,alpha,gamma",
     [

@@ -225,6 +225,34 @@ struct RowIO {
     }
   }
 
+  // One vector of n <= kLanes elements: the tail of a float16 / bfloat16 row when it is at
+  // most half a block. Half the bytes and conversions of load / store, and one vector of
+  // math instead of a pack's two (the second all padding).
+  static inline V load_one(const scalar_t* p, int64_t n) {
+    static_assert(kReduced, "a float32 / float64 block is one vector already");
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      const __m256i h = n == kLanes ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                    : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+      return V(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+#endif
+    return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p, n)));
+  }
+
+  static inline void store_one(scalar_t* p, int64_t n, const V& in) {
+    static_assert(kReduced, "a float32 / float64 block is one vector already");
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      const __mmask32 m = first_lanes32(n);
+      _mm256_mask_storeu_epi16(p, static_cast<__mmask16>(m),
+                               _mm512_castsi512_si256(float_to_bf16(in, V(0), m)));
+      return;
+    }
+#endif
+    at::vec::convert_from_float<scalar_t>(in, V(0)).store(p, n);
+  }
+
   static inline void store(scalar_t* p, int64_t n, const V* in) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
