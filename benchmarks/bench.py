@@ -48,7 +48,7 @@ BETA = 0.999
 ROUNDS = 5  # interleaved timing rounds per cell (see interleaved)
 QUICK_SHAPES = [(128, 10), (1024, 100), (1024, 1000), (65536, 80), (16384, 1000)]
 FULL_SHAPES = [(128, 10), (1024, 100), (1024, 1000), (1024, 8142), (65536, 80), (16384, 1000)]
-QUICK_BF16_SHAPES = [(1024, 1000), (16384, 1000)]
+QUICK_BF16_SHAPES = [(1024, 1000), (65536, 80), (16384, 1000)]
 # fused linear + loss (N, H, C): iNaturalist-sized and a 32k-class catalogue
 QUICK_LINEAR = [(4096, 2048, 8142)]
 FULL_LINEAR = [(4096, 2048, 8142), (8192, 1024, 32000)]
