@@ -244,12 +244,12 @@ def _rounds_from(low: torch.Tensor, f32: torch.Tensor) -> bool:
 )
 def test_reduced_precision_rows_are_the_float32_rows_rounded(dtype, loss_type, alpha, gamma):
     """CPU, every column count from 1 to 72: a float16 / bfloat16 row is read as two float
-    vectors a 32-element pack, and its tail as one vector when it has at most 16 elements
-    (exactly 16 without a mask), else as a masked pack. Whatever the split, each per-sample
-    loss and each gradient element must be the float32 kernel's on the same values, rounded
-    once (_rounds_from): a lane read from the wrong place, a lane written short or a padding
-    lane summed changes them. Hard targets with the class in every position (the one-hot
-    vector of the tail included), and multi-hot float targets."""
+    vectors a 32-element pack, and its tail as a masked pack or (bfloat16 on AVX512) as one
+    vector when it has at most 16 elements, exactly 16 without a mask. Whatever the split,
+    each per-sample loss and each gradient element must be the float32 kernel's on the same
+    values, rounded once (_rounds_from): a lane read from the wrong place, a lane written
+    short or a padding lane summed changes them. Hard targets with the class in every
+    position (the one-hot vector of the tail included), and multi-hot float targets."""
     for C in range(1, 73):
         g = torch.Generator().manual_seed(C)
         n = max(C, 3)

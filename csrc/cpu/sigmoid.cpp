@@ -79,7 +79,7 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
   // version out of line, and each call spilled every live vector register (zmm registers
   // are all caller-saved): at 65536 x 80 in bfloat16 (two packs and a tail of 16) sigmoid
   // took 1.17x and focal 1.14x the float32 time, 1.08x and 1.08x with it inline (one
-  // thread, alternating builds).
+  // thread, alternating builds; RowIO's one-vector tail then made them 1.06x and 1.02x).
   auto vec = [&](auto zero_t, const V& xv, const V& tv, int64_t nv) __attribute__((always_inline)) -> V {
     constexpr bool kZeroT = decltype(zero_t)::value;
     V lv, dv;
@@ -100,28 +100,18 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
     }
   };
   // One block of kStep elements; kZeroT: a hard-target block without the row's class
-  // (every t is 0), where binary_term folds t away. kShape 0: a whole block (n = kStep
-  // known at compile time: no per-vector lane counts); 1: the row's tail; 2: a float16 /
-  // bfloat16 tail of at most kLanes elements, read, computed and written as one vector
-  // (after the inlining above, 1.08x -> 1.07x for sigmoid and 1.03x for focal at 65536 x
-  // 80 bfloat16 vs float32 without alpha; 1.14x -> 1.03x at 128 x 10).
-  auto block = [&](auto zero_t, auto shape_t, int64_t j) {
+  // (every t is 0), where binary_term folds t away. kFull: a whole block (n = kStep
+  // known at compile time: no per-vector lane counts).
+  auto block = [&](auto zero_t, auto full_t, int64_t j) {
     constexpr bool kZeroT = decltype(zero_t)::value;
-    constexpr int kShape = decltype(shape_t)::value;
-    constexpr bool kFull = kShape == 0;
-    constexpr int kNV = kShape == 2 ? 1 : IO::kVecs;
+    constexpr bool kFull = decltype(full_t)::value;
     const int64_t n = kFull ? IO::kStep : std::min(IO::kStep, C - j);
     V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
-    if constexpr (kShape == 2) {
-      xv[0] = IO::load_one(x + j, n);
-      if constexpr (!kHard) tv[0] = IO::load_one(t + j, n);
-    } else {
-      IO::load(x + j, n, xv);
-      if constexpr (!kHard) IO::load(t + j, n, tv);
-    }
+    IO::load(x + j, n, xv);
+    if constexpr (!kHard) IO::load(t + j, n, tv);
     CBF_UNROLL_VECS
-    for (int v = 0; v < kNV; ++v) {
-      const int64_t nv = kShape == 2 ? n : IO::lanes(n, v);
+    for (int v = 0; v < IO::kVecs; ++v) {
+      const int64_t nv = IO::lanes(n, v);
       gv[v] = V(0);
       if (nv == 0) break;  // a float16 / bfloat16 tail of <= 16: no math on padding
       const int64_t k0 = j + v * IO::kLanes;
@@ -138,30 +128,18 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
         gv[v] = vec(std::false_type{}, xv[v], tv[v], nv);
       }
     }
-    if constexpr (kGrad) {
-      if constexpr (kShape == 2) {
-        IO::store_one(g + j, n, gv[0]);
-      } else {
-        IO::store(g + j, n, gv);
-      }
-    }
+    if constexpr (kGrad) IO::store(g + j, n, gv);
   };
-  auto run = [&](auto shape_t, int64_t j) {
+  auto run = [&](auto full_t, int64_t j) {
     if (kHard && (y < j || y >= j + IO::kStep)) {
-      block(std::true_type{}, shape_t, j);
+      block(std::true_type{}, full_t, j);
     } else {
-      block(std::false_type{}, shape_t, j);
+      block(std::false_type{}, full_t, j);
     }
   };
   int64_t j = 0;
-  for (; j + IO::kStep <= C; j += IO::kStep) run(std::integral_constant<int, 0>{}, j);
-  if constexpr (IO::kVecs > 1) {
-    if (j < C && C - j <= IO::kLanes) {
-      run(std::integral_constant<int, 2>{}, j);
-      j = C;
-    }
-  }
-  if (j < C) run(std::integral_constant<int, 1>{}, j);
+  for (; j + IO::kStep <= C; j += IO::kStep) run(std::true_type{}, j);
+  if (j < C) run(std::false_type{}, j);
   if constexpr (kAlpha) lacc = at::vec::fmadd(lacc0, at0, lacc);
   out.loss = s * IO::hsum(lacc);
   return out;
