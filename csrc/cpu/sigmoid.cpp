@@ -67,13 +67,15 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
   const int pow_k = !kHard ? -1 : kPow == kAnyPow ? a.gamma_int : kPow;
   const V sv(s * a.grad_prescale);
   // A vector of t = 0 (hard targets, away from the class) has the row constant alpha_t0:
-  // its gradient takes one factor alpha_t0 * s, and its losses are summed in lacc0 and
-  // scaled once at the end. A vector with the class scales by alpha_t * s lane by lane, so
-  // a t = 0 lane there gets the same bits as in a t = 0 vector (and a bfloat16 row the
-  // same as a float32 one).
+  // its gradient takes one factor alpha_t0 * s. A vector with the class scales by alpha_t *
+  // s lane by lane, so a t = 0 lane there gets the same bits as in a t = 0 vector (and a
+  // bfloat16 row the same as a float32 one). Losses are scaled by alpha_t element by
+  // element (t = 0: one multiply-add into the sum), as the reference and the CUDA kernels
+  // do: summing the t = 0 losses first and scaling once overflowed to inf at logits near
+  // float32's range, and alpha = 1 then gave inf * 0 = NaN for a finite loss.
   const V at0 = kAlpha ? alpha_t(V(0), alpha) : V(1);
   const V sv0 = kAlpha ? at0 * sv : sv;
-  V lacc(0), lacc0(0);
+  V lacc(0);
   // One vector: adds its loss (lanes [0, nv)) and returns its gradient. Forced inline:
   // in the float16 / bfloat16 rows, with a pack's two vectors and a tail, GCC kept the t = 0
   // version out of line, and each call spilled every live vector register (zmm registers
@@ -85,8 +87,11 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
     V lv, dv;
     binary_term<kFocal, kGrad, kZeroT>(xv, tv, gamma, lv, dv, pow_k);
     if constexpr (kZeroT) {
-      V& acc = kAlpha ? lacc0 : lacc;
-      acc = acc + IO::keep(lv, nv, acc_t(0));
+      if constexpr (kAlpha) {
+        lacc = at::vec::fmadd(IO::keep(lv, nv, acc_t(0)), at0, lacc);
+      } else {
+        lacc = lacc + IO::keep(lv, nv, acc_t(0));
+      }
       return dv * sv0;
     } else {
       V gs = sv;
@@ -140,7 +145,6 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
   int64_t j = 0;
   for (; j + IO::kStep <= C; j += IO::kStep) run(std::true_type{}, j);
   if (j < C) run(std::false_type{}, j);
-  if constexpr (kAlpha) lacc = at::vec::fmadd(lacc0, at0, lacc);
   out.loss = s * IO::hsum(lacc);
   return out;
 }
