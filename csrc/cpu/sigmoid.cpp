@@ -87,11 +87,7 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
     V lv, dv;
     binary_term<kFocal, kGrad, kZeroT>(xv, tv, gamma, lv, dv, pow_k);
     if constexpr (kZeroT) {
-      if constexpr (kAlpha) {
-        lacc = at::vec::fmadd(IO::keep(lv, nv, acc_t(0)), at0, lacc);
-      } else {
-        lacc = lacc + IO::keep(lv, nv, acc_t(0));
-      }
+      lacc = at::vec::fmadd(IO::keep(lv, nv, acc_t(0)), at0, lacc);  // at0 = 1: an exact add
       return dv * sv0;
     } else {
       V gs = sv;
