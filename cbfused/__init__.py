@@ -6,6 +6,7 @@ import torch
 
 from . import _C, reference
 from . import _ops as _ops  # registers fake kernels and autograd
+from ._ops import LOSS_KINDS, LossKind
 from .functional import class_balanced_loss, sigmoid_focal_loss
 from .init import init_sigmoid_bias_, param_groups_no_bias_decay
 from .linear import ClassBalancedLinearLoss, auto_chunk_rows, linear_class_balanced_loss
@@ -54,6 +55,8 @@ _check_cpu()
 
 __all__ = [
     "BUILD_INFO",
+    "LOSS_KINDS",
+    "LossKind",
     "ClassBalancedLinearLoss",
     "ClassBalancedLoss",
     "auto_chunk_rows",

@@ -11,18 +11,57 @@ Here: the fake (meta) kernels for torch.compile, and typed wrappers.
 
 from __future__ import annotations
 
+import functools
+import math
+from dataclasses import dataclass
+
 import torch
 
-from . import _C  # noqa: F401  (importing it registers the ops)
+from . import _C  # importing it registers the ops
 
-LOSS_TYPES = {"softmax": 0, "sigmoid": 1, "focal": 2, "softmax_focal": 3}
-REDUCTIONS = {"none": 0, "sum": 1, "mean": 2, "weighted_mean": 3}
+
+@dataclass(frozen=True)
+class LossKind:
+    """One row of the loss-kind table (csrc/cbfused/kinds.h, read through ``_C``)."""
+
+    name: str
+    code: int
+    family: str  # "softmax" (softmax over the row) or "binary" (C sigmoid terms)
+    focal: bool  # gamma applies
+    alpha: bool  # torchvision's alpha applies
+    doc: str
+
+
+LOSS_KINDS: dict[str, LossKind] = {k["name"]: LossKind(**k) for k in _C.loss_kinds()}
+LOSS_TYPES: dict[str, int] = {name: k.code for name, k in LOSS_KINDS.items()}
+SOFTMAX_FAMILY: tuple[str, ...] = tuple(n for n, k in LOSS_KINDS.items() if k.family == "softmax")
+BINARY_FAMILY: tuple[str, ...] = tuple(n for n, k in LOSS_KINDS.items() if k.family == "binary")
+FOCAL_KINDS: tuple[str, ...] = tuple(n for n, k in LOSS_KINDS.items() if k.focal)
+REDUCTIONS: dict[str, int] = dict(_C.reductions())
 _NONE = REDUCTIONS["none"]
 GRAD_NONE, GRAD_KEEP, GRAD_REUSE = 0, 1, 2
+DEFAULT_IGNORE_INDEX = -100
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# The one validation of the options of every public entry point (functional, module, linear).
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Validated options of a class-balanced loss, with the op's integer codes."""
+
+    loss_type: str
+    code: int
+    gamma: float
+    alpha: float  # -1.0: off
+    reduction: str
+    reduction_code: int
+    ignore_index: int
 
 
 def loss_type_code(loss_type: str) -> int:
@@ -36,6 +75,60 @@ def reduction_code(reduction: str, allowed: tuple[str, ...] = tuple(REDUCTIONS))
     if reduction not in allowed:
         raise ValueError(f"reduction must be one of {list(allowed)}, got {reduction!r}")
     return REDUCTIONS[reduction]
+
+
+def check_gamma(gamma: float) -> float:
+    g = float(gamma)
+    if not (math.isfinite(g) and g >= 0):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
+    return g
+
+
+def _check_options(loss_type, gamma, alpha, reduction, ignore_index) -> LossOptions:
+    code = loss_type_code(loss_type)
+    red = reduction_code(reduction)
+    g = check_gamma(gamma)
+    if alpha is None:
+        a = -1.0
+    else:
+        if not LOSS_KINDS[loss_type].alpha:
+            raise ValueError(
+                f"alpha applies to the sigmoid-based losses only, not to loss_type={loss_type!r}"
+            )
+        a = float(alpha)
+        if not 0.0 <= a <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] (or None), got {alpha}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    return LossOptions(loss_type, code, g, a, reduction, red, ignore_index)
+
+
+# Options repeat call after call: validate each combination once (they are plain values).
+_check_options_cached = functools.lru_cache(maxsize=256)(_check_options)
+
+
+def loss_options(
+    loss_type: str, gamma: float, alpha: float | None, reduction: str, ignore_index: int
+) -> LossOptions:
+    """Validates the options of a class-balanced loss (ValueError / TypeError naming the value)."""
+    if torch.compiler.is_compiling():  # dynamo traces the function, not the cache
+        return _check_options(loss_type, gamma, alpha, reduction, ignore_index)
+    try:
+        return _check_options_cached(loss_type, gamma, alpha, reduction, ignore_index)
+    except TypeError as e:
+        if "unhashable" not in str(e):
+            raise
+        return _check_options(loss_type, gamma, alpha, reduction, ignore_index)
+
+
+def check_target_options(target: torch.Tensor, ignore_index: int) -> None:
+    """What the options cannot say alone: ignore_index means nothing for float targets
+    (F.cross_entropy refuses it too)."""
+    if ignore_index != DEFAULT_IGNORE_INDEX and target.is_floating_point():
+        raise ValueError(
+            f"ignore_index={ignore_index} is set but the target is a float tensor ({target.dtype}): "
+            "ignore_index applies to class-index targets only"
+        )
 
 
 def _same_device(ref: torch.Tensor, ref_name: str, *others: tuple[torch.Tensor | None, str]) -> None:
@@ -70,28 +163,22 @@ def cb_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
     class_weight: torch.Tensor,
-    loss_type: str,
-    gamma: float,
-    alpha: float | None,
-    reduction: str,
-    ignore_index: int,
+    opts: LossOptions,
 ) -> torch.Tensor:
-    """Calls the fused op; computes the gradient only when autograd will need it."""
-    lt = loss_type_code(loss_type)
-    red = reduction_code(reduction)
+    """Calls the fused op with validated options; computes the gradient only when autograd
+    will need it."""
+    check_target_options(target, opts.ignore_index)
     _same_device(logits, "logits", (target, "target"), (class_weight, "class weights"))
-    if alpha is None:
-        a = -1.0
-    else:
-        if lt in (LOSS_TYPES["softmax"], LOSS_TYPES["softmax_focal"]):
-            raise ValueError(
-                f"alpha applies to the sigmoid-based losses only, not to loss_type={loss_type!r}"
-            )
-        a = float(alpha)
-        if not 0.0 <= a <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1] (or None), got {alpha}")
     loss, _, _ = torch.ops.cbfused.cb_loss.default(
-        logits, target, class_weight, lt, float(gamma), a, red, int(ignore_index), _grad_mode(logits)
+        logits,
+        target,
+        class_weight,
+        opts.code,
+        opts.gamma,
+        opts.alpha,
+        opts.reduction_code,
+        opts.ignore_index,
+        _grad_mode(logits),
     )
     return loss
 
@@ -124,10 +211,12 @@ def sigmoid_focal(
     reduction: str,
 ) -> torch.Tensor:
     red = reduction_code(reduction, ("none", "sum", "mean"))
+    g = check_gamma(gamma)
+    a = float(alpha)
+    if not a <= 1.0:  # NaN too
+        raise ValueError(f"alpha must be in [0, 1] (or negative to disable it), got {alpha}")
     _same_device(inputs, "inputs", (targets, "targets"), (weight, "weight"))
-    loss, _ = torch.ops.cbfused.sigmoid_focal.default(
-        inputs, targets, weight, float(alpha), float(gamma), red, _grad_mode(inputs)
-    )
+    loss, _ = torch.ops.cbfused.sigmoid_focal.default(inputs, targets, weight, a, g, red, _grad_mode(inputs))
     return loss
 
 

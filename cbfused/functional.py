@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from . import _ops
 from .weights import CountsLike, class_balanced_weights
 
 __all__ = ["class_balanced_loss", "sigmoid_focal_loss"]
+
+
+# Class weights the functional API computed, by their arguments: a training loop passes the
+# same counts every step, and class_balanced_weights costs more than a small batch's whole
+# loss (77 us for 10 classes). A tensor of counts is known by identity and version (an in-place
+# change of the counts makes a new entry); a list or tuple by its values.
+_WEIGHTS_CACHE: dict[tuple, tuple[object, torch.Tensor]] = {}
+_WEIGHTS_CACHE_SIZE = 32
+
+
+def _cached(key: tuple | None, owner: torch.Tensor | None, make) -> torch.Tensor:
+    if key is None or torch.compiler.is_compiling():
+        return make()
+    hit = _WEIGHTS_CACHE.get(key)
+    if hit is not None and (owner is None or hit[0]() is owner):
+        return hit[1]
+    w = make()
+    if len(_WEIGHTS_CACHE) >= _WEIGHTS_CACHE_SIZE:
+        _WEIGHTS_CACHE.pop(next(iter(_WEIGHTS_CACHE)))
+    _WEIGHTS_CACHE[key] = (weakref.ref(owner) if owner is not None else None, w)
+    return w
+
+
+def _key(kind: str, values, *rest) -> tuple[tuple | None, torch.Tensor | None]:
+    if isinstance(values, torch.Tensor):
+        return (kind, "tensor", id(values), values._version, *rest), values
+    try:
+        key = (kind, "seq", tuple(values), *rest)
+        hash(key)
+    except TypeError:  # not a flat sequence of numbers: no caching, the maker reports it
+        return None, None
+    return key, None
 
 
 def resolve_weights(
@@ -17,17 +51,25 @@ def resolve_weights(
     beta: float,
     zero_count: str,
 ) -> torch.Tensor:
+    """The per-class weights a functional call uses, on the logits' device."""
     if weights is not None and samples_per_class is not None:
         raise ValueError("give either samples_per_class (and beta) or weights, not both")
+    device = logits.device
     if weights is None:
         if samples_per_class is None:
             raise ValueError(
                 "class_balanced_loss needs samples_per_class (counted over the whole training set) "
                 "or ready per-class weights"
             )
-        return class_balanced_weights(samples_per_class, beta, zero_count=zero_count, device=logits.device)
+        key, owner = _key("counts", samples_per_class, beta, zero_count, str(device))
+        return _cached(
+            key,
+            owner,
+            lambda: class_balanced_weights(samples_per_class, beta, zero_count=zero_count, device=device),
+        )
     if not isinstance(weights, torch.Tensor):
-        return torch.as_tensor(weights, dtype=torch.float64, device=logits.device)
+        key, owner = _key("weights", weights, str(device))
+        return _cached(key, owner, lambda: torch.as_tensor(weights, dtype=torch.float64, device=device))
     return weights
 
 
@@ -70,8 +112,9 @@ def class_balanced_loss(
             ``F.cross_entropy(weight=...)``), ``"sum"`` or ``"none"`` ([N]).
         zero_count: policy for classes with no samples, see :func:`class_balanced_weights`.
     """
+    opts = _ops.loss_options(loss_type, gamma, alpha, reduction, ignore_index)
     w = resolve_weights(logits, samples_per_class, weights, beta, zero_count)
-    return _ops.cb_loss(logits, target, w, loss_type, gamma, alpha, reduction, ignore_index)
+    return _ops.cb_loss(logits, target, w, opts)
 
 
 def sigmoid_focal_loss(

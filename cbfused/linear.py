@@ -156,7 +156,7 @@ class _LinearCBLoss(torch.autograd.Function):
         inv = (
             None
             if d is None
-            else torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
+            else torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
         )
         if reduction == "none":
             # the per-sample gradient needs grad_output: computed (chunk by chunk) in backward
@@ -295,20 +295,15 @@ def linear_class_balanced_loss(
     cw = resolve_weights(features, samples_per_class, weights, beta, zero_count)
     if cw.shape != (c,):
         raise ValueError(f"class weights must have shape [{c}], got {list(cw.shape)}")
-    lt = _ops.loss_type_code(loss_type)
-    _ops.reduction_code(reduction)
-    a = -1.0 if alpha is None else float(alpha)
-    if alpha is not None and loss_type in ("softmax", "softmax_focal"):
-        raise ValueError(f"alpha applies to the sigmoid-based losses only, not to loss_type={loss_type!r}")
-    if not (gamma >= 0 and math.isfinite(gamma)):
-        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
+    o = _ops.loss_options(loss_type, gamma, alpha, reduction, ignore_index)
+    _ops.check_target_options(target, ignore_index)
     n = features.shape[0]
     rows = chunk_rows if chunk_rows is not None else auto_chunk_rows(n, features.shape[1], c, features.dtype)
     if rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {rows}")
     target = target.long() if not target.is_floating_point() else target
     return _LinearCBLoss.apply(
-        features, weight, bias, target, cw, lt, float(gamma), a, reduction, ignore_index, rows
+        features, weight, bias, target, cw, o.code, o.gamma, o.alpha, o.reduction, o.ignore_index, rows
     )
 
 
@@ -341,12 +336,11 @@ class ClassBalancedLinearLoss(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        _ops.loss_type_code(loss_type)
-        _ops.reduction_code(reduction)
+        _ops.loss_options(loss_type, gamma, alpha, reduction, ignore_index)
         cw = class_balanced_weights(samples_per_class, check_beta(beta), zero_count=zero_count)
         self.register_buffer("class_weight", cw)
         self.linear = nn.Linear(in_features, cw.numel(), bias=bias, device=device, dtype=dtype)
-        if bias and loss_type in ("sigmoid", "focal") and cw.numel() > 1:
+        if bias and loss_type in _ops.BINARY_FAMILY and cw.numel() > 1:
             from .init import init_sigmoid_bias_
 
             init_sigmoid_bias_(self.linear)

@@ -39,14 +39,7 @@ class ClassBalancedLoss(nn.Module):
         weights: torch.Tensor | CountsLike | None = None,
     ) -> None:
         super().__init__()
-        _ops.loss_type_code(loss_type)
-        _ops.reduction_code(reduction)
-        if not gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
-        if alpha is not None and loss_type in ("softmax", "softmax_focal"):
-            raise ValueError(
-                f"alpha applies to the sigmoid-based losses only, not to loss_type={loss_type!r}"
-            )
+        self._opts = _ops.loss_options(loss_type, gamma, alpha, reduction, ignore_index)
         if (samples_per_class is None) == (weights is None):
             raise ValueError("give exactly one of samples_per_class (with beta) or weights")
         if weights is None:
@@ -58,33 +51,39 @@ class ClassBalancedLoss(nn.Module):
                 raise ValueError(f"weights must be 1-D [C], got shape {list(w.shape)}")
             self.beta = None
         self.register_buffer("weight", w)
-        self.loss_type = loss_type
-        self.gamma = float(gamma)
-        self.alpha = alpha
-        self.reduction = reduction
-        self.ignore_index = ignore_index
+
+    # The options live in one validated record; setting one validates it with the others.
+    def _option(name: str):  # noqa: N805  (a property factory, called in the class body)
+        def get(self):
+            v = getattr(self._opts, name)
+            return None if name == "alpha" and v < 0 else v
+
+        def set_(self, value):
+            o = {f: getattr(self, f) for f in ("loss_type", "gamma", "alpha", "reduction", "ignore_index")}
+            o[name] = value
+            self._opts = _ops.loss_options(**o)
+
+        return property(get, set_)
+
+    loss_type = _option("loss_type")
+    gamma = _option("gamma")
+    alpha = _option("alpha")
+    reduction = _option("reduction")
+    ignore_index = _option("ignore_index")
+    del _option
 
     @property
     def num_classes(self) -> int:
         return self.weight.numel()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return _ops.cb_loss(
-            logits,
-            target,
-            self.weight,
-            self.loss_type,
-            self.gamma,
-            self.alpha,
-            self.reduction,
-            self.ignore_index,
-        )
+        return _ops.cb_loss(logits, target, self.weight, self._opts)
 
     def extra_repr(self) -> str:
         parts = [f"num_classes={self.num_classes}", f"loss_type={self.loss_type!r}"]
         if self.beta is not None:
             parts.append(f"beta={self.beta}")
-        if self.loss_type in ("focal", "softmax_focal"):
+        if self.loss_type in _ops.FOCAL_KINDS:
             parts.append(f"gamma={self.gamma}")
         if self.alpha is not None:
             parts.append(f"alpha={self.alpha}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._ops import BINARY_FAMILY, SOFTMAX_FAMILY
 from .weights import class_balanced_weights
 
 __all__ = ["class_balanced_weights", "class_balanced_loss", "sigmoid_focal_loss"]
@@ -51,14 +52,14 @@ def class_balanced_loss(
     x = logits.to(compute_dtype)
     w = weights.to(device=x.device, dtype=compute_dtype)
     t, s, valid = _targets(x, target, w, ignore_index)
-    if loss_type in ("softmax", "softmax_focal"):
+    if loss_type in SOFTMAX_FAMILY:
         logp = F.log_softmax(x, dim=1)
         if loss_type == "softmax":
             per = -(t * logp).sum(1)
         else:
             one_minus_p = -torch.expm1(logp)
             per = (t * one_minus_p.pow(gamma) * -logp).sum(1)
-    elif loss_type in ("sigmoid", "focal"):
+    elif loss_type in BINARY_FAMILY:
         bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
         if loss_type == "focal":
             bce = torch.exp(-gamma * t * x - gamma * _softplus(-x)) * bce
@@ -79,7 +80,7 @@ def class_balanced_loss(
             d = valid.sum().to(x.dtype)
         else:
             d = t.sum()
-        out = torch.where(d > 0, loss.sum() / torch.where(d > 0, d, torch.ones_like(d)), loss.sum() * 0)
+        out = torch.where(d != 0, loss.sum() / torch.where(d != 0, d, torch.ones_like(d)), loss.sum() * 0)
     else:
         raise ValueError(f"unknown reduction {reduction!r}")
     return out.to(logits.dtype)

@@ -40,8 +40,7 @@ at::Tensor unit_class_stride(const at::Tensor& t) {
 
 void check_common(double gamma, int64_t reduction) {
   TORCH_CHECK(std::isfinite(gamma) && gamma >= 0, "cbfused: gamma must be a finite number >= 0, got ", gamma);
-  TORCH_CHECK(reduction >= kNone && reduction <= kWeightedMean, "cbfused: unknown reduction code ",
-              reduction);
+  TORCH_CHECK(valid_reduction(reduction), "cbfused: unknown reduction code ", reduction);
 }
 
 // Class weights in the accumulation type, contiguous. A CPU tensor of another floating type
@@ -70,8 +69,7 @@ at::Tensor weights_as(const at::Tensor& w, at::ScalarType acc) {
 
 CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& class_weight,
                          int64_t loss_type, double gamma, double alpha, int64_t reduction) {
-  TORCH_CHECK(loss_type >= kSoftmax && loss_type <= kSoftmaxFocal, "cbfused: unknown loss type code ",
-              loss_type);
+  TORCH_CHECK(valid_loss_type(loss_type), "cbfused: unknown loss type code ", loss_type);
   check_common(gamma, reduction);
   TORCH_CHECK(std::isfinite(alpha) && alpha <= 1,
               "cbfused: alpha must be in [0, 1] (or negative to disable), got ", alpha);
@@ -128,8 +126,11 @@ CbLossOutputs alloc_cb_loss(const CbLossPlan& plan, int64_t reduction, bool comp
 }
 
 FocalPlan check_sigmoid_focal(const at::Tensor& inputs, const at::Tensor& targets,
-                              const std::optional<at::Tensor>& weight, double gamma, int64_t reduction) {
+                              const std::optional<at::Tensor>& weight, double alpha, double gamma,
+                              int64_t reduction) {
   check_common(gamma, reduction);
+  TORCH_CHECK(!(alpha > 1) && alpha == alpha,
+              "cbfused: alpha must be in [0, 1] (or negative to disable it), got ", alpha);
   TORCH_CHECK(reduction != kWeightedMean, "cbfused: sigmoid_focal_loss takes reduction none, sum or mean");
   TORCH_CHECK(is_supported_float(inputs.scalar_type()),
               "cbfused: inputs must be float16, bfloat16, float32 or float64, got ", inputs.scalar_type());

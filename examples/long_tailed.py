@@ -152,7 +152,7 @@ def loss_grid(full: bool, tiny: bool) -> list[LossConfig]:
 def train_one(cfg: LossConfig, train: Split, counts: list[int], seed: int, steps: int, batch: int) -> Net:
     torch.manual_seed(seed)
     model = Net()
-    sigmoid_based = cfg.loss_type in ("sigmoid", "focal")
+    sigmoid_based = cbfused.LOSS_KINDS[cfg.loss_type].family == "binary"
     if sigmoid_based:
         cbfused.init_sigmoid_bias_(model.fc)  # the paper's prior 1/C, no weight decay on it
     # beta = 0 gives every class weight 1: plain (softmax) cross-entropy through the same kernel

@@ -106,13 +106,13 @@ CASES = {
     ),
     "gamma < 0": (
         lambda: cbfused.class_balanced_loss(x_(), torch.zeros(4).long(), weights=W, gamma=-1.0),
-        RuntimeError,
+        ValueError,
         r"gamma must be a finite number >= 0, got -1",
     ),
     "gamma < 0 (module)": (
         lambda: cbfused.ClassBalancedLoss([5] * 10, gamma=-2.0),
         ValueError,
-        r"gamma must be >= 0, got -2.0",
+        r"gamma must be a finite number >= 0, got -2.0",
     ),
     "alpha with a softmax loss": (
         lambda: cbfused.class_balanced_loss(
@@ -184,6 +184,49 @@ CASES = {
         lambda: cbfused.sigmoid_focal_loss(torch.randn(3, 4), torch.rand(3, 4), weight=torch.ones(3)),
         RuntimeError,
         r"weight must have shape \[4\] \(one per class, the inputs' last dimension\), got \[3\]",
+    ),
+    "gamma < 0 (linear)": (
+        lambda: cbfused.linear_class_balanced_loss(
+            torch.randn(4, 3), torch.randn(10, 3), None, torch.zeros(4).long(), weights=W, gamma=-3.0
+        ),
+        ValueError,
+        r"gamma must be a finite number >= 0, got -3.0",
+    ),
+    "ignore_index with float targets": (
+        lambda: cbfused.class_balanced_loss(
+            x_(), torch.rand(4, 10), weights=W, loss_type="sigmoid", ignore_index=0
+        ),
+        ValueError,
+        r"ignore_index=0 is set but the target is a float tensor \(torch.float32\)",
+    ),
+    "ignore_index with float targets (module)": (
+        lambda: cbfused.ClassBalancedLoss(weights=W, loss_type="softmax", ignore_index=255)(
+            x_(), torch.softmax(x_(), 1)
+        ),
+        ValueError,
+        r"ignore_index=255 is set but the target is a float tensor",
+    ),
+    "ignore_index with float targets (linear)": (
+        lambda: cbfused.linear_class_balanced_loss(
+            torch.randn(4, 3), torch.randn(10, 3), None, torch.rand(4, 10), weights=W, ignore_index=1
+        ),
+        ValueError,
+        r"ignore_index=1 is set but the target is a float tensor",
+    ),
+    "sigmoid_focal_loss alpha > 1": (
+        lambda: cbfused.sigmoid_focal_loss(torch.randn(3, 4), torch.rand(3, 4), alpha=1.5),
+        ValueError,
+        r"alpha must be in \[0, 1\] \(or negative to disable it\), got 1.5",
+    ),
+    "sigmoid_focal raw op alpha > 1": (
+        lambda: torch.ops.cbfused.sigmoid_focal(torch.randn(3, 4), torch.rand(3, 4), None, 1.5, 2.0, 0, 0),
+        RuntimeError,
+        r"alpha must be in \[0, 1\] \(or negative to disable it\), got 1.5",
+    ),
+    "option set on a module": (
+        lambda: setattr(cbfused.ClassBalancedLoss(weights=W), "reduction", "avg"),
+        ValueError,
+        r"reduction must be one of \['none', 'sum', 'mean', 'weighted_mean'\], got 'avg'",
     ),
     "sigmoid_focal_loss bad reduction": (
         lambda: cbfused.sigmoid_focal_loss(torch.randn(3, 4), torch.rand(3, 4), reduction="weighted_mean"),

@@ -121,3 +121,45 @@ def test_balanced_loss_defects_we_do_not_share():
     theirs = _bl("softmax_binary_cross_entropy", counts, 0.999)(x, y)
     ours = cbfused.class_balanced_loss(x, y, samples_per_class=counts, beta=0.999, loss_type="softmax")
     assert not np.isclose(theirs.item(), ours.item(), rtol=1e-2)
+
+
+@pytest.mark.parametrize("loss_type", ["softmax", "softmax_focal", "sigmoid"])
+def test_weighted_mean_divides_by_the_signed_weight_sum(device, loss_type):
+    """Class weights whose target sum is negative: F.cross_entropy divides by that signed
+    sum; a D <= 0 test once returned 0 with a zero gradient here."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64).to(device)
+    y = torch.tensor([0, 1, 2, 3, 4, 1], device=device)
+    w = torch.tensor([0.5, -2.0, 1.0, -1.5, 0.25], dtype=torch.float64, device=device)
+    assert float(w[y].sum()) < 0
+    xa = x.clone().requires_grad_()
+    ours = cbfused.class_balanced_loss(
+        xa, y, weights=w, loss_type=loss_type, gamma=0.0, reduction="weighted_mean"
+    )
+    ours.backward()
+    xr = x.clone().requires_grad_()
+    ref = cbfused.reference.class_balanced_loss(xr, y, w, loss_type, gamma=0.0, reduction="weighted_mean")
+    ref.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xa.grad, xr.grad, rtol=1e-12, atol=1e-12)
+    assert ours.item() != 0 and xa.grad.abs().sum() > 0
+    if loss_type == "softmax":
+        xb = x.clone().requires_grad_()
+        torch_ce = F.cross_entropy(xb, y, weight=w)
+        torch_ce.backward()
+        torch.testing.assert_close(ours, torch_ce, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-12, atol=1e-12)
+    # the fused linear path divides by the same sum
+    f = torch.randn(6, 3, generator=g, dtype=torch.float64).to(device)
+    W = torch.randn(5, 3, generator=g, dtype=torch.float64).to(device)
+    lin = cbfused.linear_class_balanced_loss(
+        f, W, None, y, weights=w, loss_type=loss_type, gamma=0.0, reduction="weighted_mean"
+    )
+    torch.testing.assert_close(
+        lin,
+        cbfused.reference.class_balanced_loss(
+            f @ W.t(), y, w, loss_type, gamma=0.0, reduction="weighted_mean"
+        ),
+        rtol=1e-12,
+        atol=1e-12,
+    )

@@ -40,7 +40,8 @@ struct FocalPlan {
 };
 
 FocalPlan check_sigmoid_focal(const at::Tensor& inputs, const at::Tensor& targets,
-                              const std::optional<at::Tensor>& weight, double gamma, int64_t reduction);
+                              const std::optional<at::Tensor>& weight, double alpha, double gamma,
+                              int64_t reduction);
 
 std::string shape_str(const at::Tensor& t);
 

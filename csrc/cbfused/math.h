@@ -17,6 +17,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cbfused/kinds.h"
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define CBF_HD __host__ __device__ __forceinline__
 #elif defined(__GNUC__)
@@ -28,10 +30,6 @@
 #endif
 
 namespace cbfused {
-
-// Loss kinds, shared by the op schema (ints) and the Python layer (_ops.py).
-enum LossType : int64_t { kSoftmax = 0, kSigmoid = 1, kFocal = 2, kSoftmaxFocal = 3 };
-enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2, kWeightedMean = 3 };
 
 // Primitive operations on T. Mask is what comparisons return and select takes.
 // exp_nonpos and expm1_nonpos take x <= 0 (or NaN) only: every exp of the losses is of a
@@ -255,6 +253,12 @@ CBF_HD int small_integer_gamma(double gamma) {
              ? static_cast<int>(gamma)
              : -1;
 }
+
+// The mean's 1/D: D is the number of non-ignored samples, the sum of float targets or (for
+// 'weighted_mean') the signed sum of the sample weights, as F.cross_entropy divides by it.
+// D = 0 (empty batch, every sample ignored, weights that cancel) gives 0: loss 0 and
+// gradient 0, never NaN (torch returns NaN there).
+CBF_HD double inv_denominator(double d) { return d != 0 ? 1.0 / d : 0.0; }
 
 // alpha_t = alpha t + (1 - alpha)(1 - t) (torchvision's alpha); alpha < 0 means
 // "no alpha" and gives 1.

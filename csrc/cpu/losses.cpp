@@ -304,8 +304,8 @@ std::pair<double, double> run_softmax(const Args<scalar_t>& a, int64_t N, scalar
   });
 }
 
-// 1/D of the means for hard targets (D: non-ignored samples, or the sum of their class
-// weights), 0 when D = 0; checks the targets' range on the way.
+// 1/D of the means for hard targets (D: non-ignored samples, or the signed sum of their
+// class weights), 0 when D = 0; checks the targets' range on the way.
 template <typename scalar_t>
 double hard_target_inv_denominator(const Args<scalar_t>& a) {
   double d = 0;
@@ -315,20 +315,17 @@ double hard_target_inv_denominator(const Args<scalar_t>& a) {
     if (y < 0 || y >= a.C) target_out_of_range(y, a.C, i, a.ignore_index);
     d += a.weighted ? static_cast<double>(a.w[y]) : 1.0;
   }
-  return d > 0 ? 1.0 / d : 0.0;
+  return inv_denominator(d);
 }
 
 template <typename scalar_t, bool kGrad, bool kHard>
 std::pair<double, double> dispatch_loss(const Args<scalar_t>& a, int64_t loss_type, int64_t N,
                                         scalar_t* per_row) {
-  switch (loss_type) {
-    case kSoftmax:
-      return run_softmax<scalar_t, false, kGrad, kHard>(a, N, per_row);
-    case kSoftmaxFocal:
-      return run_softmax<scalar_t, true, kGrad, kHard>(a, N, per_row);
-    default:  // kSigmoid, kFocal: sigmoid.cpp
-      return sigmoid_loss_rows<scalar_t>(a, loss_type == kFocal, kGrad, kHard, N, per_row);
+  if (is_softmax_family(loss_type)) {
+    return is_focal(loss_type) ? run_softmax<scalar_t, true, kGrad, kHard>(a, N, per_row)
+                               : run_softmax<scalar_t, false, kGrad, kHard>(a, N, per_row);
   }
+  return sigmoid_loss_rows<scalar_t>(a, is_focal(loss_type), kGrad, kHard, N, per_row);  // sigmoid.cpp
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
@@ -355,8 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cpu(const at::Tensor& log
           tot = plan.hard ? dispatch_loss<scalar_t, false, true>(a, loss_type, plan.N, per_row)
                           : dispatch_loss<scalar_t, false, false>(a, loss_type, plan.N, per_row);
         }
-        // D = 0 (empty batch, every sample ignored): loss 0 and gradient 0, never NaN.
-        const double inv = mean ? (tot.second > 0 ? 1.0 / tot.second : 0.0) : 1.0;
+        const double inv = mean ? inv_denominator(tot.second) : 1.0;
         if (reduction != kNone)
           *out.loss.mutable_data_ptr<scalar_t>() = cast_saturating<scalar_t>(tot.first * inv);
         // what the backward still applies to the gradient
@@ -426,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_cpu(const at::Tensor& inputs, c
                                                      const std::optional<at::Tensor>& weight, double alpha,
                                                      double gamma, int64_t reduction, int64_t grad_mode) {
   const bool compute_grad = check_grad_mode(grad_mode);
-  const FocalPlan plan = check_sigmoid_focal(inputs, targets, weight, gamma, reduction);
+  const FocalPlan plan = check_sigmoid_focal(inputs, targets, weight, alpha, gamma, reduction);
   const auto opts = inputs.options();
   at::Tensor loss = reduction == kNone ? at::empty(inputs.sizes(), opts) : at::empty({}, opts);
   at::Tensor grad = compute_grad ? at::empty(inputs.sizes(), opts) : at::empty({0}, opts);

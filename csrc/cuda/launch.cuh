@@ -33,7 +33,7 @@ inline int flat_rows_per_tile(int64_t C) {
 template <typename scalar_t, int kLoss, bool kHard>
 void launch_rows(const RowArgs<scalar_t>& a, Stream stream) {
   if (a.N == 0) return;
-  constexpr bool kBinary = kLoss == kSigmoid || kLoss == kFocal;
+  constexpr bool kBinary = !is_softmax_family(kLoss);
   constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
   if constexpr (kBinary) {
     if (a.C <= kFlatMaxC && a.x_stride == a.C && (kHard || a.t_stride == a.C)) {

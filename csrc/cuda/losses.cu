@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cuda(const at::Tensor& lo
             make_row_args<scalar_t>(plan, out, gamma, alpha, reduction, ignore_index, compute_grad);
         a.row_loss = row_loss.mutable_data_ptr<acc_t>();
         a.row_denom = row_denom.mutable_data_ptr<acc_t>();
-        if (loss_type == kSoftmax || loss_type == kSoftmaxFocal) {
+        if (is_softmax_family(loss_type)) {
           launch_family<scalar_t, kSoftmax, kSoftmaxFocal>(a, loss_type, plan.hard, stream);
         } else {
           launch_family<scalar_t, kSigmoid, kFocal>(a, loss_type, plan.hard, stream);
@@ -107,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_cuda(const at::Tensor& inputs, 
                                                       const std::optional<at::Tensor>& weight, double alpha,
                                                       double gamma, int64_t reduction, int64_t grad_mode) {
   const bool compute_grad = check_grad_mode(grad_mode);
-  const FocalPlan plan = check_sigmoid_focal(inputs, targets, weight, gamma, reduction);
+  const FocalPlan plan = check_sigmoid_focal(inputs, targets, weight, alpha, gamma, reduction);
   const DeviceGuard guard(inputs.device());
   const auto opts = inputs.options();
   at::Tensor loss = reduction == kNone ? at::empty(inputs.sizes(), opts) : at::empty({}, opts);

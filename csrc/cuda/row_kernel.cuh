@@ -125,8 +125,8 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
   }
 
   acc_t loss = 0;
-  if constexpr (kLoss == kSigmoid || kLoss == kFocal) {
-    constexpr bool kFoc = kLoss == kFocal;
+  constexpr bool kFoc = is_focal(kLoss);
+  if constexpr (!is_softmax_family(kLoss)) {
     if constexpr (!kHard) {  // s = sum_c t_c w_c is needed before the first gradient
       acc_t sw = 0, st = 0;
       for_each_group<kThreads, scalar_t>(sp, C, lane, [&](auto w, int64_t c) {
@@ -157,7 +157,6 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
     });
     loss = s * RR::sum(part, smem_a);
   } else {
-    constexpr bool kFoc = kLoss == kSoftmaxFocal;
     // The row's slot in shared memory, placed so that element c has the same 16-byte
     // misalignment as x + c (the packs of the split are then aligned there too). Each
     // thread reads back only what it wrote itself: no barrier needed.
@@ -269,7 +268,7 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
 template <typename scalar_t, int kLoss, bool kHard>
 __global__ void __launch_bounds__(kBlock) cb_flat_kernel(RowArgs<scalar_t> a, int rows_per_tile) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kFoc = kLoss == kFocal;
+  constexpr bool kFoc = is_focal(kLoss);
   __shared__ acc_t s_row[kBlock];  // class weight of each row of the tile
   __shared__ int y_row[kBlock];    // hard targets: the class, -1 for an ignored row
   __shared__ acc_t tile_l[kFlatTile];
@@ -408,7 +407,7 @@ __global__ void __launch_bounds__(kFinishBlock)
   lt = RowReduce<kFinishBlock>::sum(lt, smem);
   dt = RowReduce<kFinishBlock>::sum(dt, smem);
   if (threadIdx.x == 0) {
-    const double inv = mean ? (dt > 0 ? 1.0 / dt : 0.0) : 1.0;
+    const double inv = mean ? inv_denominator(dt) : 1.0;
     if (inv_out) *inv_out = static_cast<acc_t>(inv);
     *loss_out = static_cast<scalar_t>(lt * inv * static_cast<double>(extra_scale));
   }
