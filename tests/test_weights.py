@@ -105,3 +105,29 @@ def test_weights_device_and_dtype():
     w = cbfused.class_balanced_weights([3, 4], 0.9, device="meta", dtype=torch.float32)
     assert w.device.type == "meta" and w.dtype == torch.float32
     assert math.isclose(cbfused.class_balanced_weights([3, 4], 0.9).sum().item(), 2.0)
+
+
+def test_functional_weights_follow_the_counts_they_were_computed_from():
+    """The functional API caches the weights it derives from samples_per_class: a count
+    changed in place, a new tensor or a new list must give the new weights."""
+    x = torch.randn(16, 4, dtype=torch.float64)
+    y = torch.arange(16) % 4
+    counts = torch.tensor([100, 10, 5, 1])
+
+    def ours(c, beta=0.99):
+        return cbfused.class_balanced_loss(x, y, samples_per_class=c, beta=beta, loss_type="softmax")
+
+    def ref(c, beta=0.99):
+        w = cbfused.class_balanced_weights(c, beta)
+        return cbfused.reference.class_balanced_loss(x, y, w, "softmax")
+
+    torch.testing.assert_close(ours(counts), ref(counts), rtol=1e-12, atol=0)
+    counts[0] = 3  # in place
+    torch.testing.assert_close(ours(counts), ref(counts), rtol=1e-12, atol=0)
+    torch.testing.assert_close(ours(counts, 0.5), ref(counts, 0.5), rtol=1e-12, atol=0)
+    as_list = [7, 1, 1, 2]
+    torch.testing.assert_close(ours(as_list), ref(as_list), rtol=1e-12, atol=0)
+    as_list[0] = 1
+    torch.testing.assert_close(ours(as_list), ref(as_list), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="classes \\[1\\] have zero samples"):
+        ours([3, 0, 1, 1])
