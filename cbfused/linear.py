@@ -348,6 +348,14 @@ class ClassBalancedLinearLoss(nn.Module):
         self.reduction, self.ignore_index, self.chunk_rows = reduction, ignore_index, chunk_rows
         self.beta = beta
 
+    def _apply(self, fn, recurse=True):
+        # as ClassBalancedLoss: the class weights stay float64 through .half() / .to(dtype)
+        cw = self.class_weight
+        out = super()._apply(fn, recurse)
+        if self.class_weight.dtype != cw.dtype:
+            self.class_weight = cw.to(device=self.class_weight.device)
+        return out
+
     @property
     def weight(self) -> torch.Tensor:
         return self.linear.weight

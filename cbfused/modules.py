@@ -72,6 +72,15 @@ class ClassBalancedLoss(nn.Module):
     ignore_index = _option("ignore_index")
     del _option
 
+    def _apply(self, fn, recurse=True):
+        # .half() / .to(dtype) cast every floating buffer; the class weights stay float64
+        # (the kernels read them in the accumulation type) and keep their exact values.
+        w = self.weight
+        out = super()._apply(fn, recurse)
+        if self.weight.dtype != w.dtype:
+            self.weight = w.to(device=self.weight.device)
+        return out
+
     @property
     def num_classes(self) -> int:
         return self.weight.numel()

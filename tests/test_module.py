@@ -81,3 +81,22 @@ def test_public_api_names():
     for name in cbfused.__all__:
         assert hasattr(cbfused, name), name
     assert cbfused.BUILD_INFO["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "AVX512_BF16")
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "float", "to_bf16"])
+def test_dtype_casts_keep_the_float64_class_weights(cast):
+    """nn.Module casts (model.half(), .to(torch.bfloat16)) reach the loss modules too: their
+    class weights stay float64 with the same values, and the loss still matches."""
+    counts = [1000, 300, 17, 2, 1]
+    crit = cbfused.ClassBalancedLoss(counts, beta=0.9999, loss_type="softmax")
+    head = cbfused.ClassBalancedLinearLoss(3, counts, beta=0.9999, loss_type="softmax")
+    before = crit.weight.clone()
+    for m in (crit, head):
+        getattr(m, cast)() if cast != "to_bf16" else m.to(torch.bfloat16)
+    assert crit.weight.dtype == torch.float64 and torch.equal(crit.weight, before)
+    assert head.class_weight.dtype == torch.float64 and torch.equal(head.class_weight, before)
+    x = torch.randn(8, 5, dtype=torch.float64)
+    y = torch.arange(8) % 5
+    torch.testing.assert_close(
+        crit(x, y), cbfused.reference.class_balanced_loss(x, y, before, "softmax"), rtol=1e-12, atol=0
+    )
