@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One lease of a GPU machine (the device tool; see README "What has run on a GPU"): builds
+# One lease of a GPU machine (the device tool; see docs/gpu.md): builds
 # cbfused for that GPU against the torch installed there, runs every CUDA test, the CUDA
 # kernels under compute-sanitizer, and the CUDA benchmark. Logs and CSVs go to $OUT.
 #   STAGES="build test sanitize bench" bash benchmarks/gpu_session.sh
@@ -29,8 +29,9 @@ if has build; then
   # messages crashed (SIGSEGV formatting an integer in c10::str); the system g++ 13.3 did not.
   export CXX=${CBFUSED_CXX:-g++}
   file -L /opt/gcc/bin/g++ >>"$OUT/gpu.txt" 2>&1; head -c 600 /opt/gcc/bin/g++ 2>/dev/null | strings | head -20 >>"$OUT/gpu.txt"
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-  if ! $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+  # CUDA for the visible GPU only (setup.py's default there), the CPU kernels for this CPU's ISA
+  export MAX_JOBS=${MAX_JOBS:-16} CBFUSED_CPU_CAPABILITIES=${CBFUSED_CPU_CAPABILITIES:-native}
+  if ! FORCE_CUDA=1 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
     grep -E "error|Error" "$OUT/build.log" | head -40
     stamp "build FAILED"
     exit 1

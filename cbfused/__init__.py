@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
+import torch  # noqa: F401  (loads libtorch, which the extension modules link against)
 
-from . import _C, reference
+from . import _C, _cpu, reference
 from . import _ops as _ops  # registers fake kernels and autograd
 from ._ops import LOSS_KINDS, LossKind
 from .functional import class_balanced_loss, sigmoid_focal_loss
@@ -15,43 +15,15 @@ from .weights import all_reduce_class_counts, class_balanced_weights, class_coun
 
 __version__ = "0.1.0"
 
-BUILD_INFO: dict[str, str] = _C.build_info()
-
-_ISA_NEEDS = {
-    "DEFAULT": set(),
-    "AVX2": {"avx2", "fma", "f16c"},
-    "AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
-    "AVX512_BF16": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx512_bf16"},
+#: How this cbfused was built and what it runs: ``cpu_capabilities`` (the CPU ISAs compiled),
+#: ``cpu_capability`` (the one in use here), ``cpu_supported`` (what this CPU executes),
+#: ``cuda`` ("1" when the CUDA kernels were built) and ``cuda_archs``.
+BUILD_INFO: dict[str, str] = {
+    **_C.build_info(),
+    "cpu_capabilities": ",".join(_cpu.compiled()),
+    "cpu_capability": _cpu.load(),
+    "cpu_supported": ",".join(_cpu.supported()),
 }
-
-
-def _check_cpu() -> None:
-    """The CPU kernels are compiled for one x86 ISA (see setup.py): refuse, clearly, to run
-    them on a CPU without it instead of dying on an illegal instruction."""
-    built = BUILD_INFO["cpu_capability"]
-    if built == "DEFAULT":
-        return
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
-    except OSError:
-        flags = None
-    if flags is None:  # no /proc/cpuinfo: ask torch what it dispatches to
-        have = torch.backends.cpu.get_cpu_capability()
-        # torch does not say whether the CPU has AVX512-BF16: that build is refused here
-        ok = (built == "AVX512" and have.startswith("AVX512")) or (
-            built == "AVX2" and have in ("AVX2", "AVX512")
-        )
-    else:
-        ok = _ISA_NEEDS[built] <= flags
-    if not ok:
-        raise ImportError(
-            f"cbfused was built for {built} CPUs but this CPU lacks it; rebuild here with "
-            "CBFUSED_CPU_CAPABILITY=DEFAULT (or AVX2 / AVX512) pip install --no-build-isolation ."
-        )
-
-
-_check_cpu()
 
 __all__ = [
     "BUILD_INFO",

@@ -1,15 +1,14 @@
-// The cbfused library (schemas in cbfused/schemas.h). Backends register their kernels
-// with TORCH_LIBRARY_IMPL in cpu/ and cuda/; autograd is in autograd.cpp and the fake
-// (meta) kernels in cbfused/_ops.py.
+// The cbfused library and the cbfused._C module: the op schemas (cbfused/schemas.h), how
+// the module was built, the loss-kind table (cbfused/kinds.h) and the CPU kernel choice
+// (cpu/dispatch.h) for Python. Each backend's host entry registers its kernel beside itself
+// (cpu/*.cpp, cuda/*.cu); autograd is autograd.cpp, the fake kernels cbfused/_ops.py.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "cbfused/kinds.h"
 #include "cbfused/schemas.h"
+#include "cpu/dispatch.h"
 
-#ifndef CBFUSED_CPU_CAPABILITY_NAME
-#define CBFUSED_CPU_CAPABILITY_NAME "DEFAULT"
-#endif
 #ifdef CBFUSED_WITH_CUDA
 #define CBFUSED_CUDA_FLAG "1"
 #else
@@ -26,8 +25,7 @@ TORCH_LIBRARY(cbfused, m) {
 }
 
 static PyObject* build_info(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:s,s:s,s:s}", "cpu_capability", CBFUSED_CPU_CAPABILITY_NAME, "cuda",
-                       CBFUSED_CUDA_FLAG, "cuda_archs", CBFUSED_CUDA_ARCHS);
+  return Py_BuildValue("{s:s,s:s}", "cuda", CBFUSED_CUDA_FLAG, "cuda_archs", CBFUSED_CUDA_ARCHS);
 }
 
 // kinds.h's table as a list of dicts, the one source of cbfused/_ops.py's loss kinds.
@@ -64,7 +62,39 @@ static PyObject* reductions(PyObject*, PyObject*) {
   return out;
 }
 
+// The ISAs the running CPU executes, from DEFAULT up.
+static PyObject* cpu_capabilities_supported(PyObject*, PyObject*) {
+  const auto caps = cbfused::cpu::cpu_capabilities_supported();
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(caps.size()));
+  if (!out) return nullptr;
+  for (size_t i = 0; i < caps.size(); ++i) {
+    PyObject* s = PyUnicode_FromString(caps[i].c_str());
+    if (!s) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), s);
+  }
+  return out;
+}
+
+// Takes a cbfused._cpu_<ISA>.kernels capsule: its table becomes the CPU kernels in use.
+static PyObject* set_cpu_kernels(PyObject*, PyObject* capsule) {
+  auto* k =
+      static_cast<const cbfused::cpu::Kernels*>(PyCapsule_GetPointer(capsule, cbfused::cpu::kKernelsCapsule));
+  if (!k) return nullptr;  // PyCapsule_GetPointer set the error
+  const std::string err = cbfused::cpu::set_active_kernels(k);
+  if (!err.empty()) {
+    PyErr_SetString(PyExc_ImportError, ("cbfused: " + err).c_str());
+    return nullptr;
+  }
+  return PyUnicode_FromString(k->capability);
+}
+
 static PyMethodDef methods[] = {
+    {"cpu_capabilities_supported", cpu_capabilities_supported, METH_NOARGS,
+     "The x86 ISAs the running CPU executes (DEFAULT, AVX2, AVX512, AVX512_BF16)."},
+    {"set_cpu_kernels", set_cpu_kernels, METH_O, "Use a cbfused._cpu_<ISA> module's kernel table."},
     {"build_info", build_info, METH_NOARGS, "How this extension was built."},
     {"loss_kinds", loss_kinds, METH_NOARGS, "The loss kinds of csrc/cbfused/kinds.h."},
     {"reductions", reductions, METH_NOARGS, "The reductions of csrc/cbfused/kinds.h (name -> code)."},

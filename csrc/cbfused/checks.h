@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 
@@ -47,6 +48,21 @@ std::string shape_str(const at::Tensor& t);
 
 // grad_mode of the ops' schemas: 0 (none), 1 or 2 (compute the gradient).
 bool check_grad_mode(int64_t grad_mode);
+
+// The errors of a bad target, raised where the kernels find it (name the value, the sample
+// and the allowed range).
+[[noreturn]] inline void target_out_of_range(int64_t y, int64_t C, int64_t i, int64_t ignore_index) {
+  TORCH_CHECK(false, "cbfused: target ", y, " is out of range for ", C, " classes (sample ", i,
+              "); class indices must be in [0, ", C, ") or equal ignore_index (", ignore_index, ")");
+}
+
+template <typename acc_t>
+[[noreturn]] inline void float_target_out_of_range(acc_t v, int64_t i) {
+  TORCH_CHECK(v == v, "cbfused: float target nan in row ", i,
+              " is outside [0, 1]; float targets are multi-hot labels or class probabilities");
+  TORCH_CHECK(false, "cbfused: float target ", v, " in row ", i,
+              " is outside [0, 1]; float targets are multi-hot labels or class probabilities");
+}
 
 // The accumulation type of a float dtype: float64 for float64, float32 otherwise.
 at::ScalarType acc_type_of(at::ScalarType s);

@@ -1,5 +1,6 @@
-// cbfused::accumulate_: acc += src for a float32 accumulator and a bfloat16 / float16 /
-// float32 addend of the same shape, in one pass. The fused linear path adds each chunk's
+// cbfused::accumulate_ on the CPU, host entry and registration: acc += src for a float32
+// accumulator and a bfloat16 / float16 / float32 addend of the same shape, in one pass (the
+// vector loop is csrc/cpu/kernels/accumulate.cpp, per CPU ISA). The fused linear path adds each chunk's
 // reduced-precision weight-gradient product into its float32 accumulator with it: torch's
 // CPU add_ of mixed dtypes first copies the addend to a float32 temporary (211 of 1030 ms,
 // copy and add, of the bfloat16 fused linear path's fwd+bwd at 4096 x 2048 x 8142).
@@ -10,30 +11,11 @@
 
 #include <algorithm>
 
-#include "cpu/vec_ops.h"
+#include "cpu/kernels.h"
 
 namespace cbfused {
 namespace cpu {
 namespace {
-
-template <typename scalar_t>
-void add_into_float(float* acc, const scalar_t* src, int64_t begin, int64_t end) {
-  using IO = RowIO<scalar_t>;
-  using V = typename IO::V;
-  acc += begin;
-  src += begin;
-  row_blocks<IO, 1>(end - begin, [&](int64_t j, int64_t n, auto) {
-    V sv[IO::kVecs];
-    IO::load(src + j, n, sv);
-    CBF_UNROLL_VECS
-    for (int v = 0; v < IO::kVecs; ++v) {
-      const int64_t nv = IO::lanes(n, v);
-      if (nv == 0) break;
-      float* a = acc + j + v * IO::kLanes;
-      (V::loadu(a, nv) + sv[v]).store(a, nv);
-    }
-  });
-}
 
 void accumulate_cpu(const at::Tensor& acc, const at::Tensor& src) {
   TORCH_CHECK(acc.scalar_type() == at::kFloat, "cbfused: accumulate_: the accumulator must be float32, got ",
@@ -50,8 +32,10 @@ void accumulate_cpu(const at::Tensor& acc, const at::Tensor& src) {
   float* a = acc.mutable_data_ptr<float>();
   constexpr int64_t kGrain = 1 << 15;  // elements per task: well above the per-task overhead
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "cbfused_accumulate_cpu", [&] {
+    const auto add = active_kernels().get<scalar_t>().accumulate;
+    TORCH_CHECK(add != nullptr, "cbfused: accumulate_: no kernel for ", s.scalar_type());
     const scalar_t* p = s.const_data_ptr<scalar_t>();
-    at::parallel_for(0, s.numel(), kGrain, [&](int64_t b, int64_t e) { add_into_float(a, p, b, e); });
+    at::parallel_for(0, s.numel(), kGrain, [&](int64_t b, int64_t e) { add(a, p, b, e); });
   });
 }
 

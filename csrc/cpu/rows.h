@@ -1,7 +1,7 @@
-// The row machinery of the CPU kernel files (losses.cpp: softmax, the torchvision-style
-// focal op and the entry points; sigmoid.cpp: the sigmoid / focal rows): arguments,
-// per-row outputs, a row's target and class weight, and the chunked row loop whose sums
-// do not depend on the thread count.
+// The row machinery of the CPU kernel files (csrc/cpu/kernels/: the softmax-family rows,
+// the binary-family rows, the torchvision-style focal op), compiled once per CPU ISA:
+// per-row outputs, a row's target and class weight, and the chunked row loop whose sums do
+// not depend on the thread count.
 //
 // In an unnamed namespace on purpose: each kernel file compiles its own copy with its own
 // optimisation options (sigmoid.cpp schedules for register pressure), and no copy is
@@ -24,11 +24,23 @@
 namespace cbfused {
 namespace cpu {
 
-// The sigmoid / focal rows of one call (sigmoid.cpp): totals of loss and denominator, as
-// run_row_groups returns them.
+// The rows of one cb_loss call, per loss family (kernels/softmax_rows.cpp,
+// kernels/binary_rows.cpp): totals of loss and denominator, as run_row_groups returns them.
 template <typename scalar_t>
-std::pair<double, double> sigmoid_loss_rows(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard,
-                                            int64_t N, scalar_t* per_row);
+std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard);
+template <typename scalar_t>
+std::pair<double, double> binary_family_rows(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard);
+// sigmoid_focal's elementwise rows (kernels/focal_elementwise.cpp).
+template <typename scalar_t>
+double focal_elementwise_rows(const FocalPlan& p, double gamma, double alpha, double grad_scale,
+                              scalar_t* loss_out, scalar_t* grad);
+
+// Explicit instantiations for the four dtypes of a function template F with the signature
+// of macro M(F, T).
+#define CBFUSED_FAMILY_ROWS(F, T) \
+  template std::pair<double, double> F<T>(const RowArgs<T>&, bool, bool, bool);
+#define CBFUSED_FOCAL_ROWS(F, T) template double F<T>(const FocalPlan&, double, double, double, T*, T*);
+#define CBFUSED_FOR_EACH_DTYPE(M, F) M(F, float) M(F, double) M(F, c10::Half) M(F, c10::BFloat16)
 
 namespace {
 
@@ -43,19 +55,6 @@ struct RowOut {
   acc_t loss = 0;   // s_i * l_i
   acc_t denom = 0;  // this row's share of the mean's D
 };
-
-[[noreturn]] void target_out_of_range(int64_t y, int64_t C, int64_t i, int64_t ignore_index) {
-  TORCH_CHECK(false, "cbfused: target ", y, " is out of range for ", C, " classes (sample ", i,
-              "); class indices must be in [0, ", C, ") or equal ignore_index (", ignore_index, ")");
-}
-
-template <typename acc_t>
-[[noreturn]] void float_target_out_of_range(acc_t v, int64_t i) {
-  TORCH_CHECK(v == v, "cbfused: float target nan in row ", i,
-              " is outside [0, 1]; float targets are multi-hot labels or class probabilities");
-  TORCH_CHECK(false, "cbfused: float target ", v, " in row ", i,
-              " is outside [0, 1]; float targets are multi-hot labels or class probabilities");
-}
 
 // Reads the float target row: s = sum_c t_c w_c, T = sum_c t_c; checks 0 <= t <= 1.
 template <typename scalar_t>

@@ -1,4 +1,5 @@
-// The sigmoid cross-entropy and sigmoid focal rows of cbfused::cb_loss on the CPU.
+// The binary-family rows of cbfused::cb_loss on the CPU (sigmoid cross-entropy and the
+// paper's sigmoid focal loss), compiled once per CPU ISA (csrc/cpu/kernels.h).
 //
 // Scheduled by GCC's first (pre-register-allocation), pressure-aware scheduling pass, which
 // is off by default on x86: a float16 / bfloat16 block holds two float vectors of state, and
@@ -177,11 +178,10 @@ std::pair<double, double> run_sigmoid(const Args<scalar_t>& a, int64_t N, scalar
 }  // namespace
 
 template <typename scalar_t>
-std::pair<double, double> sigmoid_loss_rows(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard,
-                                            int64_t N, scalar_t* per_row) {
+std::pair<double, double> binary_family_rows(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard) {
   auto with = [&](auto focal_c, auto grad_c, auto hard_c) {
     return run_sigmoid<scalar_t, decltype(focal_c)::value, decltype(grad_c)::value, decltype(hard_c)::value>(
-        a, N, per_row);
+        a, a.N, a.per_row_out);
   };
   auto with_hard = [&](auto focal_c, auto grad_c) {
     return hard ? with(focal_c, grad_c, std::true_type{}) : with(focal_c, grad_c, std::false_type{});
@@ -192,14 +192,7 @@ std::pair<double, double> sigmoid_loss_rows(const RowArgs<scalar_t>& a, bool foc
   return focal ? with_grad(std::true_type{}) : with_grad(std::false_type{});
 }
 
-template std::pair<double, double> sigmoid_loss_rows<float>(const RowArgs<float>&, bool, bool, bool, int64_t,
-                                                            float*);
-template std::pair<double, double> sigmoid_loss_rows<double>(const RowArgs<double>&, bool, bool, bool,
-                                                             int64_t, double*);
-template std::pair<double, double> sigmoid_loss_rows<c10::Half>(const RowArgs<c10::Half>&, bool, bool, bool,
-                                                                int64_t, c10::Half*);
-template std::pair<double, double> sigmoid_loss_rows<c10::BFloat16>(const RowArgs<c10::BFloat16>&, bool, bool,
-                                                                    bool, int64_t, c10::BFloat16*);
+CBFUSED_FOR_EACH_DTYPE(CBFUSED_FAMILY_ROWS, binary_family_rows)
 
 }  // namespace cpu
 }  // namespace cbfused

@@ -1,0 +1,67 @@
+// cbfused::cb_loss on the CPU: the host entry (validation, outputs, the mean's
+// denominator) and its registration. The rows run in the vectorised kernels of the CPU's
+// ISA (csrc/cpu/kernels.h, csrc/cpu/kernels/); the gradient hand-off to autograd is
+// described once, in csrc/autograd.cpp.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <utility>
+
+#include "cbfused/checks.h"
+#include "cbfused/math.h"
+#include "cbfused/row_args.h"
+#include "cpu/host.h"
+#include "cpu/kernels.h"
+
+namespace cbfused {
+namespace cpu {
+namespace {
+
+// 1/D of the means for hard targets (D: non-ignored samples, or the signed sum of their
+// class weights), 0 when D = 0; checks the targets' range on the way.
+template <typename scalar_t>
+double hard_target_inv_denominator(const RowArgs<scalar_t>& a) {
+  double d = 0;
+  for (int64_t i = 0; i < a.N; ++i) {
+    const int64_t y = a.y[i];
+    if (y == a.ignore_index) continue;
+    if (y < 0 || y >= a.C) target_out_of_range(y, a.C, i, a.ignore_index);
+    d += a.weighted ? static_cast<double>(a.w[y]) : 1.0;
+  }
+  return inv_denominator(d);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                           const at::Tensor& class_weight, int64_t loss_type,
+                                                           double gamma, double alpha, int64_t reduction,
+                                                           int64_t ignore_index, int64_t grad_mode) {
+  const bool compute_grad = check_grad_mode(grad_mode);
+  const CbLossPlan plan = check_cb_loss(logits, target, class_weight, loss_type, gamma, alpha, reduction);
+  CbLossOutputs out = alloc_cb_loss(plan, reduction, compute_grad);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, plan.logits.scalar_type(), "cbfused_cb_loss_cpu", [&] {
+        auto a = make_row_args<scalar_t>(plan, out, gamma, alpha, reduction, ignore_index, compute_grad);
+        const bool mean = reduction == kMean || reduction == kWeightedMean;
+        // Hard targets: the mean's D is an O(N) pass over the targets, so the gradient can
+        // carry 1/D already and the usual backward (grad_output = 1) has nothing left to do.
+        const bool fold = plan.hard && mean && compute_grad;
+        if (fold) a.grad_prescale = static_cast<at::opmath_type<scalar_t>>(hard_target_inv_denominator(a));
+        const std::pair<double, double> tot =
+            active_kernels().get<scalar_t>().cb_rows(a, loss_type, compute_grad, plan.hard);
+        const double inv = mean ? inv_denominator(tot.second) : 1.0;
+        if (reduction != kNone)
+          *out.loss.mutable_data_ptr<scalar_t>() = cast_saturating<scalar_t>(tot.first * inv);
+        // what the backward still applies to the gradient
+        *out.inv_norm.mutable_data_ptr<at::opmath_type<scalar_t>>() =
+            static_cast<at::opmath_type<scalar_t>>(fold ? 1.0 : inv);
+      });
+  return {out.loss, out.grad, out.inv_norm};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cbfused, CPU, m) { m.impl("cb_loss", &cb_loss_cpu); }
+
+}  // namespace cpu
+}  // namespace cbfused

@@ -1,0 +1,312 @@
+// The softmax-family rows of cbfused::cb_loss on the CPU (softmax cross-entropy and softmax
+// focal loss), compiled once per CPU ISA (csrc/cpu/kernels.h). A row's passes compute the
+// class-balanced loss and, when asked, its gradient w.r.t. the logits (for reduction 'sum';
+// the host entry folds in the mean's 1/D or leaves it to the backward).
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "cbfused/math.h"
+#include "cbfused/row_args.h"
+#include "cpu/rows.h"
+#include "cpu/vec_ops.h"
+
+namespace cbfused {
+namespace cpu {
+namespace {
+
+// The passes over one softmax row (max, sums, gradient), which softmax_rows runs per row
+// around the per-group vector math.
+
+// Pass 1: the row's max (padding lanes hold -inf). The hardware max may drop a NaN logit
+// here; pass 2 takes it into the sum all the same.
+template <typename scalar_t>
+CBF_HD at::opmath_type<scalar_t> softmax_row_max(const scalar_t* x, int64_t C) {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  constexpr int kU = 4 / IO::kVecs;  // independent accumulators
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  V mv[kU];
+  for (auto& m : mv) m = V(kNegInf);
+  row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) {
+    V xv[IO::kVecs];
+    IO::load(x + j, n, xv);
+    CBF_UNROLL_VECS
+    for (int v = 0; v < IO::kVecs; ++v) {
+      const int64_t nv = IO::lanes(n, v);
+      if (nv == 0) break;
+      mv[u] = hw_max(mv[u], IO::keep(xv[v], nv, kNegInf));
+    }
+  });
+  for (int u = 1; u < kU; ++u) mv[0] = hw_max(mv[0], mv[u]);
+  return IO::hmax(mv[0]);
+}
+
+// Pass 2: sum_exp = sum of exp(x - max) and, with kTX (float-target cross-entropy),
+// sum_tx = sum t (x - max) (<= 0: the loss T log(sum_exp) - sum_tx adds two terms of one
+// sign, and neither depends on the logits' offset). With kPark the exps are parked in
+// `park` (in the accumulation type) so the gradient pass needs none. `next`: a row to
+// prefetch, one 64-byte line per block.
+template <typename scalar_t, bool kTX, bool kPark>
+CBF_HD void softmax_row_sums(const scalar_t* x, const scalar_t* t, int64_t C, at::opmath_type<scalar_t> mx,
+                             at::opmath_type<scalar_t>* park, at::opmath_type<scalar_t>& sum_exp,
+                             at::opmath_type<scalar_t>& sum_tx, const scalar_t* next = nullptr) {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  constexpr int kU = 4 / IO::kVecs;
+  const V mxv(mx);
+  V ev[kU], txv[kU];
+  for (int u = 0; u < kU; ++u) ev[u] = txv[u] = V(0);
+  row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) {
+    V xv[IO::kVecs], tv[IO::kVecs], e[IO::kVecs];
+    if (next) __builtin_prefetch(next + j);
+    IO::load(x + j, n, xv);
+    if constexpr (kTX) IO::load(t + j, n, tv);
+    CBF_UNROLL_VECS
+    for (int v = 0; v < IO::kVecs; ++v) {
+      const int64_t nv = IO::lanes(n, v);
+      if (nv == 0) break;
+      const V d = xv[v] - mxv;
+      e[v] = MathOps<V>::exp_nonpos(d);
+      ev[u] = ev[u] + IO::keep(e[v], nv, 0);
+      if constexpr (kTX) txv[u] = at::vec::fmadd(tv[v], d, txv[u]);
+    }
+    if constexpr (kPark) {
+      CBF_UNROLL_VECS
+      for (int v = 0; v < IO::kVecs; ++v) {
+        const int64_t nv = IO::lanes(n, v);
+        if (nv > 0) e[v].store(park + j + v * IO::kLanes, nv);
+      }
+    }
+  });
+  for (int u = 1; u < kU; ++u) {
+    ev[0] = ev[0] + ev[u];
+    txv[0] = txv[0] + txv[u];
+  }
+  sum_exp = IO::hsum(ev[0]);
+  sum_tx = IO::hsum(txv[0]);
+}
+
+// The gradient pass, from the parked e_k = exp(x_k - max): grad_k = cpe e_k (= cp p_k),
+// less, for float targets, st t_k (cross-entropy) or st t_k G_k (focal, G of log p_k =
+// (x_k - max) - log sum). For float32 / float64 `park` is the gradient row itself.
+template <typename scalar_t, bool kFocal, bool kHard>
+CBF_HD void softmax_row_grad(const scalar_t* x, const scalar_t* t, const at::opmath_type<scalar_t>* park,
+                             scalar_t* g, int64_t C, at::opmath_type<scalar_t> cpe,
+                             at::opmath_type<scalar_t> st, at::opmath_type<scalar_t> mx,
+                             at::opmath_type<scalar_t> log_sum, double gamma) {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  const V cpev(cpe), stv(st), mxv(mx), lsv(log_sum);
+  row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
+    V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
+    CBF_UNROLL_VECS
+    for (int v = 0; v < IO::kVecs; ++v) {
+      const int64_t nv = IO::lanes(n, v);
+      gv[v] = nv > 0 ? V::loadu(park + j + v * IO::kLanes, nv) : V(0);
+    }
+    if constexpr (!kHard && kFocal) IO::load(x + j, n, xv);
+    if constexpr (!kHard) IO::load(t + j, n, tv);
+    CBF_UNROLL_VECS
+    for (int v = 0; v < IO::kVecs; ++v) {
+      if (IO::lanes(n, v) == 0) break;  // padding: gv[v] is 0 already
+      V gk = cpev * gv[v];
+      if constexpr (!kHard) {
+        if constexpr (kFocal) {
+          gk = gk - stv * tv[v] * softmax_focal<true>(log_softmax_of(xv[v], mxv, lsv), gamma).G;
+        } else {
+          gk = gk - stv * tv[v];
+        }
+      }
+      gv[v] = gk;
+    }
+    IO::store(g + j, n, gv);
+  });
+}
+
+// Where the exps of a group's rows are parked: in each row's gradient row in full
+// precision (nullptr here), in `rows` per-thread float rows for float16 / bfloat16.
+// Looked up once per group: a thread_local in a shared library costs a __tls_get_addr
+// call, which per row was 2% of bfloat16 softmax at C = 80.
+template <typename scalar_t>
+inline at::opmath_type<scalar_t>* park_scratch(int64_t C, int64_t rows) {
+  using IO = RowIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  if constexpr (IO::kReduced) {
+    thread_local std::vector<acc_t> scratch;
+    const int64_t need = rows * (C + IO::kStep);
+    if (static_cast<int64_t>(scratch.size()) < need) scratch.resize(need);
+    return scratch.data();
+  } else {
+    return nullptr;
+  }
+}
+
+// Row r's parking place: its gradient row g, or row r of the group's scratch.
+template <typename scalar_t>
+inline at::opmath_type<scalar_t>* park_row(at::opmath_type<scalar_t>* scratch, scalar_t* g, int64_t C,
+                                           int64_t r) {
+  using IO = RowIO<scalar_t>;
+  if constexpr (IO::kReduced) {
+    return scratch + r * (C + IO::kStep);
+  } else {
+    return reinterpret_cast<at::opmath_type<scalar_t>*>(g);
+  }
+}
+
+// Softmax cross-entropy and softmax focal loss, rows [i0, i1) (at most one vector's lanes
+// of them):
+//   hard:  l = s * (1 - p_y)^gamma * (-log p_y),  grad_k = s * G * (p_k - [k == y])
+//   float: l = s * sum_c t_c (1 - p_c)^gamma (-log p_c),
+//          grad_k = s * (p_k * sum_c t_c G_c - t_k G_k)
+// Per row the max and sum passes (exps parked); then the per-row math (log of the sum and,
+// for hard targets, the focal factors and 1 - p_y) for all rows at once, one row per lane:
+// as scalars per row (libm's logf, expf, expm1f and the register spills around their
+// calls) they were two thirds of softmax focal's time at C = 80. Then per row the float-
+// target focal sums (pass 3) and the gradient pass.
+template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
+void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::opmath_type<scalar_t>>* out) {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  constexpr int64_t L = IO::kLanes;
+  const int64_t C = a.C, R = i1 - i0;
+  // Unused and ignored lanes: s = 0, sum = 1, the rest 0 (finite math, zero loss).
+  // xy, ey: hard targets' x_y and parked exp(x_y - max); T, tx: float targets' sum t and
+  // (cross-entropy) sum t (x - max).
+  alignas(64) acc_t s[L] = {}, mx[L] = {}, xy[L] = {}, ey[L] = {}, T[L] = {}, tx[L] = {}, sum[L];
+  int64_t y[L];
+  bool live[L] = {};
+  for (int64_t k = 0; k < L; ++k) sum[k] = acc_t(1);
+  acc_t* const scratch = kGrad ? park_scratch<scalar_t>(C, R) : nullptr;
+  for (int64_t k = 0; k < R; ++k) {
+    const int64_t i = i0 + k;
+    const scalar_t* x = a.x + i * a.x_stride;
+    const scalar_t* t = kHard ? nullptr : a.t + i * a.t_stride;
+    scalar_t* g = kGrad ? a.grad + i * C : nullptr;
+    out[k] = {};
+    if (!row_target<scalar_t, kHard, kGrad>(a, i, t, g, y[k], s[k], T[k], out[k])) continue;
+    live[k] = true;
+    mx[k] = softmax_row_max(x, C);
+    acc_t* park = kGrad ? park_row(scratch, g, C, k) : nullptr;
+    // Pass 2 prefetches the next row, which pass 1 of that row would otherwise wait for
+    // (the passes over a cached row interrupt the hardware prefetcher's stream): at
+    // 16384 x 1000 float32, 7.1 -> 5.6 ms a call on one thread.
+    const scalar_t* next = i + 1 < a.N ? x + a.x_stride : nullptr;
+    softmax_row_sums<scalar_t, !kHard && !kFocal, kGrad>(x, t, C, mx[k], park, sum[k], tx[k], next);
+    if constexpr (kHard) {
+      xy[k] = static_cast<acc_t>(x[y[k]]);
+      if constexpr (kGrad && !kFocal) ey[k] = park[y[k]];
+    }
+  }
+  const V sumv = V::loadu(sum), sv = V::loadu(s);
+  const V ls = MathOps<V>::log(sumv);
+  alignas(64) acc_t loss[L], cp[L], ls_k[L];
+  if constexpr (!kHard) ls.store(ls_k);
+  V q;  // hard targets: 1 - p_y
+  if constexpr (kHard) {
+    const V logp = log_softmax_of(V::loadu(xy), V::loadu(mx), ls);
+    const auto f = softmax_focal<kFocal>(logp, a.gamma);
+    (sv * f.loss).store(loss);
+    (sv * f.G).store(cp);
+    if constexpr (!kFocal) {
+      // (sum - e_y) / sum from the parked e_y = exp(x_y - max): without cancellation, as
+      // y holding the max makes e_y = 1 and sum in [1, 2] (an exact difference), and
+      // otherwise p_y <= 1/2.
+      q = (sumv - V::loadu(ey)) / sumv;
+    } else {
+      q = -MathOps<V>::expm1_nonpos(logp);
+    }
+  } else if constexpr (!kFocal) {
+    // sum_c t_c (-log p_c) = T log sum - sum t (x - max).
+    const V Tv = V::loadu(T);
+    (sv * (Tv * ls - V::loadu(tx))).store(loss);
+    (sv * Tv).store(cp);
+  } else {
+    // Pass 3 (float-target focal), per row: sum_c t_c * focal loss, sum_c t_c G_c.
+    for (int64_t k = 0; k < R; ++k) {
+      if (!live[k]) continue;
+      const scalar_t* x = a.x + (i0 + k) * a.x_stride;
+      const scalar_t* t = a.t + (i0 + k) * a.t_stride;
+      const V mxv(mx[k]), lsv(ls_k[k]);
+      V lv(0), gsum(0);
+      row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
+        V xv[IO::kVecs], tv[IO::kVecs];
+        IO::load(x + j, n, xv);
+        IO::load(t + j, n, tv);
+        CBF_UNROLL_VECS
+        for (int v = 0; v < IO::kVecs; ++v) {
+          const int64_t nv = IO::lanes(n, v);
+          if (nv == 0) break;
+          const auto f = softmax_focal<true>(log_softmax_of(xv[v], mxv, lsv), a.gamma);
+          lv = lv + IO::keep(tv[v] * f.loss, nv, acc_t(0));
+          gsum = gsum + IO::keep(tv[v] * f.G, nv, acc_t(0));
+        }
+      });
+      loss[k] = s[k] * IO::hsum(lv);
+      cp[k] = s[k] * IO::hsum(gsum);
+    }
+  }
+  for (int64_t k = 0; k < R; ++k)
+    if (live[k]) out[k].loss = loss[k];  // an ignored row keeps +0
+  if constexpr (kGrad) {
+    // cp: the coefficient of p_k, times the mean's 1/D when known up front.
+    const V cpv = V::loadu(cp) * V(a.grad_prescale);
+    alignas(64) acc_t cpe[L], cy[L];
+    (cpv / sumv).store(cpe);                    // cp p_k = cpe e_k
+    if constexpr (kHard) (-cpv * q).store(cy);  // grad_y = cp * (p_y - 1) = -cp * (1 - p_y)
+    for (int64_t k = 0; k < R; ++k) {
+      if (!live[k]) continue;
+      const int64_t i = i0 + k;
+      scalar_t* g = a.grad + i * C;
+      const scalar_t* x = a.x + i * a.x_stride;
+      const scalar_t* t = kHard ? nullptr : a.t + i * a.t_stride;
+      softmax_row_grad<scalar_t, kFocal, kHard>(x, t, park_row(scratch, g, C, k), g, C, cpe[k],
+                                                s[k] * a.grad_prescale, mx[k], kHard ? acc_t(0) : ls_k[k],
+                                                a.gamma);
+      if constexpr (kHard) g[y[k]] = static_cast<scalar_t>(cy[k]);
+    }
+  }
+}
+
+// Softmax rows per group: about kGroupElems logits, so that a group's rows and parked exps
+// are still in cache for the gradient pass; one vector's lanes at most.
+constexpr int64_t kGroupElems = 1 << 12;
+
+template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
+std::pair<double, double> run_softmax(const Args<scalar_t>& a, int64_t N, scalar_t* per_row) {
+  constexpr int64_t L = RowIO<scalar_t>::kLanes;
+  const int64_t group = std::clamp<int64_t>(kGroupElems / std::max<int64_t>(a.C, 1), 1, L);
+  return run_row_groups<scalar_t, L>(N, a.C, group, per_row, [&](int64_t i0, int64_t i1, auto* out) {
+    softmax_rows<scalar_t, kFocal, kGrad, kHard>(a, i0, i1, out);
+  });
+}
+
+}  // namespace
+
+template <typename scalar_t>
+std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard) {
+  auto with = [&](auto focal_c, auto grad_c, auto hard_c) {
+    return run_softmax<scalar_t, decltype(focal_c)::value, decltype(grad_c)::value, decltype(hard_c)::value>(
+        a, a.N, a.per_row_out);
+  };
+  auto with_hard = [&](auto focal_c, auto grad_c) {
+    return hard ? with(focal_c, grad_c, std::true_type{}) : with(focal_c, grad_c, std::false_type{});
+  };
+  auto with_grad = [&](auto focal_c) {
+    return grad ? with_hard(focal_c, std::true_type{}) : with_hard(focal_c, std::false_type{});
+  };
+  return focal ? with_grad(std::true_type{}) : with_grad(std::false_type{});
+}
+
+CBFUSED_FOR_EACH_DTYPE(CBFUSED_FAMILY_ROWS, softmax_family_rows)
+
+}  // namespace cpu
+}  // namespace cbfused
