@@ -67,4 +67,9 @@ template <typename acc_t>
 // The accumulation type of a float dtype: float64 for float64, float32 otherwise.
 at::ScalarType acc_type_of(at::ScalarType s);
 
+// `like`'s options with its accumulation type.
+inline at::TensorOptions acc_options(const at::Tensor& like) {
+  return like.options().dtype(acc_type_of(like.scalar_type()));
+}
+
 }  // namespace cbfused

@@ -1,3 +1,0 @@
-// The CUDA source of cuda/losses.cu built for the CPU emulation (cuda/emulator.h): the
-// kernels' logic runs in the test suite without a GPU (torch.ops.cbfused_emu).
-#include "cuda/losses.cu"
