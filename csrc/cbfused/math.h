@@ -210,6 +210,14 @@ CBF_HD T log_softmax_of(T x, T max, T log_sum) {
   return (x - max) - log_sum;
 }
 
+// 1 - p of a softmax class from its log p: -expm1(log p), exact as p -> 1 where 1 - p would
+// cancel. The one formula of both backends for the target class's gradient p_y - 1 and the
+// softmax focal factor.
+template <typename T>
+CBF_HD T softmax_one_minus_p(T logp) {
+  return -MathOps<T>::expm1_nonpos(logp);
+}
+
 // Softmax focal factors for log p (p = softmax probability of a class):
 //   loss factor  (1 - p)^gamma * (-log p)
 //   G            = (1 - p)^gamma * (1 - gamma * p * log p / (1 - p))  >= 0
@@ -234,7 +242,7 @@ CBF_HD SoftmaxFocal<T> softmax_focal(T logp, G gamma) {
   } else {
     const T zero(0), one(1);
     const T g(gamma);
-    const T q = -O::expm1_nonpos(logp);  // 1 - p
+    const T q = softmax_one_minus_p(logp);
     const T p = O::exp_nonpos(logp);
     const auto q_pos = O::gt(q, zero);
     const T safe_q = O::select(q_pos, q, one);

@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
       const auto f = softmax_focal<kFoc>(logp, a.gamma);
       loss = s * f.loss;
       cp = s * f.G;
-      cy = cp * ::expm1(logp);  // cp * (p_y - 1)
+      cy = -cp * softmax_one_minus_p(logp);  // cp * (p_y - 1)
     } else if constexpr (!kFoc) {
       // sum_c t_c (-log p_c) = T log sum - sum t (x - max): two terms of one sign.
       loss = s * (T * log_sum - RR::sum(st > acc_t(0) ? tx - st * (ms.m - m_thread) : tx, smem_a));

@@ -179,9 +179,8 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
   constexpr int64_t L = IO::kLanes;
   const int64_t C = a.C, R = i1 - i0;
   // Unused and ignored lanes: s = 0, sum = 1, the rest 0 (finite math, zero loss).
-  // xy, ey: hard targets' x_y and parked exp(x_y - max); T, tx: float targets' sum t and
-  // (cross-entropy) sum t (x - max).
-  alignas(64) acc_t s[L] = {}, mx[L] = {}, xy[L] = {}, ey[L] = {}, T[L] = {}, tx[L] = {}, sum[L];
+  // xy: hard targets' x_y; T, tx: float targets' sum t and (cross-entropy) sum t (x - max).
+  alignas(64) acc_t s[L] = {}, mx[L] = {}, xy[L] = {}, T[L] = {}, tx[L] = {}, sum[L];
   int64_t y[L];
   bool live[L] = {};
   for (int64_t k = 0; k < L; ++k) sum[k] = acc_t(1);
@@ -203,7 +202,6 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
     softmax_row_sums<scalar_t, !kHard && !kFocal, kGrad>(x, t, C, mx[k], park, sum[k], tx[k], next);
     if constexpr (kHard) {
       xy[k] = static_cast<acc_t>(x[y[k]]);
-      if constexpr (kGrad && !kFocal) ey[k] = park[y[k]];
     }
   }
   const V sumv = V::loadu(sum), sv = V::loadu(s);
@@ -216,14 +214,7 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
     const auto f = softmax_focal<kFocal>(logp, a.gamma);
     (sv * f.loss).store(loss);
     (sv * f.G).store(cp);
-    if constexpr (!kFocal) {
-      // (sum - e_y) / sum from the parked e_y = exp(x_y - max): without cancellation, as
-      // y holding the max makes e_y = 1 and sum in [1, 2] (an exact difference), and
-      // otherwise p_y <= 1/2.
-      q = (sumv - V::loadu(ey)) / sumv;
-    } else {
-      q = -MathOps<V>::expm1_nonpos(logp);
-    }
+    q = softmax_one_minus_p(logp);
   } else if constexpr (!kFocal) {
     // sum_c t_c (-log p_c) = T log sum - sum t (x - max).
     const V Tv = V::loadu(T);
