@@ -1,12 +1,8 @@
-"""Typed wrappers over ``torch.ops.cbfused.*``: fake kernels and autograd.
-
-The kernels compute the loss and, when a gradient is needed, d(loss)/d(logits) in
-the same pass. Autograd is registered in C++ (csrc/autograd.cpp): the backward only
-scales that saved gradient by ``grad_output`` (and the mean's 1/D where the kernel left
-it). With ``grad_mode=2`` (what the public API passes: it never hands the gradient buffer
-out) it scales it in place when the autograd graph is not kept, and returns it untouched
-when the scale is 1 on the CPU, so forward+backward holds one N x C buffer, not two.
-Here: the fake (meta) kernels for torch.compile, and typed wrappers.
+"""The Python side of the raw ops ``torch.ops.cbfused.*`` (internal: the public API is the
+functions and modules of ``cbfused``): the loss-kind table read from ``_C``, the one
+validation of the options every entry point shares, the fake kernels for torch.compile, and
+typed wrappers. The gradient hand-off (``grad_mode``, ``grad_scale``) is described once, in
+docs/design.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 // TORCH_LIBRARY_IMPL(cbfused, Autograd): autograd for every op, in C++ (a Python
 // torch.library autograd wrapper cost ~45 us per forward+backward, more than the whole
 // kernel at CIFAR-sized batches). The forward runs the backend kernel, which writes the
-// loss and the logit-gradient in one pass; the backward scales that saved gradient.
+// loss and the logit-gradient in one pass; the backward scales that saved gradient (the
+// hand-off, grad_mode and grad_scale, is described in docs/design.md).
 #include <ATen/Functions.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>

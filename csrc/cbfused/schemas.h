@@ -7,11 +7,7 @@ namespace cbfused {
 
 // Class-balanced loss. Returns (loss, grad, grad_scale): loss is [] or [N] (reduction
 // 'none'); grad ([N, C] when grad_mode > 0, else [0]) times grad_scale ([]) is
-// d(loss)/d(logits): a backend may fold the mean's 1/D into grad (grad_scale = 1) or
-// leave it to the backward (grad_scale = 1/D, 0 when D = 0).
-// grad_mode: 0 no gradient; 1 gradient; 2 gradient, and the backward may scale the
-// returned grad buffer in place (callers that never read it, like cbfused's own
-// wrappers, save one N x C buffer that way).
+// d(loss)/d(logits). grad_mode and grad_scale: docs/design.md, "The gradient hand-off".
 constexpr const char* kCbLossSchema =
     "cb_loss(Tensor logits, Tensor target, Tensor class_weight, int loss_type, float gamma, "
     "float alpha, int reduction, int ignore_index, int grad_mode) -> (Tensor, Tensor, Tensor)";
