@@ -21,6 +21,7 @@ from torch import nn
 
 from . import _ops
 from .functional import resolve_weights
+from .modules import apply_keeping_dtype
 from .weights import CountsLike, check_beta, class_balanced_weights
 
 __all__ = ["linear_class_balanced_loss", "ClassBalancedLinearLoss", "auto_chunk_rows"]
@@ -349,12 +350,7 @@ class ClassBalancedLinearLoss(nn.Module):
         self.beta = beta
 
     def _apply(self, fn, recurse=True):
-        # as ClassBalancedLoss: the class weights stay float64 through .half() / .to(dtype)
-        cw = self.class_weight
-        out = super()._apply(fn, recurse)
-        if self.class_weight.dtype != cw.dtype:
-            self.class_weight = cw.to(device=self.class_weight.device)
-        return out
+        return apply_keeping_dtype(self, "class_weight", super()._apply, fn, recurse)
 
     @property
     def weight(self) -> torch.Tensor:

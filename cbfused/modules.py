@@ -11,6 +11,18 @@ from .weights import CountsLike, check_beta, class_balanced_weights
 __all__ = ["ClassBalancedLoss"]
 
 
+def apply_keeping_dtype(module: nn.Module, buffer: str, apply, fn, recurse: bool):
+    """nn.Module._apply that keeps one buffer's dtype and values: .half() / .to(dtype) cast
+    every floating buffer, but the class weights stay float64 (the kernels read them in the
+    accumulation type); only the device follows."""
+    before = getattr(module, buffer)
+    out = apply(fn, recurse)
+    after = getattr(module, buffer)
+    if after.dtype != before.dtype:
+        setattr(module, buffer, before.to(device=after.device))
+    return out
+
+
 class ClassBalancedLoss(nn.Module):
     """Class-balanced loss as a module. The class weights live in the ``weight`` buffer
     (float64): they move with ``.to()`` and are saved in ``state_dict``.
@@ -73,13 +85,7 @@ class ClassBalancedLoss(nn.Module):
     del _option
 
     def _apply(self, fn, recurse=True):
-        # .half() / .to(dtype) cast every floating buffer; the class weights stay float64
-        # (the kernels read them in the accumulation type) and keep their exact values.
-        w = self.weight
-        out = super()._apply(fn, recurse)
-        if self.weight.dtype != w.dtype:
-            self.weight = w.to(device=self.weight.device)
-        return out
+        return apply_keeping_dtype(self, "weight", super()._apply, fn, recurse)
 
     @property
     def num_classes(self) -> int:

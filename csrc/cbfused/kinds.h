@@ -1,5 +1,5 @@
 // The one table of cbfused's loss kinds and reductions. The op schema passes them as ints;
-// Python reads this table through cbfused._C.loss_kinds() / reductions() (csrc/ops.cpp)
+// Python reads this table through cbfused._C.loss_kinds() / reductions() (csrc/library.cpp)
 // and derives every name list, family test and option check from it (cbfused/_ops.py,
 // tests/testing.py). Adding a loss kind: its formula in math.h, a row here, its case in the
 // row kernels of its family, and its formula in cbfused/reference.py (docs/design.md).

@@ -4,7 +4,7 @@
 // is an operand, not a host scalar); this kernel forms the product of the two device
 // scalars in float32 (float64 for float64 logits) and rounds each element once, as the
 // CPU path does, and reads both scalars on the device (no host sync). Defined in
-// cuda/losses.cu.
+// cuda/scale_grad.cu.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,4 +1,4 @@
-// The op schemas of the cbfused library, written once: csrc/ops.cpp defines them for
+// The op schemas of the cbfused library, written once: csrc/library.cpp defines them for
 // torch.ops.cbfused, and the CUDA emulation build (csrc/emulated/) for
 // torch.ops.cbfused_emu.
 #pragma once

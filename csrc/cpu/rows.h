@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -43,6 +44,19 @@ double focal_elementwise_rows(const FocalPlan& p, double gamma, double alpha, do
 #define CBFUSED_FOR_EACH_DTYPE(M, F) M(F, float) M(F, double) M(F, c10::Half) M(F, c10::BFloat16)
 
 namespace {
+
+// Calls f(focal_c, grad_c, hard_c) with the three flags as std::true_type / false_type:
+// one instantiation per combination, picked once per call.
+template <typename F>
+auto with_flags(bool focal, bool grad, bool hard, const F& f) {
+  auto with_hard = [&](auto focal_c, auto grad_c) {
+    return hard ? f(focal_c, grad_c, std::true_type{}) : f(focal_c, grad_c, std::false_type{});
+  };
+  auto with_grad = [&](auto focal_c) {
+    return grad ? with_hard(focal_c, std::true_type{}) : with_hard(focal_c, std::false_type{});
+  };
+  return focal ? with_grad(std::true_type{}) : with_grad(std::false_type{});
+}
 
 // Rows per chunk: about kChunkElems logits, independent of the thread count.
 constexpr int64_t kChunkElems = 1 << 14;

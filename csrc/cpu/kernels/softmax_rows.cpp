@@ -284,17 +284,10 @@ std::pair<double, double> run_softmax(const Args<scalar_t>& a, int64_t N, scalar
 
 template <typename scalar_t>
 std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard) {
-  auto with = [&](auto focal_c, auto grad_c, auto hard_c) {
+  return with_flags(focal, grad, hard, [&](auto focal_c, auto grad_c, auto hard_c) {
     return run_softmax<scalar_t, decltype(focal_c)::value, decltype(grad_c)::value, decltype(hard_c)::value>(
         a, a.N, a.per_row_out);
-  };
-  auto with_hard = [&](auto focal_c, auto grad_c) {
-    return hard ? with(focal_c, grad_c, std::true_type{}) : with(focal_c, grad_c, std::false_type{});
-  };
-  auto with_grad = [&](auto focal_c) {
-    return grad ? with_hard(focal_c, std::true_type{}) : with_hard(focal_c, std::false_type{});
-  };
-  return focal ? with_grad(std::true_type{}) : with_grad(std::false_type{});
+  });
 }
 
 CBFUSED_FOR_EACH_DTYPE(CBFUSED_FAMILY_ROWS, softmax_family_rows)
