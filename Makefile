@@ -65,7 +65,8 @@ test: build-test lint
 # every step (see benchmarks/bench.py). Best effort: without it the benchmark uses glibc.
 bench: build
 	-@ls /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 >/dev/null 2>&1 || apt-get install -y -q libjemalloc2 >/dev/null 2>&1 || \
-	  echo "note: libjemalloc2 not installed; benchmarking with glibc malloc"
+	  (apt-get update -q && apt-get install -y -q libjemalloc2) >/dev/null 2>&1 || \
+	  echo "note: libjemalloc2 not installed; benchmarking with glibc malloc (slower and noisier at large shapes)"
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 # the long-tailed training example (quick grid; EXAMPLE_ARGS=--full for the whole grid)

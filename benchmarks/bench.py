@@ -1,18 +1,21 @@
 """The kernel benchmark: cbfused's fused ops against the eager reference, the compiled
 reference and the peers a user would pick today, on the same inputs in the same run.
 
-    python benchmarks/bench.py            # quick grid (a few minutes on 2 CPU cores)
-    python benchmarks/bench.py --full     # the whole grid
-    python benchmarks/bench.py --update-readme   # also rewrite README's table from the CSV
+    python benchmarks/bench.py                    # quick grid, one run (what `make bench` runs)
+    python benchmarks/bench.py --full             # the whole grid
+    python benchmarks/bench.py --runs 3 --publish # three runs: the published tables
 
-Writes benchmarks/results/<device>-<grid>.csv (one row per kernel, provider, mode, dtype,
-shape), prints a markdown table and the issue's targets, and plots the speed-up over the
-eager reference (benchmarks/results/<device>-<grid>.png).
+Writes a CSV (one row per kernel, provider, mode, dtype, shape) and a plot of the speed-up
+over the eager reference to benchmarks/results/latest/ (untracked; --out picks another
+directory or a .csv path), and prints the tables. --publish writes the tracked
+benchmarks/results/<device>-<grid>.csv / .png instead and regenerates the tables of
+README.md and docs/performance.md from them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import itertools
 import os
@@ -31,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 # (dirty/muzzy_decay_ms:-1) removes those faults. The benchmark re-executes itself under it
 # when the library exists (every provider runs in that one process) and records which
 # allocator it used; --system-malloc measures glibc. --thp sets THP_MEM_ALLOC_ENABLE=1.
+# (Both are read here, before argparse, because they must be set before the process starts.)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -52,6 +56,12 @@ QUICK_BF16_SHAPES = [(1024, 1000), (65536, 80), (16384, 1000)]
 # fused linear + loss (N, H, C): iNaturalist-sized and a 32k-class catalogue
 QUICK_LINEAR = [(4096, 2048, 8142)]
 FULL_LINEAR = [(4096, 2048, 8142), (8192, 1024, 32000)]
+
+
+# cells up to this many logits also time the functional entry points (report.ENTRY_POINTS)
+SMALL_CELL = 1 << 17
+ENTRY_COUNTS = "class_balanced_loss(samples_per_class)"
+ENTRY_WEIGHTS = "class_balanced_loss(weights)"
 
 
 @dataclass
@@ -82,6 +92,9 @@ class Row:
     torch_version: str = ""
     cbfused_version: str = ""
     git_commit: str = ""
+    run: int = 0
+    cpu_capability: str = ""
+    load_avg: str = ""  # the machine's 1 / 5 / 15-minute load when the run started
     extra: dict = field(default_factory=dict)
 
 
@@ -199,6 +212,23 @@ def quantile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side (kineto) logs every start and stop to the process's stderr
+    ("USDT ... profiler_start", and on a machine without a GPU "gpuGetDeviceCount failed"):
+    hundreds of lines through the table. Silenced while the profiler runs, and only then."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
+
+
 def peak_extra_bytes(fn: Callable[[], None], device: str) -> float:
     """Peak bytes allocated above the state before the call (the call's extra memory)."""
     if device == "cuda":
@@ -218,7 +248,7 @@ def peak_extra_bytes(fn: Callable[[], None], device: str) -> float:
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
@@ -272,6 +302,16 @@ def providers(case: Case) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         return R.class_balanced_loss(x, y, w_acc, loss_type=k, gamma=GAMMA, compute_dtype=acc)
 
     out: dict[str, Callable] = {"cbfused": lambda x: crit(x, y), "reference": ref}
+    if case.n * case.c <= SMALL_CELL:
+        # the functional entry points, where per-call overhead shows: with the class counts
+        # (a tensor, as class_counts returns them) and with ready weights
+        counts_t = torch.tensor(case.counts, device=case.device)
+        out[ENTRY_COUNTS] = lambda x: cbfused.class_balanced_loss(
+            x, y, samples_per_class=counts_t, beta=BETA, loss_type=k, gamma=GAMMA
+        )
+        out[ENTRY_WEIGHTS] = lambda x: cbfused.class_balanced_loss(
+            x, y, weights=case.w64, loss_type=k, gamma=GAMMA
+        )
     out["reference+compile"] = torch.compile(ref, dynamic=False)
     if k == "softmax":
         out["F.cross_entropy(weight)"] = lambda x: F.cross_entropy(x, y, weight=w_in)
@@ -446,17 +486,110 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--losses", default=",".join(LOSSES))
     ap.add_argument("--shapes", help="e.g. 128x10,1024x1000 (default: the grid's)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
-    ap.add_argument("--update-readme", action="store_true", help="rewrite README's table from this run's CSV")
+    ap.add_argument(
+        "--out",
+        default=os.path.join(HERE, "results", "latest"),
+        help="a directory, or a .csv path (the plot goes beside it); default: benchmarks/results/latest/",
+    )
+    ap.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="run the grid N times, each in a fresh process; the tables show the median ratio and its range",
+    )
+    ap.add_argument(
+        "--publish",
+        action="store_true",
+        help="write benchmarks/results/<device>-<grid>.csv / .png and regenerate README's and docs/performance.md's tables",
+    )
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--no-linear", action="store_true", help="skip the fused linear + loss cells")
-    ap.add_argument(
-        "--no-thp", action="store_true", help="do not set THP_MEM_ALLOC_ENABLE=1 (see the top of this file)"
-    )
+    ap.add_argument("--system-malloc", action="store_true", help="measure with glibc malloc, not jemalloc")
+    ap.add_argument("--thp", action="store_true", help="set THP_MEM_ALLOC_ENABLE=1 (PyTorch's huge pages)")
+    ap.add_argument("--run-index", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error(f"--runs must be >= 1, got {args.runs}")
+    grid = "full" if args.full else "quick"
+    if args.publish:
+        path = os.path.join(HERE, "results", f"{args.device}-{grid}.csv")
+    elif args.out.endswith(".csv"):
+        path = args.out
+    else:
+        path = os.path.join(args.out, f"{args.device}-{grid}.csv")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if args.runs > 1:
+        return run_several(args, argv if argv is not None else sys.argv[1:], path)
+    measure(args, path)
+    return finish(args, path)
+
+
+def run_several(args, argv: list[str], path: str) -> int:
+    """The grid N times, each in a fresh process (its own allocator state, its own warm-up),
+    into one CSV with a run column."""
+    keep = []
+    skip = False
+    for a in argv:  # the child gets the grid's arguments, not --runs / --out / --publish
+        if skip:
+            skip = False
+            continue
+        if a in ("--runs", "--out"):
+            skip = True
+            continue
+        if a.startswith(("--runs=", "--out=")) or a == "--publish":
+            continue
+        keep.append(a)
+    parts = []
+    for k in range(args.runs):
+        part = f"{path[: -len('.csv')]}.run{k}.csv"
+        print(f"\n=== run {k + 1} of {args.runs} ===", flush=True)
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            *keep,
+            "--no-plot",
+            "--out",
+            part,
+            "--run-index",
+            str(k),
+        ]
+        subprocess.run(
+            cmd, check=True, env={k2: v for k2, v in os.environ.items() if k2 != "CBFUSED_BENCH_ALLOCATOR"}
+        )
+        parts.append(part)
+    with open(path, "w", newline="") as out:
+        for i, part in enumerate(parts):
+            with open(part) as f:
+                lines = f.readlines()
+            out.writelines(lines if i == 0 else lines[1:])
+            os.remove(part)
+    return finish(args, path)
+
+
+def finish(args, path: str) -> int:
+    rows = report.load(path)
+    print(f"\nwrote {path} ({len(rows)} rows, {len(report.runs(rows))} run(s))\n")
+    print(report.markdown_table(rows))
+    print()
+    print(report.linear_table(rows))
+    print()
+    print(report.targets_text(rows))
+    if not args.no_plot:
+        png = path[: -len(".csv")] + ".png"
+        if report.plot(rows, png):
+            print(f"\nplot: {png}")
+    if args.publish:
+        root = os.path.join(HERE, "..")
+        report.update_docs(
+            os.path.join(root, "README.md"), os.path.join(root, "docs", "performance.md"), path
+        )
+        print("updated README.md and docs/performance.md")
+    return 0
+
+
+def measure(args, path: str) -> None:
 
     device = args.device
-    grid = "full" if args.full else "quick"
     shapes = FULL_SHAPES if args.full else QUICK_SHAPES
     bf16_shapes = FULL_SHAPES if args.full else QUICK_BF16_SHAPES
     if args.shapes:
@@ -473,16 +606,18 @@ def main(argv: list[str] | None = None) -> int:
         torch_version=torch.__version__,
         cbfused_version=cbfused.__version__,
         git_commit=git_commit(),
+        cpu_capability=cbfused.BUILD_INFO["cpu_capability"],
+        run=args.run_index,
+        load_avg=" ".join(f"{v:.2f}" for v in os.getloadavg()),
     )
     print(
-        f"cbfused benchmark ({grid}) on {meta['device_name']}, {meta['threads']} threads, "
+        f"cbfused benchmark ({'full' if args.full else 'quick'}) on {meta['device_name']}, {meta['threads']} threads, "
         f"allocator {meta['allocator']}, THP_MEM_ALLOC_ENABLE={meta['thp'] or 'unset'}, torch {torch.__version__}, "
-        f"cbfused {cbfused.__version__} ({cbfused.BUILD_INFO}), commit {meta['git_commit']}",
+        f"cbfused {cbfused.__version__} ({cbfused.BUILD_INFO}), commit {meta['git_commit']}, "
+        f"load average {meta['load_avg']}",
         flush=True,
     )
     rows: list[Row] = []
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{device}-{grid}.csv")
     t_start = time.time()
     for n, c in dict.fromkeys(s for s, _ in combos):
         dtypes = [dt for s, dt in combos if s == (n, c)]
@@ -542,27 +677,15 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
         write_csv(rows, path)  # after every shape: a run cut short keeps what it measured
+        # this shape's rows as a table at once: the first results within minutes of the start
+        shape_rows = [r for r in report.load(path) if (r["N"], r["C"]) == (n, c)]
+        print("\n" + report.markdown_table(shape_rows, modes=("fwd+bwd",)) + "\n", flush=True)
     if not args.no_linear:
         lin_shapes = FULL_LINEAR if args.full else QUICK_LINEAR
         for (n, h, c), dtype in itertools.product(lin_shapes, [torch.float32, torch.bfloat16]):
             rows += linear_cell(n, h, c, dtype, device, not args.full, meta)
     write_csv(rows, path)
-    print(f"\nwrote {path} ({len(rows)} rows, {time.time() - t_start:.0f} s)\n")
-    table = report.markdown_table(report.load(path))
-    print(table)
-    print()
-    print(report.linear_table(report.load(path)))
-    print()
-    print(report.targets_text(report.load(path)))
-    if not args.no_plot:
-        png = os.path.join(args.out, f"{device}-{grid}.png")
-        if report.plot(report.load(path), png):
-            print(f"\nplot: {png}")
-    if args.update_readme:
-        readme = os.path.join(HERE, "..", "README.md")
-        report.update_readme(readme, path)
-        print(f"updated {os.path.normpath(readme)}")
-    return 0
+    print(f"measured in {time.time() - t_start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

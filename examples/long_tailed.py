@@ -222,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--cache", default=os.path.join(HERE, ".data"))
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--update-readme", action="store_true", help="copy table.md into README's example block")
+    ap.add_argument(
+        "--update-docs", action="store_true", help="copy table.md into docs/example.md's results block"
+    )
     args = ap.parse_args(argv)
 
     grid_name = "tiny" if args.tiny else ("full" if args.full else "quick")
@@ -358,16 +360,18 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     plot(per_class, rows, best, imbalances, families, seeds, n_max, out_dir)
-    if args.update_readme:
-        cmd = " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--update-readme")
-        update_readme(os.path.join(HERE, "..", "README.md"), table, os.path.relpath(out_dir, HERE), cmd)
+    if args.update_docs:
+        cmd = " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--update-docs")
+        update_docs(
+            os.path.join(HERE, "..", "docs", "example.md"), table, os.path.relpath(out_dir, HERE), cmd
+        )
     print(
         f"\nwrote {out_dir}/ (results.csv, table.md, per_class.png, weights.png) in {time.time() - t0:.0f} s"
     )
     return 0
 
 
-def update_readme(readme: str, table: str, grid_name: str, cmd: str = "") -> None:
+def update_docs(readme: str, table: str, grid_name: str, cmd: str = "") -> None:
     import re
 
     start, end = "<!-- EXAMPLE:START -->", "<!-- EXAMPLE:END -->"
