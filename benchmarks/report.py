@@ -78,10 +78,13 @@ def _median(xs: list[float]) -> float:
     return s[m] if len(s) % 2 else 0.5 * (s[m - 1] + s[m])
 
 
-def _fmt_ratios(xs: list[float]) -> str:
+def _fmt_ratios(xs: list[float], digits: int = 1) -> str:
     """'31.1x' for one run; 'median (lowest-highest)' for several."""
     if not xs:
         return "-"
+    if digits != 1:
+        one = lambda v: f"{v:.{digits}f}"  # noqa: E731
+        return f"{one(_median(xs))}x" + (f" ({one(min(xs))}-{one(max(xs))})" if len(xs) > 1 else "")
     if len(xs) == 1:
         return _fmt_x(xs[0])
     return f"{_fmt_x(_median(xs))} ({min(xs):.1f}-{max(xs):.1f})"
@@ -222,7 +225,7 @@ def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                     f"softmax via {ENTRY_NAMES.get(provider, provider)} at 128 x 10 (forward+backward): at most 0.8x the time of "
                     "F.cross_entropy(weight)",
                     _median(xs) <= 0.8,
-                    f"{_fmt_ratios(xs)} of its time",
+                    f"{_fmt_ratios(xs, 2)} its time",
                 )
             )
     # within 3x of the floor at 16384 x 1000
