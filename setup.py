@@ -72,7 +72,12 @@ CPU_NEEDS = {
 }
 CPU_NEEDS["AVX512_BF16"] = CPU_NEEDS["AVX512"] | {"avx512_bf16"}
 # -g0: no debug info (Python's CFLAGS ask for -g; it slowed the template-heavy kernel files).
-COMMON_CXX = ["-O3", "-g0", "-fno-math-errno", "-fopenmp"]
+# -Wno-unknown-pragmas / -Wno-psabi: torch's headers' "#pragma unroll" and GCC's note on
+# 64-byte vector arguments, thousands of lines that hid what the build says.
+COMMON_CXX = ["-O3", "-g0", "-fno-math-errno", "-fopenmp", "-Wno-unknown-pragmas", "-Wno-psabi"]
+# GCC 12 reports its own intrinsics' _mm512_undefined_*() idiom, inlined into the vector
+# kernels, as (maybe-)uninitialized: 5400 false warnings per ISA build.
+KERNEL_CXX = ["-Wno-maybe-uninitialized", "-Wno-uninitialized"]
 
 
 def _cpu_flags_present() -> set[str]:
@@ -188,7 +193,13 @@ def core_extension():
 
 def cpu_kernel_extension(cap: str):
     """cbfused._cpu_<cap>: csrc/cpu/kernels/ compiled for one ISA."""
-    cxx = [*COMMON_CXX, f"-DCPU_CAPABILITY={ATEN_CAPABILITY[cap]}", f"-DCBFUSED_ISA={cap}", *CPU_FLAGS[cap]]
+    cxx = [
+        *COMMON_CXX,
+        *KERNEL_CXX,
+        f"-DCPU_CAPABILITY={ATEN_CAPABILITY[cap]}",
+        f"-DCBFUSED_ISA={cap}",
+        *CPU_FLAGS[cap],
+    ]
     return cpp_extension.CppExtension(
         f"cbfused._cpu_{cap}",
         sorted(glob.glob("csrc/cpu/kernels/*.cpp")),

@@ -679,7 +679,12 @@ def measure(args, path: str) -> None:
         write_csv(rows, path)  # after every shape: a run cut short keeps what it measured
         # this shape's rows as a table at once: the first results within minutes of the start
         shape_rows = [r for r in report.load(path) if (r["N"], r["C"]) == (n, c)]
-        print("\n" + report.markdown_table(shape_rows, modes=("fwd+bwd",)) + "\n", flush=True)
+        print(
+            f"\n{n} x {c}, measured {time.time() - t_start:.0f} s into the run:\n"
+            + report.markdown_table(shape_rows, modes=("fwd+bwd",))
+            + "\n",
+            flush=True,
+        )
     if not args.no_linear:
         lin_shapes = FULL_LINEAR if args.full else QUICK_LINEAR
         for (n, h, c), dtype in itertools.product(lin_shapes, [torch.float32, torch.bfloat16]):
