@@ -11,6 +11,7 @@
 #include "cbfused/checks.h"
 #include "cbfused/math.h"
 #include "cbfused/row_args.h"
+#include "cbfused/targets.h"
 #include "cpu/host.h"
 #include "cpu/kernels.h"
 
@@ -22,12 +23,12 @@ namespace {
 // class weights), 0 when D = 0; checks the targets' range on the way.
 template <typename scalar_t>
 double hard_target_inv_denominator(const RowArgs<scalar_t>& a) {
+  using acc_t = at::opmath_type<scalar_t>;
   double d = 0;
   for (int64_t i = 0; i < a.N; ++i) {
-    const int64_t y = a.y[i];
-    if (y == a.ignore_index) continue;
-    if (y < 0 || y >= a.C) target_out_of_range(y, a.C, i, a.ignore_index);
-    d += a.weighted ? static_cast<double>(a.w[y]) : 1.0;
+    const HardTarget<acc_t> h = hard_target(a.y[i], a.C, a.ignore_index, a.w, a.weighted);
+    if (h.bad) target_out_of_range(a.y[i], a.C, i, a.ignore_index);
+    d += static_cast<double>(h.denom);  // 0 for an ignored sample
   }
   return inv_denominator(d);
 }

@@ -20,6 +20,7 @@
 
 #include "cbfused/math.h"
 #include "cbfused/row_args.h"
+#include "cbfused/targets.h"
 #include "cpu/vec_ops.h"
 
 namespace cbfused {
@@ -117,16 +118,17 @@ inline bool row_target(const Args<scalar_t>& a, int64_t i, const scalar_t* t, sc
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (kHard) {
     y = a.y[i];
-    if (y == a.ignore_index) {
+    const HardTarget<acc_t> h = hard_target(y, a.C, a.ignore_index, a.w, a.weighted);
+    if (h.ignored) {
       if constexpr (kGrad) std::fill(g, g + a.C, scalar_t(0));
       return false;
     }
-    if (y < 0 || y >= a.C) target_out_of_range(y, a.C, i, a.ignore_index);
-    s = a.w[y];
-    out.denom = a.weighted ? s : acc_t(1);
+    if (h.bad) target_out_of_range(y, a.C, i, a.ignore_index);
+    s = h.s;
+    out.denom = h.denom;
   } else {
     target_row_sums(a, t, i, s, T);
-    out.denom = a.weighted ? s : T;
+    out.denom = float_target_denom(s, T, a.weighted);
   }
   return true;
 }

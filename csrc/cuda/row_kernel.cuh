@@ -17,6 +17,7 @@
 
 #include "cbfused/math.h"
 #include "cbfused/row_args.h"
+#include "cbfused/targets.h"
 #include "cuda/reduce.cuh"
 #include "cuda/vec.cuh"
 
@@ -103,8 +104,9 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
   bool bad = false;
   if constexpr (kHard) {
     y = a.y[row];
-    bad = y != a.ignore_index && !(y >= 0 && y < C);
-    if (y == a.ignore_index || bad) {
+    const HardTarget<acc_t> h = hard_target(y, C, a.ignore_index, a.w, a.weighted);
+    bad = h.bad;
+    if (!h.live()) {
       if (g) {
         for_each_group<kThreads, scalar_t>(sp, C, lane, [&](auto w, int64_t c) {
           constexpr int K = decltype(w)::value;
@@ -120,8 +122,8 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
       assert_targets_ok<kHard>(bad);
       return;
     }
-    s = a.w[y];
-    denom = a.weighted ? s : acc_t(1);
+    s = h.s;
+    denom = h.denom;
   }
 
   acc_t loss = 0;
@@ -136,7 +138,7 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
       });
       s = RR::sum(sw, smem_a);
       T = RR::sum(st, smem_b);
-      denom = a.weighted ? s : T;
+      denom = float_target_denom(s, T, a.weighted);
     }
     const int pow_k = kHard ? a.gamma_int : -1;
     acc_t part = 0;
@@ -200,7 +202,7 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
     if constexpr (!kHard) {
       s = RR::sum(sw, smem_a);
       T = RR::sum(st, smem_b);
-      denom = a.weighted ? s : T;
+      denom = float_target_denom(s, T, a.weighted);
     }
     acc_t cp = 0, cy = 0;
     if constexpr (kHard) {
@@ -289,17 +291,11 @@ __global__ void __launch_bounds__(kBlock) cb_flat_kernel(RowArgs<scalar_t> a, in
     if (tid < rows) {
       const int64_t row = r0 + tid;
       const int64_t y = a.y[row];
-      acc_t s = 0, denom = 0;
-      int yi = -1;
-      bad = y != a.ignore_index && !(y >= 0 && y < a.C);
-      if (y != a.ignore_index && !bad) {
-        yi = static_cast<int>(y);
-        s = a.w[y];
-        denom = a.weighted ? s : acc_t(1);
-      }
-      y_row[tid] = yi;
-      s_row[tid] = s;
-      a.row_denom[row] = denom;
+      const HardTarget<acc_t> h = hard_target(y, a.C, a.ignore_index, a.w, a.weighted);
+      bad = h.bad;
+      y_row[tid] = h.live() ? static_cast<int>(y) : -1;
+      s_row[tid] = h.s;
+      a.row_denom[row] = h.denom;
     }
   } else {
     // Pass 0, coalesced over the tile: park t, and t w in tile_l, then one thread per
@@ -325,7 +321,7 @@ __global__ void __launch_bounds__(kBlock) cb_flat_kernel(RowArgs<scalar_t> a, in
         st += tile_t[tid * C + c];
       }
       s_row[tid] = sw;
-      a.row_denom[r0 + tid] = a.weighted ? sw : st;
+      a.row_denom[r0 + tid] = float_target_denom(sw, st, a.weighted);
     }
   }
   __syncthreads();
