@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -94,9 +95,10 @@ def _check_options(loss_type, gamma, alpha, reduction, ignore_index) -> LossOpti
         a = float(alpha)
         if not 0.0 <= a <= 1.0:
             raise ValueError(f"alpha must be in [0, 1] (or None), got {alpha}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    # any integer (numpy's too, as int() accepted before), not a bool or a float
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    return LossOptions(loss_type, code, g, a, reduction, red, ignore_index)
+    return LossOptions(loss_type, code, g, a, reduction, red, int(ignore_index))
 
 
 # Options repeat call after call: validate each combination once (they are plain values).

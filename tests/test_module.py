@@ -100,3 +100,15 @@ def test_dtype_casts_keep_the_float64_class_weights(cast):
     torch.testing.assert_close(
         crit(x, y), cbfused.reference.class_balanced_loss(x, y, before, "softmax"), rtol=1e-12, atol=0
     )
+
+
+def test_numpy_integer_ignore_index_is_accepted():
+    import numpy as np
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = torch.tensor([0, 255, 2, 1])
+    a = cbfused.class_balanced_loss(
+        x, y, weights=torch.ones(3), loss_type="softmax", ignore_index=np.int64(255)
+    )
+    b = cbfused.class_balanced_loss(x, y, weights=torch.ones(3), loss_type="softmax", ignore_index=255)
+    assert torch.equal(a, b)
