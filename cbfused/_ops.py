@@ -147,12 +147,33 @@ def _grad_mode(t: torch.Tensor) -> int:
 # cbfused::cb_loss
 
 
+def _reads_channels_last(logits: torch.Tensor) -> bool:
+    """Whether cb_loss reads [N, C, d...] logits as channels-last rows (csrc/checks.cpp,
+    CbLossPlan): then its gradient takes the logits' strides."""
+    if logits.dim() < 3 or logits.shape[1] <= 1 or logits.numel() == 0:
+        return False
+    if math.prod(logits.shape[2:]) == 1:
+        return False
+    return logits.stride(1) == 1 and logits.movedim(1, -1).is_contiguous()
+
+
 @torch.library.register_fake("cbfused::cb_loss")
 def _cb_loss_fake(logits, target, class_weight, loss_type, gamma, alpha, reduction, ignore_index, grad_mode):
-    torch._check(logits.dim() == 2, lambda: f"cbfused: logits must be 2-D [N, C], got {logits.dim()}-D")
-    n, c = logits.shape
-    loss = logits.new_empty((n,)) if reduction == _NONE else logits.new_empty(())
-    grad = logits.new_empty((n, c)) if grad_mode else logits.new_empty((0,))
+    torch._check(
+        logits.dim() >= 1,
+        lambda: "cbfused: logits must be [N, C, d1, ..., dk] (class dimension 1) or [C], got a 0-d tensor",
+    )
+    if reduction == _NONE:
+        loss_shape = () if logits.dim() == 1 else (logits.shape[0], *logits.shape[2:])
+        loss = logits.new_empty(loss_shape)
+    else:
+        loss = logits.new_empty(())
+    if not grad_mode:
+        grad = logits.new_empty((0,))
+    elif _reads_channels_last(logits):
+        grad = torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
+    else:
+        grad = logits.new_empty(logits.shape)
     grad_scale = logits.new_empty((), dtype=_acc_dtype(logits.dtype))
     return loss, grad, grad_scale
 

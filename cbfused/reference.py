@@ -37,6 +37,18 @@ def _targets(x: torch.Tensor, target: torch.Tensor, w: torch.Tensor, ignore_inde
     return t, s, valid
 
 
+def _as_rows(logits: torch.Tensor, target: torch.Tensor):
+    """[N, C, d...] or [C] logits (and their target) as [rows, C]; the shape of a 'none' loss."""
+    if logits.dim() == 1:
+        t = target.reshape(1, -1) if target.is_floating_point() else target.reshape(1)
+        return logits.reshape(1, -1), t, ()
+    c = logits.shape[1]
+    out_shape = (logits.shape[0], *logits.shape[2:])
+    x = logits.movedim(1, -1).reshape(-1, c)
+    t = target.movedim(1, -1).reshape(-1, c) if target.is_floating_point() else target.reshape(-1)
+    return x, t, out_shape
+
+
 def class_balanced_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -48,7 +60,14 @@ def class_balanced_loss(
     ignore_index: int = -100,
     compute_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """Reference class-balanced loss (see ``cbfused.class_balanced_loss``)."""
+    """Reference class-balanced loss (see ``cbfused.class_balanced_loss``). Logits
+    [N, C, d1, ..., dk] and [C] are computed as the rows of [N * d1 * ... * dk, C]."""
+    if logits.dim() != 2:
+        x2, t2, out_shape = _as_rows(logits, target)
+        out = class_balanced_loss(
+            x2, t2, weights, loss_type, gamma, alpha, reduction, ignore_index, compute_dtype
+        )
+        return out.reshape(out_shape) if reduction == "none" else out
     x = logits.to(compute_dtype)
     w = weights.to(device=x.device, dtype=compute_dtype)
     t, s, valid = _targets(x, target, w, ignore_index)

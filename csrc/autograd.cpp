@@ -140,7 +140,10 @@ class CbLossFunction : public torch::autograd::Function<CbLossFunction> {
       check_first_order(saved[0]);
       out[0] = scale_on_device(saved[0], g_loss, saved[1], reuse_saved(saved[0], grad_mode == 2));
     } else {
-      out[0] = scale_saved_grad(saved[0], none ? g_loss.unsqueeze(-1) : g_loss * saved[1], grad_mode == 2);
+      // reduction 'none': the loss has the logits' shape without the class dimension (1, or
+      // 0 for unbatched [C] logits, whose loss is 0-d).
+      const at::Tensor scale = !none ? g_loss * saved[1] : saved[0].dim() >= 2 ? g_loss.unsqueeze(1) : g_loss;
+      out[0] = scale_saved_grad(saved[0], scale, grad_mode == 2);
     }
     return out;
   }

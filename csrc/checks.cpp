@@ -67,18 +67,48 @@ at::Tensor weights_as(const at::Tensor& w, at::ScalarType acc) {
 
 }  // namespace
 
+namespace {
+
+// t [samples, C, d1, ..., dk] as [samples, C, S] with unit position stride: a view when the
+// spatial dimensions collapse into one of unit stride, else a contiguous copy.
+at::Tensor as_planes(const at::Tensor& t, int64_t samples, int64_t C, int64_t S) {
+  int64_t expected = 1;
+  bool collapses = true;
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (t.size(d) == 1) continue;
+    if (t.stride(d) != expected) {
+      collapses = false;
+      break;
+    }
+    expected *= t.size(d);
+  }
+  if (collapses && t.stride(0) >= 0 && t.stride(1) >= 0)
+    return t.as_strided({samples, C, S}, {t.stride(0), t.stride(1), 1}, t.storage_offset());
+  return t.contiguous().view({samples, C, S});
+}
+
+// [samples, C, d...] stored as [samples, d..., C] rows (channels-last and its k-D kin).
+bool dense_channels_last(const at::Tensor& t) { return t.stride(1) == 1 && t.movedim(1, -1).is_contiguous(); }
+
+}  // namespace
+
 CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& class_weight,
                          int64_t loss_type, double gamma, double alpha, int64_t reduction) {
   TORCH_CHECK(valid_loss_type(loss_type), "cbfused: unknown loss type code ", loss_type);
   check_common(gamma, reduction);
   TORCH_CHECK(std::isfinite(alpha) && alpha <= 1,
               "cbfused: alpha must be in [0, 1] (or negative to disable), got ", alpha);
-  TORCH_CHECK(logits.dim() == 2, "cbfused: logits must be 2-D [N, C], got shape ", shape_str(logits));
+  TORCH_CHECK(logits.dim() >= 1,
+              "cbfused: logits must be [N, C, d1, ..., dk] (class dimension 1) or [C], got a 0-d tensor");
   TORCH_CHECK(is_supported_float(logits.scalar_type()),
               "cbfused: logits must be float16, bfloat16, float32 or float64, got ", logits.scalar_type());
+  const bool unbatched = logits.dim() == 1;
+  const int64_t samples = unbatched ? 1 : logits.size(0);
   CbLossPlan plan;
-  plan.N = logits.size(0);
-  plan.C = logits.size(1);
+  plan.C = unbatched ? logits.size(0) : logits.size(1);
+  int64_t S = 1;
+  for (int64_t d = 2; d < logits.dim(); ++d) S *= logits.size(d);
+  plan.N = samples * S;
   TORCH_CHECK(plan.C >= 1, "cbfused: logits need at least one class, got shape ", shape_str(logits));
   TORCH_CHECK(target.device() == logits.device(), "cbfused: target is on ", target.device(),
               " but logits are on ", logits.device());
@@ -87,17 +117,38 @@ CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target, con
               " (build them on the logits' device, or use ClassBalancedLoss, which moves with .to())");
   TORCH_CHECK(class_weight.dim() == 1 && class_weight.size(0) == plan.C,
               "cbfused: class weights must have shape [", plan.C, "] (one per class), got ",
-              shape_str(class_weight));
+              shape_str(class_weight), " for logits of shape ", shape_str(logits),
+              " (classes along dimension ", unbatched ? 0 : 1, ")");
   TORCH_CHECK(class_weight.is_floating_point(), "cbfused: class weights must be floating point, got ",
               class_weight.scalar_type());
+
+  // reduction 'none' (and a class-index target): the logits' shape without the class dimension
+  if (!unbatched) {
+    plan.loss_shape.push_back(samples);
+    for (int64_t d = 2; d < logits.dim(); ++d) plan.loss_shape.push_back(logits.size(d));
+  }
+  // The layout the kernels read (see CbLossPlan).
+  plan.shape_of = logits;
+  const bool spatial = logits.dim() >= 3 && S != 1;
+  const bool rows_cl = spatial && plan.C > 1 && plan.N > 0 && dense_channels_last(logits);
+  if (!spatial) {
+    plan.logits = unit_class_stride(logits.reshape({samples, plan.C}));
+  } else if (rows_cl) {
+    plan.logits = logits.movedim(1, -1).view({plan.N, plan.C});
+    plan.grad_like = true;
+  } else {
+    plan.S = S;
+    plan.logits = as_planes(logits, samples, plan.C, S);
+  }
 
   const auto ts = target.scalar_type();
   if (ts == at::kLong || ts == at::kInt) {
     plan.hard = true;
-    TORCH_CHECK(target.dim() == 1 && target.size(0) == plan.N,
-                "cbfused: class-index target must have shape [", plan.N, "] for logits of shape ",
-                shape_str(logits), ", got ", shape_str(target));
-    plan.target = (ts == at::kLong ? target : target.to(at::kLong)).contiguous();
+    TORCH_CHECK(target.sizes() == at::IntArrayRef(plan.loss_shape),
+                "cbfused: class-index target must have shape ", at::IntArrayRef(plan.loss_shape),
+                " for logits of shape ", shape_str(logits), ", got ", shape_str(target),
+                " (the logits' shape without the class dimension, 1)");
+    plan.target = (ts == at::kLong ? target : target.to(at::kLong)).contiguous().view({plan.N});
   } else if (target.is_floating_point()) {
     plan.hard = false;
     TORCH_CHECK(target.sizes() == logits.sizes(),
@@ -105,13 +156,19 @@ CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target, con
                 ", got ", shape_str(target));
     TORCH_CHECK(ts == logits.scalar_type(), "cbfused: float target dtype ", ts,
                 " does not match the logits' dtype ", logits.scalar_type());
-    plan.target = unit_class_stride(target);
+    if (!spatial) {
+      plan.target = unit_class_stride(target.reshape({samples, plan.C}));
+    } else if (rows_cl) {
+      plan.target = target.movedim(1, -1).reshape({plan.N, plan.C});
+    } else {
+      plan.target = as_planes(target, samples, plan.C, S);
+    }
   } else {
     TORCH_CHECK(false,
-                "cbfused: target must be int64 / int32 class indices or a float [N, C] tensor, got dtype ",
+                "cbfused: target must be int64 / int32 class indices or a float tensor of the logits' shape, "
+                "got dtype ",
                 ts);
   }
-  plan.logits = unit_class_stride(logits);
   plan.weight = weights_as(class_weight, acc_type_of(logits.scalar_type()));
   return plan;
 }
@@ -119,8 +176,14 @@ CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target, con
 CbLossOutputs alloc_cb_loss(const CbLossPlan& plan, int64_t reduction, bool compute_grad) {
   const auto opts = plan.logits.options();
   CbLossOutputs out;
-  out.loss = reduction == kNone ? at::empty({plan.N}, opts) : at::empty({}, opts);
-  out.grad = compute_grad ? at::empty({plan.N, plan.C}, opts) : at::empty({0}, opts);
+  out.loss = reduction == kNone ? at::empty(plan.loss_shape, opts) : at::empty({}, opts);
+  if (!compute_grad) {
+    out.grad = at::empty({0}, opts);
+  } else if (plan.grad_like) {
+    out.grad = at::empty_strided(plan.shape_of.sizes(), plan.shape_of.strides(), opts);
+  } else {
+    out.grad = at::empty(plan.shape_of.sizes(), opts);  // contiguous: rows [N, C] or planes
+  }
   out.inv_norm = at::empty({}, opts.dtype(acc_type_of(plan.logits.scalar_type())));
   return out;
 }

@@ -31,7 +31,7 @@ CASES = {
     "target of wrong dtype": (
         lambda: cbfused.class_balanced_loss(x_(), torch.tensor([True, False, True, True]), weights=W),
         RuntimeError,
-        r"target must be int64 / int32 class indices or a float \[N, C\] tensor, got dtype Bool",
+        r"target must be int64 / int32 class indices or a float tensor of the logits' shape, got dtype Bool",
     ),
     "target of wrong shape": (
         lambda: cbfused.class_balanced_loss(x_(), torch.tensor([0, 1, 2]), weights=W),
@@ -136,10 +136,16 @@ CASES = {
         ValueError,
         r"reduction must be one of \['none', 'sum', 'mean', 'weighted_mean'\], got 'avg'",
     ),
-    "logits not 2-D": (
-        lambda: cbfused.class_balanced_loss(torch.randn(2, 3, 10), torch.zeros(2).long(), weights=W),
+    "target shape for [N, C, d] logits": (
+        lambda: cbfused.class_balanced_loss(torch.randn(2, 10, 3), torch.zeros(2).long(), weights=W),
         RuntimeError,
-        r"logits must be 2-D \[N, C\], got shape \[2, 3, 10\]",
+        r"class-index target must have shape \[2, 3\] for logits of shape \[2, 10, 3\], got \[2\] "
+        r"\(the logits' shape without the class dimension, 1\)",
+    ),
+    "0-d logits": (
+        lambda: cbfused.class_balanced_loss(torch.tensor(1.0), torch.tensor(0), weights=W[:1]),
+        RuntimeError,
+        r"logits must be \[N, C, d1, ..., dk\] \(class dimension 1\) or \[C\], got a 0-d tensor",
     ),
     "zero classes": (
         lambda: cbfused.class_balanced_loss(torch.randn(4, 0), torch.zeros(4).long(), weights=W[:0]),

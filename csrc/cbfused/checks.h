@@ -6,16 +6,29 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace cbfused {
 
+// Logits [N, C, d1, ..., dk] (k >= 0, class dimension 1, as F.cross_entropy) or [C] are
+// read in place in one of two layouts (docs/design.md, "Layouts"):
+//   rows:   each position's C logits at unit stride, positions at a uniform stride: [N, C]
+//           (any row stride), [C], and channels-last [N, C, d...] (NHWC / NDHWC memory);
+//   planes: each sample's classes at one stride and its S = d1 * ... * dk positions at
+//           unit stride: contiguous NCHW, or any view whose spatial dimensions collapse.
+// Other views are copied once to contiguous (planes).
 struct CbLossPlan {
-  int64_t N = 0;
+  int64_t N = 0;  // positions: rows of the kernels (samples x S)
   int64_t C = 0;
-  bool hard = true;   // integer class targets (else float [N, C] targets)
-  at::Tensor target;  // int64 [N] or floating [N, C] with unit column stride
-  at::Tensor logits;  // [N, C] with unit column stride
-  at::Tensor weight;  // [C], accumulation dtype, contiguous
+  int64_t S = 0;                    // planes: positions per sample (>= 1); 0: the rows layout
+  bool hard = true;                 // integer class targets (else float targets of the logits' shape)
+  at::Tensor target;                // int64 [N] contiguous, or floating: [N, C] unit class stride (rows),
+                                    // [samples, C, S] unit position stride (planes)
+  at::Tensor logits;                // [N, C] unit class stride (rows) or [samples, C, S] (planes)
+  at::Tensor weight;                // [C], accumulation dtype, contiguous
+  at::Tensor shape_of;              // the logits as given (the gradient takes their shape and layout)
+  bool grad_like = false;           // the gradient takes shape_of's strides (dense channels-last)
+  std::vector<int64_t> loss_shape;  // reduction 'none': [samples, d1, ..., dk], or [] for [C]
 };
 
 // Validates the arguments of cbfused::cb_loss and normalises the layouts the
@@ -24,7 +37,7 @@ struct CbLossPlan {
 CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& class_weight,
                          int64_t loss_type, double gamma, double alpha, int64_t reduction);
 
-// The op's outputs: loss ([] or [N]), grad ([N, C] or [0]), inv_norm ([]).
+// The op's outputs: loss ([] or loss_shape), grad (the logits' shape, or [0]), inv_norm ([]).
 struct CbLossOutputs {
   at::Tensor loss;
   at::Tensor grad;

@@ -16,13 +16,17 @@ template <typename scalar_t>
 struct RowArgs {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x = nullptr;
-  int64_t x_stride = 0;
+  int64_t x_stride = 0;         // rows: between rows; planes: between samples
   const int64_t* y = nullptr;   // hard targets (contiguous), or null
   const scalar_t* t = nullptr;  // float targets, or null
   int64_t t_stride = 0;
+  // The planes layout (CbLossPlan): S > 0 positions per sample, position r = n S + p at
+  // x + n x_stride + c x_cstride + p (t alike), gradient contiguous [samples, C, S].
+  int64_t S = 0;
+  int64_t x_cstride = 0, t_cstride = 0;
   const acc_t* w = nullptr;  // class weights [C]
   scalar_t* grad = nullptr;  // [N, C] contiguous, or null (no gradient)
-  int64_t N = 0, C = 0;
+  int64_t N = 0, C = 0;      // N: positions (rows)
   acc_t gamma = 0;
   int gamma_int = -1;  // small_integer_gamma(gamma)
   acc_t alpha = -1;    // < 0: no alpha
@@ -41,11 +45,14 @@ RowArgs<scalar_t> make_row_args(const CbLossPlan& plan, CbLossOutputs& out, doub
   RowArgs<scalar_t> a;
   a.x = plan.logits.const_data_ptr<scalar_t>();
   a.x_stride = plan.N > 0 ? plan.logits.stride(0) : 0;
+  a.S = plan.S;
+  if (plan.S > 0) a.x_cstride = plan.logits.stride(1);
   if (plan.hard) {
     a.y = plan.target.const_data_ptr<int64_t>();
   } else {
     a.t = plan.target.const_data_ptr<scalar_t>();
     a.t_stride = plan.N > 0 ? plan.target.stride(0) : 0;
+    if (plan.S > 0) a.t_cstride = plan.target.stride(1);
   }
   a.w = plan.weight.const_data_ptr<acc_t>();
   a.grad = compute_grad ? out.grad.mutable_data_ptr<scalar_t>() : nullptr;

@@ -32,6 +32,11 @@ template <typename scalar_t>
 std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard);
 template <typename scalar_t>
 std::pair<double, double> binary_family_rows(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard);
+// The same families in the planes layout (kernels/planes.cpp; a.S > 0).
+template <typename scalar_t>
+std::pair<double, double> softmax_family_planes(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard);
+template <typename scalar_t>
+std::pair<double, double> binary_family_planes(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard);
 // sigmoid_focal's elementwise rows (kernels/focal_elementwise.cpp).
 template <typename scalar_t>
 double focal_elementwise_rows(const FocalPlan& p, double gamma, double alpha, double grad_scale,

@@ -22,9 +22,13 @@ void accumulate_rows(float* acc, const scalar_t* src, int64_t begin, int64_t end
 
 namespace {
 
-// cb_loss's rows: the family of the loss kind (kinds.h) picks the row composition.
+// cb_loss's rows: the layout (rows or planes, checks.h) and the family of the loss kind
+// (kinds.h) pick the composition.
 template <typename scalar_t>
 std::pair<double, double> cb_rows(const RowArgs<scalar_t>& a, int64_t loss_type, bool grad, bool hard) {
+  if (a.S > 0)
+    return is_softmax_family(loss_type) ? softmax_family_planes<scalar_t>(a, is_focal(loss_type), grad, hard)
+                                        : binary_family_planes<scalar_t>(a, is_focal(loss_type), grad, hard);
   return is_softmax_family(loss_type) ? softmax_family_rows<scalar_t>(a, is_focal(loss_type), grad, hard)
                                       : binary_family_rows<scalar_t>(a, is_focal(loss_type), grad, hard);
 }

@@ -1,0 +1,309 @@
+// cbfused::cb_loss on the CPU in the planes layout (channels-first dense logits
+// [N, C, d1, ..., dk], csrc/cbfused/checks.h): each class is a plane of S positions at unit
+// stride, so a vector holds one class of kLanes consecutive positions, every lane is one
+// position, and the class loop is a reduction across vectors. The per-position math is that
+// of the rows (math.h, targets.h), lane by lane; the sums run in fixed chunks of tiles, so
+// their bits do not depend on the thread count. Compiled once per CPU ISA (csrc/cpu/kernels.h).
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "cbfused/math.h"
+#include "cbfused/row_args.h"
+#include "cbfused/targets.h"
+#include "cpu/rows.h"
+#include "cpu/vec_ops.h"
+
+namespace cbfused {
+namespace cpu {
+namespace {
+
+// One vector of n <= kLanes positions of a plane (zeros past n), in the accumulation type.
+template <typename IO>
+inline typename IO::V load_lanes(const typename IO::scalar_type* p, int64_t n) {
+  typename IO::V v[IO::kVecs];
+  IO::load(p, n, v);
+  return v[0];
+}
+
+template <typename IO>
+inline void store_lanes(typename IO::scalar_type* p, int64_t n, const typename IO::V& x) {
+  typename IO::V v[IO::kVecs];
+  v[0] = x;
+  if constexpr (IO::kVecs > 1) v[1] = typename IO::V(0);
+  IO::store(p, n, v);
+}
+
+// RowIO with its element type named (load_lanes / store_lanes take it).
+template <typename scalar_t>
+struct PlaneIO : RowIO<scalar_t> {
+  using scalar_type = scalar_t;
+};
+
+// A tile: positions [p0, p0 + m) of sample n (m <= kLanes), and its per-lane target state.
+template <typename scalar_t>
+struct Tile {
+  using IO = PlaneIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  static constexpr int64_t L = IO::kLanes;
+  int64_t n = 0, p0 = 0, m = 0;
+  const scalar_t* x = nullptr;      // class 0 of the tile's first position
+  const scalar_t* t = nullptr;      // float targets, alike
+  scalar_t* g = nullptr;            // gradient, alike (contiguous planes), or null
+  alignas(64) acc_t s[L] = {};      // class weight s (0 for an ignored or padding lane)
+  alignas(64) acc_t denom[L] = {};  // share of the mean's D
+  alignas(64) acc_t live[L] = {};   // 1 for a live lane
+  alignas(64) acc_t T[L] = {};      // float targets: sum t
+  int64_t y[L] = {};                // hard targets: the class (-1: not live)
+};
+
+// The tile's targets: class weight, denominator share and liveness per lane; checks them.
+template <typename scalar_t, bool kHard>
+inline void tile_targets(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl) {
+  using IO = PlaneIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  const int64_t r0 = tl.n * a.S + tl.p0;
+  if constexpr (kHard) {
+    for (int64_t k = 0; k < tl.m; ++k) {
+      const int64_t y = a.y[r0 + k];
+      const HardTarget<acc_t> h = hard_target(y, a.C, a.ignore_index, a.w, a.weighted);
+      if (h.bad) target_out_of_range(y, a.C, r0 + k, a.ignore_index);
+      tl.y[k] = h.live() ? y : -1;
+      tl.s[k] = h.s;
+      tl.denom[k] = h.denom;
+      tl.live[k] = h.live() ? acc_t(1) : acc_t(0);
+    }
+    for (int64_t k = tl.m; k < Tile<scalar_t>::L; ++k) tl.y[k] = -1;
+  } else {
+    V sv(0), Tv(0), lo(0), hi(0);
+    for (int64_t c = 0; c < a.C; ++c) {
+      const V tv = load_lanes<IO>(tl.t + c * a.t_cstride, tl.m);  // padding lanes: 0
+      sv = at::vec::fmadd(tv, V(a.w[c]), sv);
+      Tv = Tv + tv;
+      lo = at::vec::minimum(lo, tv);
+      hi = at::vec::maximum(hi, tv);
+    }
+    const V ok = (lo >= V(acc_t(0))) & (hi <= V(acc_t(1)));
+    if (ok.zero_mask() != 0) {
+      alignas(64) acc_t l[Tile<scalar_t>::L], h[Tile<scalar_t>::L];
+      lo.store(l);
+      hi.store(h);
+      for (int64_t k = 0; k < Tile<scalar_t>::L; ++k) {
+        if (!(l[k] >= acc_t(0))) float_target_out_of_range(l[k], r0 + k);
+        if (!(h[k] <= acc_t(1))) float_target_out_of_range(h[k], r0 + k);
+      }
+    }
+    sv.store(tl.s);
+    Tv.store(tl.T);
+    for (int64_t k = 0; k < tl.m; ++k) {
+      tl.denom[k] = float_target_denom(tl.s[k], tl.T[k], a.weighted);
+      tl.live[k] = acc_t(1);
+    }
+  }
+}
+
+// Softmax cross-entropy and softmax focal loss over one tile (the formulas of softmax_rows,
+// one position per lane); writes the tile's per-lane loss.
+template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
+void softmax_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_type<scalar_t>* park,
+                  at::opmath_type<scalar_t>* loss_out) {
+  using IO = PlaneIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  constexpr int64_t L = IO::kLanes;
+  const int64_t C = a.C, m = tl.m;
+  const V livev = V::loadu(tl.live);
+  const V live_mask = livev > V(acc_t(0));
+  // Pass 1: the max of each position over the classes.
+  V mx(-std::numeric_limits<acc_t>::infinity());
+  for (int64_t c = 0; c < C; ++c) mx = hw_max(mx, load_lanes<IO>(tl.x + c * a.x_cstride, m));
+  mx = V::blendv(V(0), mx, live_mask);
+  // Pass 2: sum of exp(x - max), parked; float-target cross-entropy: sum t (x - max).
+  V sum(0), tx(0);
+  for (int64_t c = 0; c < C; ++c) {
+    const V d = load_lanes<IO>(tl.x + c * a.x_cstride, m) - mx;
+    const V e = MathOps<V>::exp_nonpos(d);
+    sum = sum + e;
+    if constexpr (kGrad) e.store(park + c * L);
+    if constexpr (!kHard && !kFocal) tx = at::vec::fmadd(load_lanes<IO>(tl.t + c * a.t_cstride, m), d, tx);
+  }
+  // Dead lanes (ignored, padding): sum 1, s 0: finite math, zero loss.
+  const V sumv = V::blendv(V(1), sum, live_mask);
+  const V sv = V::loadu(tl.s);
+  const V ls = MathOps<V>::log(sumv);
+  V loss, cp, q;
+  if constexpr (kHard) {
+    alignas(64) acc_t xy[L] = {};
+    for (int64_t k = 0; k < m; ++k)
+      if (tl.y[k] >= 0) xy[k] = static_cast<acc_t>(tl.x[tl.y[k] * a.x_cstride + k]);
+    const V logp = log_softmax_of(V::loadu(xy), mx, ls);
+    const auto f = softmax_focal<kFocal>(logp, a.gamma);
+    loss = sv * f.loss;
+    cp = sv * f.G;
+    q = softmax_one_minus_p(logp);
+  } else if constexpr (!kFocal) {
+    const V Tv = V::loadu(tl.T);
+    loss = sv * (Tv * ls - tx);
+    cp = sv * Tv;
+  } else {
+    // Pass 3 (float-target focal): sum_c t_c * focal loss, sum_c t_c G_c.
+    V lv(0), gsum(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const V tv = load_lanes<IO>(tl.t + c * a.t_cstride, m);
+      const auto f =
+          softmax_focal<true>(log_softmax_of(load_lanes<IO>(tl.x + c * a.x_cstride, m), mx, ls), a.gamma);
+      lv = at::vec::fmadd(tv, f.loss, lv);
+      gsum = at::vec::fmadd(tv, f.G, gsum);
+    }
+    loss = sv * lv;
+    cp = sv * gsum;
+  }
+  V::blendv(V(0), loss, live_mask).store(loss_out);
+  if constexpr (kGrad) {
+    const V pre(a.grad_prescale);
+    const V cpv = cp * pre;
+    const V cpe = cpv / sumv;  // cp p_k = cpe e_k
+    const V st = sv * pre;
+    for (int64_t c = 0; c < C; ++c) {
+      V gk = cpe * V::loadu(park + c * L);
+      if constexpr (!kHard) {
+        const V tv = load_lanes<IO>(tl.t + c * a.t_cstride, m);
+        if constexpr (kFocal) {
+          const V lp = log_softmax_of(load_lanes<IO>(tl.x + c * a.x_cstride, m), mx, ls);
+          gk = gk - st * tv * softmax_focal<true>(lp, a.gamma).G;
+        } else {
+          gk = gk - st * tv;
+        }
+      }
+      store_lanes<IO>(tl.g + c * a.S, m, V::blendv(V(0), gk, live_mask));
+    }
+    if constexpr (kHard) {
+      alignas(64) acc_t cy[L];
+      (-cpv * q).store(cy);  // grad_y = cp * (p_y - 1)
+      for (int64_t k = 0; k < m; ++k)
+        if (tl.y[k] >= 0) tl.g[tl.y[k] * a.S + k] = static_cast<scalar_t>(cy[k]);
+    }
+  }
+}
+
+// Sigmoid cross-entropy and the paper's sigmoid focal loss over one tile (binary_term per
+// element, one position per lane; the rows' formulas).
+template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
+void binary_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_type<scalar_t>* loss_out) {
+  using IO = PlaneIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  constexpr int64_t L = IO::kLanes;
+  const int64_t C = a.C, m = tl.m;
+  const V live_mask = V::loadu(tl.live) > V(acc_t(0));
+  const V sv = V::loadu(tl.s);
+  const V gs = sv * V(a.grad_prescale);
+  const int pow_k = kHard ? a.gamma_int : -1;
+  const acc_t gamma = a.gamma, alpha = a.alpha;
+  alignas(64) acc_t yf[L];
+  for (int64_t k = 0; k < L; ++k) yf[k] = static_cast<acc_t>(tl.y[k]);
+  const V yv = V::loadu(yf);
+  V lacc(0);
+  for (int64_t c = 0; c < C; ++c) {
+    const V xv = load_lanes<IO>(tl.x + c * a.x_cstride, m);
+    const V tv =
+        kHard ? V(acc_t(1)) & (yv == V(static_cast<acc_t>(c))) : load_lanes<IO>(tl.t + c * a.t_cstride, m);
+    V lv, dv;
+    binary_term<kFocal, kGrad>(xv, tv, gamma, lv, dv, pow_k);
+    if (alpha >= 0) {
+      const V at = alpha_t(tv, alpha);
+      lv = lv * at;
+      if constexpr (kGrad) dv = dv * at;
+    }
+    lacc = lacc + lv;
+    if constexpr (kGrad) store_lanes<IO>(tl.g + c * a.S, m, V::blendv(V(0), dv * gs, live_mask));
+  }
+  V::blendv(V(0), sv * lacc, live_mask).store(loss_out);
+}
+
+// Tiles per chunk: about kChunkElems logits, independent of the thread count.
+template <typename scalar_t, typename TileFn>
+std::pair<double, double> run_tiles(const RowArgs<scalar_t>& a, bool grad, const TileFn& tile_fn) {
+  using IO = PlaneIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  constexpr int64_t L = IO::kLanes;
+  const int64_t S = a.S, samples = S > 0 ? a.N / S : 0;
+  const int64_t per_sample = (S + L - 1) / L;
+  const int64_t tiles = samples * per_sample;
+  const int64_t tiles_per_chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(a.C * L, 1));
+  const int64_t chunks = (tiles + tiles_per_chunk - 1) / tiles_per_chunk;
+  std::vector<double> loss_part(chunks, 0.0), denom_part(chunks, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    thread_local std::vector<acc_t> park;
+    if (grad && static_cast<int64_t>(park.size()) < a.C * L) park.resize(a.C * L);
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      double l = 0, d = 0;
+      const int64_t e = std::min(tiles, (ch + 1) * tiles_per_chunk);
+      for (int64_t i = ch * tiles_per_chunk; i < e; ++i) {
+        Tile<scalar_t> tl;
+        tl.n = i / per_sample;
+        tl.p0 = (i - tl.n * per_sample) * L;
+        tl.m = std::min(L, S - tl.p0);
+        tl.x = a.x + tl.n * a.x_stride + tl.p0;
+        if (a.t) tl.t = a.t + tl.n * a.t_stride + tl.p0;
+        if (grad) tl.g = a.grad + tl.n * a.C * S + tl.p0;
+        alignas(64) acc_t loss[L];
+        tile_fn(tl, park.data(), loss);
+        const int64_t r0 = tl.n * S + tl.p0;
+        for (int64_t k = 0; k < tl.m; ++k) {
+          if (a.per_row_out) a.per_row_out[r0 + k] = static_cast<scalar_t>(loss[k]);
+          l += loss[k];
+          d += tl.denom[k];
+        }
+      }
+      loss_part[ch] = l;
+      denom_part[ch] = d;
+    }
+  });
+  double l = 0, d = 0;
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    l += loss_part[ch];
+    d += denom_part[ch];
+  }
+  return {l, d};
+}
+
+}  // namespace
+
+template <typename scalar_t>
+std::pair<double, double> softmax_family_planes(const RowArgs<scalar_t>& a, bool focal, bool grad,
+                                                bool hard) {
+  return with_flags(focal, grad, hard, [&](auto focal_c, auto grad_c, auto hard_c) {
+    constexpr bool kF = decltype(focal_c)::value, kG = decltype(grad_c)::value, kH = decltype(hard_c)::value;
+    return run_tiles(a, kG, [&](Tile<scalar_t>& tl, auto* park, auto* loss) {
+      tile_targets<scalar_t, kH>(a, tl);
+      softmax_tile<scalar_t, kF, kG, kH>(a, tl, park, loss);
+    });
+  });
+}
+
+template <typename scalar_t>
+std::pair<double, double> binary_family_planes(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard) {
+  return with_flags(focal, grad, hard, [&](auto focal_c, auto grad_c, auto hard_c) {
+    constexpr bool kF = decltype(focal_c)::value, kG = decltype(grad_c)::value, kH = decltype(hard_c)::value;
+    return run_tiles(a, kG, [&](Tile<scalar_t>& tl, auto*, auto* loss) {
+      tile_targets<scalar_t, kH>(a, tl);
+      binary_tile<scalar_t, kF, kG, kH>(a, tl, loss);
+    });
+  });
+}
+
+CBFUSED_FOR_EACH_DTYPE(CBFUSED_FAMILY_ROWS, softmax_family_planes)
+CBFUSED_FOR_EACH_DTYPE(CBFUSED_FAMILY_ROWS, binary_family_planes)
+
+}  // namespace cpu
+}  // namespace cbfused
