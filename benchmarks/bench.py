@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import csv
 import itertools
+import math
 import os
 import platform
 import statistics
@@ -58,6 +59,11 @@ QUICK_LINEAR = [(4096, 2048, 8142)]
 FULL_LINEAR = [(4096, 2048, 8142), (8192, 1024, 32000)]
 
 
+# dense prediction [N, C, H, W] (fwd+bwd, float32 and bfloat16, NCHW and channels-last):
+# Cityscapes-like at half resolution and ADE20K-like
+DENSE_SHAPES = [(8, 19, 256, 512), (16, 150, 64, 64)]
+DENSE_LAYOUTS = {"NCHW": torch.contiguous_format, "NHWC": torch.channels_last}
+
 # cells up to this many logits also time the functional entry points (report.ENTRY_POINTS)
 SMALL_CELL = 1 << 17
 ENTRY_COUNTS = "class_balanced_loss(samples_per_class)"
@@ -95,6 +101,8 @@ class Row:
     run: int = 0
     cpu_capability: str = ""
     load_avg: str = ""  # the machine's 1 / 5 / 15-minute load when the run started
+    shape: str = ""  # dense cells: the logits' shape, N x C x H x W (N, C above: positions, classes)
+    layout: str = ""  # dense cells: NCHW or NHWC (channels-last)
     extra: dict = field(default_factory=dict)
 
 
@@ -352,6 +360,89 @@ def providers(case: Case) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     return out
 
 
+def dense_providers(case: Case, shape: tuple[int, ...], y: torch.Tensor) -> dict[str, Callable]:
+    """Loss functions of dense logits x [N, C, H, W]: cbfused on x as it is, and what a user
+    writes today: the 2-D losses after x.movedim(1, -1).reshape(-1, C) (a view of channels-last
+    memory, a copy of NCHW), F.cross_entropy on x itself."""
+    k, c = case.kernel, case.c
+    flat = providers(case)  # the 2-D providers, on [N*H*W, C] rows (case.y is y flattened)
+    crit = cbfused.ClassBalancedLoss(case.counts, beta=BETA, loss_type=k, gamma=GAMMA).to(case.device)
+    acc = torch.float32 if case.dtype != torch.float64 else torch.float64
+    w_acc = case.w64.to(acc)
+
+    def rows(x):
+        return x.movedim(1, -1).reshape(-1, c)
+
+    def ref(x):
+        return R.class_balanced_loss(x, y, w_acc, loss_type=k, gamma=GAMMA, compute_dtype=acc)
+
+    out: dict[str, Callable] = {
+        "cbfused": lambda x: crit(x, y),
+        "cbfused 2-D (permute)": lambda x: flat["cbfused"](rows(x)),
+        "reference": ref,
+        "reference+compile": torch.compile(ref, dynamic=False),
+    }
+    if k == "softmax":
+        w_in = case.w64.to(case.dtype)
+        out["F.cross_entropy(weight)"] = lambda x: F.cross_entropy(x, y, weight=w_in)
+    for name in ("torchvision focal x w", "F.bce_with_logits(weight)"):
+        if name in flat:
+            out[name + " (permute)"] = lambda x, f=flat[name]: f(rows(x))
+    return out
+
+
+def dense_cells(shape: tuple[int, ...], kernel: str, quick: bool, device: str, meta: dict) -> list[Row]:
+    """One dense shape and loss, fwd+bwd: float32 and bfloat16, NCHW and NHWC interleaved."""
+    n, c = shape[0], shape[1]
+    positions = n * math.prod(shape[2:])
+    g = torch.Generator().manual_seed(positions + c)
+    y = torch.randint(0, c, (n, *shape[2:]), generator=g).to(device)
+    base = (torch.randn(shape, generator=g) * 2).to(device)
+    entries = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        case, _ = make_case(kernel, 1, c, dtype, device)
+        case = Case(kernel, positions, c, dtype, device, case.counts, case.w64, y.reshape(-1))
+        for layout, fmt in DENSE_LAYOUTS.items():
+            x0 = base.to(dtype).contiguous(memory_format=fmt)
+            for name, fn in dense_providers(case, shape, y).items():
+                entries[(dtype, layout, name)] = (case, x0, fn)
+    rows, ref_med = [], {}
+    results = run_cells(entries, "fwd+bwd", quick)
+    for (dtype, layout, name), (times, _, _) in results.items():
+        if name == "reference":
+            ref_med[(dtype, layout)] = statistics.median(times)
+    shape_s = "x".join(map(str, shape))
+    for (dtype, layout, name), (times, peak, compile_s) in results.items():
+        dname = str(dtype).replace("torch.", "")
+        med = statistics.median(times)
+        esize = torch.empty((), dtype=dtype).element_size()
+        rows.append(
+            timing_row(
+                kernel,
+                name,
+                "fwd+bwd",
+                dname,
+                positions,
+                c,
+                times,
+                speedup_vs_ref=ref_med[(dtype, layout)] / med,
+                peak_extra_bytes=peak,
+                peak_extra_x_nc=peak / (positions * c * esize),
+                compile_s=compile_s,
+                shape=shape_s,
+                layout=layout,
+                **meta,
+            )
+        )
+        print(
+            f"  {kernel:13s} {name:34s} {dname:8s} {shape_s} {layout} {med * 1e3:10.2f} ms"
+            f"  peak {peak / (positions * c * esize):.2f} NxCxS"
+            + (f"  compile {compile_s:.1f}s" if compile_s == compile_s else ""),
+            flush=True,
+        )
+    return rows
+
+
 def interleaved(
     steps: dict, device: str, min_reps: int, budget: float, rounds: int = 0, warmup: int = 2
 ) -> dict:
@@ -504,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--no-linear", action="store_true", help="skip the fused linear + loss cells")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense [N, C, H, W] cells")
+    ap.add_argument("--dense-only", action="store_true", help="only the dense [N, C, H, W] cells")
     ap.add_argument("--system-malloc", action="store_true", help="measure with glibc malloc, not jemalloc")
     ap.add_argument("--thp", action="store_true", help="set THP_MEM_ALLOC_ENABLE=1 (PyTorch's huge pages)")
     ap.add_argument("--run-index", type=int, default=0, help=argparse.SUPPRESS)
@@ -573,6 +666,9 @@ def finish(args, path: str) -> int:
     print()
     print(report.linear_table(rows))
     print()
+    if report.dense_table(rows):
+        print(report.dense_table(rows))
+        print()
     print(report.targets_text(rows))
     if not args.no_plot:
         png = path[: -len(".csv")] + ".png"
@@ -596,6 +692,8 @@ def measure(args, path: str) -> None:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         bf16_shapes = [s for s in shapes if s in bf16_shapes]
     combos = [(s, torch.float32) for s in shapes] + [(s, torch.bfloat16) for s in bf16_shapes]
+    if args.dense_only:
+        combos, args.no_linear, args.no_dense = [], True, False
     losses = args.losses.split(",")
     meta = dict(
         thp=os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
@@ -685,6 +783,19 @@ def measure(args, path: str) -> None:
             + "\n",
             flush=True,
         )
+    if not args.no_dense:
+        for shape in DENSE_SHAPES:
+            for kernel in losses:
+                rows += dense_cells(shape, kernel, not args.full, device, meta)
+                write_csv(rows, path)
+            print(
+                f"\n{'x'.join(map(str, shape))}, measured {time.time() - t_start:.0f} s into the run:\n"
+                + report.dense_table(
+                    [r for r in report.load(path) if r.get("shape") == "x".join(map(str, shape))]
+                )
+                + "\n",
+                flush=True,
+            )
     if not args.no_linear:
         lin_shapes = FULL_LINEAR if args.full else QUICK_LINEAR
         for (n, h, c), dtype in itertools.product(lin_shapes, [torch.float32, torch.bfloat16]):

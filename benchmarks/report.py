@@ -21,6 +21,22 @@ README_END = "<!-- BENCH:END -->"
 ENTRY_NAMES = {"cbfused": "ClassBalancedLoss"}
 ENTRY_POINTS = ("cbfused", "class_balanced_loss(samples_per_class)", "class_balanced_loss(weights)")
 PEERS = ("F.cross_entropy(weight)", "F.bce_with_logits(weight)", "torchvision focal x w", "balanced-loss")
+# dense [N, C, H, W] cells: torch's own K-dim cross-entropy, and the 2-D peers after the permute
+DENSE_PEERS = (
+    "F.cross_entropy(weight)",
+    "F.bce_with_logits(weight) (permute)",
+    "torchvision focal x w (permute)",
+)
+DENSE_WORKAROUND = "cbfused 2-D (permute)"
+
+
+def flat_rows(rows: list[dict]) -> list[dict]:
+    """The 2-D [N, C] cells (dense cells carry their shape)."""
+    return [r for r in rows if not r.get("shape")]
+
+
+def dense_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("shape")]
 
 
 def load(path: str) -> list[dict]:
@@ -42,6 +58,7 @@ def load(path: str) -> list[dict]:
         r["N"], r["C"] = int(r["N"]), int(r["C"])
         r["H"] = int(r.get("H") or 0)
         r["run"] = int(r.get("run") or 0)
+        r["shape"], r["layout"] = r.get("shape") or "", r.get("layout") or ""
     return rows
 
 
@@ -97,6 +114,7 @@ def _fmt_x(a: float) -> str:
 
 
 def markdown_table(rows: list[dict], modes=("fwd+bwd", "fwd"), cells_wanted=None) -> str:
+    rows = flat_rows(rows)
     idx, idxs = _index(rows), _indexes(rows)
     cells = sorted(
         {(r["kernel"], r["mode"], r["dtype"], r["N"], r["C"]) for r in rows if r["kernel"] != "floor"},
@@ -135,6 +153,109 @@ def markdown_table(rows: list[dict], modes=("fwd+bwd", "fwd"), cells_wanted=None
     return "\n".join(lines)
 
 
+def _dense_key(r: dict) -> tuple:
+    return (r["kernel"], r["provider"], r["dtype"], r["shape"], r["layout"])
+
+
+def _dense_indexes(rows: list[dict]) -> list[dict]:
+    out = {k: {} for k in runs(rows)}
+    for r in dense_rows(rows):
+        out[r["run"]][_dense_key(r)] = r
+    return [i for i in out.values() if i]
+
+
+def dense_table(rows: list[dict]) -> str:
+    """Dense [N, C, H, W] cells, forward+backward: cbfused on the logits as they are, against
+    the eager and compiled reference, the best peer, and cbfused's 2-D kernels after the
+    permute a user writes today; peak extra memory in units of the logits' size N x C x H x W."""
+    idxs = _dense_indexes(rows)
+    if not idxs:
+        return ""
+    first = idxs[0]
+    cells = sorted(
+        {(k, d, s, lay) for (k, p, d, s, lay) in first if p == "cbfused"},
+        key=lambda c: (c[2], c[0], c[1] != "float32", c[3]),
+    )
+    lines = [
+        "| loss | N x C x H x W | layout | dtype | cbfused ms | vs eager reference | vs compiled reference | "
+        "vs best peer | vs cbfused 2-D after permute | peak extra mem, N x C x H x W units (cbfused / permute) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k, d, s, lay in cells:
+        ours = (k, "cbfused", d, s, lay)
+
+        def vs(p, ours=ours, k=k, d=d, s=s, lay=lay):
+            return _fmt_ratios(_ratios(idxs, (k, p, d, s, lay), ours))
+
+        peers = [p for p in DENSE_PEERS if (k, p, d, s, lay) in first]
+        best = min(peers, key=lambda p: first[(k, p, d, s, lay)]["median_ms"]) if peers else None
+        t = _median([i[ours]["median_ms"] for i in idxs if ours in i])
+        wk = first.get((k, DENSE_WORKAROUND, d, s, lay))
+        mem = f"{first[ours]['peak_extra_x_nc']:.2f}" + (f" / {wk['peak_extra_x_nc']:.2f}" if wk else "")
+        lines.append(
+            f"| {k} | {s.replace('x', ' x ')} | {lay} | {d} | {t:.1f} | {vs('reference')} | "
+            f"{vs('reference+compile')} | {(vs(best) + ' (' + best + ')') if best else '-'} | "
+            f"{vs(DENSE_WORKAROUND)} | {mem} |"
+        )
+    return "\n".join(lines)
+
+
+def dense_targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
+    """The dense-prediction targets (float32, forward+backward, both layouts and shapes)."""
+    idxs = _dense_indexes(rows)
+    if not idxs:
+        return []
+    cells = sorted({(k, s, lay) for (k, p, d, s, lay) in idxs[0] if p == "cbfused" and d == "float32"})
+    out = []
+
+    def target(what, kernels, provider, need):
+        vals = []
+        for k, s, lay in cells:
+            if k in kernels:
+                xs = _ratios(idxs, (k, provider, "float32", s, lay), (k, "cbfused", "float32", s, lay))
+                if xs:
+                    vals.append((f"{k} {s} {lay}", xs))
+        if vals:
+            ok = all(_median(xs) >= need for _, xs in vals)
+            out.append((what, ok, ", ".join(f"{c}: {_fmt_ratios(xs)}" for c, xs in vals)))
+
+    target(
+        "dense softmax: at least 2x faster than F.cross_entropy(weight)",
+        ("softmax",),
+        "F.cross_entropy(weight)",
+        2,
+    )
+    target(
+        "dense focal and sigmoid: at least 20x faster than the eager reference",
+        ("focal", "sigmoid"),
+        "reference",
+        20,
+    )
+    target(
+        "dense focal and sigmoid: at least 5x faster than the compiled reference",
+        ("focal", "sigmoid"),
+        "reference+compile",
+        5,
+    )
+    mem = [
+        (f"{r['kernel']} {r['shape']} {r['layout']} {r['dtype']}", r["peak_extra_x_nc"])
+        for r in dense_rows(rows)
+        if r["provider"] == "cbfused"
+        and r["run"] == runs(rows)[0]
+        and r["peak_extra_x_nc"] == r["peak_extra_x_nc"]
+    ]
+    if mem:
+        worst = max(mem, key=lambda m: m[1])
+        out.append(
+            (
+                "dense: peak extra memory of forward+backward at most 1.05 N x C x H x W (the gradient)",
+                worst[1] <= 1.05,
+                f"worst {worst[1]:.2f} ({worst[0]})",
+            )
+        )
+    return out
+
+
 def linear_table(rows: list[dict]) -> str:
     lin = [r for r in rows if r["kernel"] == "linear+focal"]
     if not lin:
@@ -160,6 +281,7 @@ def linear_table(rows: list[dict]) -> str:
 def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     """The project's speed and memory targets: (what, met (None: not measured), numbers).
     With several runs a ratio target is met when the median over the runs meets it."""
+    all_rows, rows = rows, flat_rows(rows)
     idx, idxs = _index(rows), _indexes(rows)
     out = []
 
@@ -297,7 +419,7 @@ def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                 ", ".join(f"{k[0]} {k[1]}x{k[2]}: {v:.2f}x" for k, v in pairs),
             )
         )
-    return out
+    return out + dense_targets(all_rows)
 
 
 def targets_text(rows: list[dict]) -> str:
@@ -316,6 +438,7 @@ def plot(rows: list[dict], path: str) -> bool:
     except ImportError:
         print("matplotlib missing: no plot")
         return False
+    rows = flat_rows(rows)
     sel = [
         r for r in rows if r["provider"] == "cbfused" and r["mode"] == "fwd+bwd" and r["dtype"] == "float32"
     ]

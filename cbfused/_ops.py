@@ -207,7 +207,7 @@ def cb_loss(
 
 
 @torch.library.register_fake("cbfused::sigmoid_focal")
-def _sigmoid_focal_fake(inputs, targets, weight, alpha, gamma, reduction, grad_mode):
+def _sigmoid_focal_fake(inputs, targets, weight, alpha, gamma, reduction, grad_mode, weight_dim=-1):
     loss = (
         torch.empty_like(inputs, memory_format=torch.contiguous_format)
         if reduction == _NONE
@@ -228,6 +228,7 @@ def sigmoid_focal(
     alpha: float,
     gamma: float,
     reduction: str,
+    weight_dim: int = -1,
 ) -> torch.Tensor:
     red = reduction_code(reduction, ("none", "sum", "mean"))
     g = check_gamma(gamma)
@@ -235,7 +236,11 @@ def sigmoid_focal(
     if not a <= 1.0:  # NaN too
         raise ValueError(f"alpha must be in [0, 1] (or negative to disable it), got {alpha}")
     _same_device(inputs, "inputs", (targets, "targets"), (weight, "weight"))
-    loss, _ = torch.ops.cbfused.sigmoid_focal.default(inputs, targets, weight, a, g, red, _grad_mode(inputs))
+    if isinstance(weight_dim, bool) or not isinstance(weight_dim, numbers.Integral):
+        raise TypeError(f"dim must be an int, got {weight_dim!r}")
+    loss, _ = torch.ops.cbfused.sigmoid_focal.default(
+        inputs, targets, weight, a, g, red, _grad_mode(inputs), int(weight_dim)
+    )
     return loss
 
 

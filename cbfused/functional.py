@@ -124,10 +124,12 @@ def sigmoid_focal_loss(
     gamma: float = 2,
     reduction: str = "none",
     weight: torch.Tensor | None = None,
+    dim: int = -1,
 ) -> torch.Tensor:
     r"""Fused drop-in for ``torchvision.ops.sigmoid_focal_loss`` (same semantics, any shape):
     elementwise :math:`\alpha_t (1-p_t)^\gamma \mathrm{bce}(x, t)`, ``"mean"`` over all
-    elements. ``weight`` (optional, [C]) multiplies each element by its class's weight (the
-    last dimension), e.g. class-balanced weights. ``alpha < 0`` disables alpha.
+    elements. ``weight`` (optional, [C]) multiplies each element by its class's weight, the
+    classes running along dimension ``dim`` (default -1, the last; 1 for channels-first
+    [N, C, H, W] masks), e.g. class-balanced weights. ``alpha < 0`` disables alpha.
     """
-    return _ops.sigmoid_focal(inputs, targets, weight, alpha, gamma, reduction)
+    return _ops.sigmoid_focal(inputs, targets, weight, alpha, gamma, reduction, dim)

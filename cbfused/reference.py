@@ -113,6 +113,7 @@ def sigmoid_focal_loss(
     reduction: str = "none",
     weight: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float64,
+    dim: int = -1,
 ) -> torch.Tensor:
     """Reference for :func:`cbfused.sigmoid_focal_loss` (torchvision's formula)."""
     x = inputs.to(compute_dtype)
@@ -124,7 +125,10 @@ def sigmoid_focal_loss(
     if alpha >= 0:
         loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
     if weight is not None:
-        loss = loss * weight.to(compute_dtype)
+        shape = [1] * loss.dim()
+        if loss.dim():
+            shape[dim] = -1
+        loss = loss * weight.to(compute_dtype).reshape(shape)
     if reduction == "mean":
         loss = loss.mean() if loss.numel() else loss.sum()
     elif reduction == "sum":

@@ -159,17 +159,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_autograd(
 
 using FocalFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                    const std::optional<at::Tensor>&, double, double, int64_t,
-                                                   int64_t);
+                                                   int64_t, int64_t);
 
 class SigmoidFocalFunction : public torch::autograd::Function<SigmoidFocalFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& inputs, const at::Tensor& targets,
                                const std::optional<at::Tensor>& weight, double alpha, double gamma,
-                               int64_t reduction, int64_t grad_mode) {
+                               int64_t reduction, int64_t grad_mode, int64_t weight_dim) {
     static auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow("cbfused::sigmoid_focal", "").typed<FocalFn>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, grad] = op.call(inputs, targets, weight, alpha, gamma, reduction, grad_mode);
+    auto [loss, grad] = op.call(inputs, targets, weight, alpha, gamma, reduction, grad_mode, weight_dim);
     ctx->saved_data["grad_mode"] = grad_mode;
     ctx->save_for_backward({grad});
     ctx->mark_non_differentiable({grad});
@@ -178,7 +178,7 @@ class SigmoidFocalFunction : public torch::autograd::Function<SigmoidFocalFuncti
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(7);
+    variable_list out(8);
     const at::Tensor& g_loss = grads[0];
     if (!g_loss.defined()) return out;
     const int64_t grad_mode = ctx->saved_data["grad_mode"].toInt();
@@ -191,8 +191,9 @@ class SigmoidFocalFunction : public torch::autograd::Function<SigmoidFocalFuncti
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_autograd(const at::Tensor& inputs, const at::Tensor& targets,
                                                           const std::optional<at::Tensor>& weight,
                                                           double alpha, double gamma, int64_t reduction,
-                                                          int64_t grad_mode) {
-  auto r = SigmoidFocalFunction::apply(inputs, targets, weight, alpha, gamma, reduction, grad_mode);
+                                                          int64_t grad_mode, int64_t weight_dim) {
+  auto r =
+      SigmoidFocalFunction::apply(inputs, targets, weight, alpha, gamma, reduction, grad_mode, weight_dim);
   return {r[0], r[1]};
 }
 

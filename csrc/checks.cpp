@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <sstream>
+#include <string>
 
 #include "cbfused/math.h"
 
@@ -190,7 +191,7 @@ CbLossOutputs alloc_cb_loss(const CbLossPlan& plan, int64_t reduction, bool comp
 
 FocalPlan check_sigmoid_focal(const at::Tensor& inputs, const at::Tensor& targets,
                               const std::optional<at::Tensor>& weight, double alpha, double gamma,
-                              int64_t reduction) {
+                              int64_t reduction, int64_t weight_dim) {
   check_common(gamma, reduction);
   TORCH_CHECK(!(alpha > 1) && alpha == alpha,
               "cbfused: alpha must be in [0, 1] (or negative to disable it), got ", alpha);
@@ -206,14 +207,27 @@ FocalPlan check_sigmoid_focal(const at::Tensor& inputs, const at::Tensor& target
   FocalPlan plan;
   plan.inputs = inputs.contiguous();
   plan.targets = targets.contiguous();
-  plan.K = inputs.dim() == 0 ? 1 : inputs.size(-1);
-  plan.rows = plan.K == 0 ? 0 : inputs.numel() / plan.K;
+  plan.row = inputs.dim() == 0 ? 1 : inputs.size(-1);
+  plan.rows = plan.row == 0 ? 0 : inputs.numel() / plan.row;
+  plan.K = plan.row;
   if (weight.has_value() && weight->defined()) {
     const auto& w = *weight;
+    const int64_t nd = std::max<int64_t>(inputs.dim(), 1);
+    TORCH_CHECK(weight_dim >= -nd && weight_dim < nd, "cbfused: weight dim ", weight_dim,
+                " is out of range for inputs of shape ", shape_str(inputs), " (expected in [", -nd, ", ",
+                nd - 1, "])");
+    if (inputs.dim() > 0) {
+      const int64_t d = weight_dim < 0 ? weight_dim + inputs.dim() : weight_dim;
+      plan.K = inputs.size(d);
+      plan.inner = 1;
+      for (int64_t k = d + 1; k < inputs.dim(); ++k) plan.inner *= inputs.size(k);
+    }
     TORCH_CHECK(w.device() == inputs.device(), "cbfused: weight is on ", w.device(), " but inputs are on ",
                 inputs.device());
     TORCH_CHECK(w.dim() == 1 && w.size(0) == plan.K, "cbfused: weight must have shape [", plan.K,
-                "] (one per class, the inputs' last dimension), got ", shape_str(w));
+                "] (one per class, the inputs' ",
+                weight_dim == -1 ? std::string("last dimension") : "dimension " + std::to_string(weight_dim),
+                "), got ", shape_str(w), " for inputs of shape ", shape_str(inputs));
     TORCH_CHECK(w.is_floating_point(), "cbfused: weight must be floating point, got ", w.scalar_type());
     plan.weight = weights_as(w, acc_type_of(inputs.scalar_type()));
   }

@@ -366,3 +366,81 @@ def test_final_reduction_over_many_rows(n, reduction, backend):
     loss, _ = run_cb_loss(x, y, w, "sigmoid", reduction, backend=backend)
     ref, _ = expected(x, y, w, "sigmoid", reduction)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+
+
+# Dense [N, C, d...] logits: the planes kernel (contiguous NCHW, views whose spatial
+# dimensions collapse, a batch slice), the row kernels on channels-last memory, and the
+# copy of a crop; several blocks of positions (3 x 300 > 256) and a partial last block.
+DENSE = [
+    ((2, 7, 5, 9), "contiguous"),
+    ((3, 5, 300), "contiguous"),
+    ((2, 7, 5, 9), "channels_last"),
+    ((2, 6, 4, 5), "crop"),
+    ((3, 4, 2, 3, 5), "batch_slice"),
+    ((1, 1, 40), "contiguous"),
+]
+
+
+def _dense_layout(x, layout):
+    if layout == "contiguous":
+        return x
+    if layout == "channels_last":
+        return x.movedim(1, -1).contiguous().movedim(-1, 1)
+    if layout == "crop":
+        big = torch.nn.functional.pad(x, [1, 2] * (x.dim() - 2), value=3.0)
+        return big[(slice(None), slice(None), *(slice(1, 1 + s) for s in x.shape[2:]))]
+    return torch.stack([x, x], 1)[:, 0]  # batch_slice
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+@pytest.mark.parametrize("case", DENSE, ids=lambda c: f"{'x'.join(map(str, c[0]))}-{c[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_dense_matches_reference(loss_type, dtype, case, kind, backend):
+    shape, layout = case
+    g = torch.Generator().manual_seed(sum(shape))
+    c = shape[1]
+    x = _dense_layout((torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype), layout)
+    if kind == "hard":
+        y = torch.randint(0, c, (shape[0], *shape[2:]), generator=g)
+        y[torch.rand(y.shape, generator=g) < 0.15] = 255
+    else:
+        t = torch.rand(shape, generator=g, dtype=torch.float64)
+        t = t / t.sum(1, keepdim=True) if loss_type in ("softmax", "softmax_focal") else (t > 0.7).double()
+        y = _dense_layout(t.to(dtype), layout)
+    w = cbfused.class_balanced_weights(make_counts(c, seed=c), 0.999)
+    alpha = 0.25 if loss_type in ("sigmoid", "focal") else None
+    ignore = 255 if kind == "hard" else -100
+    for reduction in ("none", "mean", "weighted_mean"):
+        loss, grad = run_cb_loss(
+            x, y, w, loss_type, reduction, alpha=alpha, ignore_index=ignore, backend=backend
+        )
+        ref_loss, ref_grad = expected(x, y, w, loss_type, reduction, alpha=alpha, ignore_index=ignore)
+        assert_close_scaled(loss, ref_loss.to(dtype), dtype)
+        assert_close_scaled(grad, ref_grad.to(dtype), dtype)
+        if layout in ("contiguous", "channels_last"):
+            assert grad.stride() == x.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("case", [((2, 5, 3, 7), 1), ((4, 6, 9), -2), ((3, 4, 300), 0)], ids=str)
+def test_sigmoid_focal_weight_along_a_dimension(case, reduction, dtype, backend):
+    """weight_dim: the class weight of element i is w[(i / inner) % K] (channels-first masks)."""
+    shape, dim = case
+    g = torch.Generator().manual_seed(len(shape))
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+    t = (torch.rand(shape, generator=g) > 0.8).to(dtype)
+    k = shape[dim]
+    w = torch.rand(k, generator=g, dtype=torch.float64) + 0.5
+    view = [1] * len(shape)
+    view[dim] = k
+    xr = x.double().requires_grad_()
+    ref = torchvision.ops.sigmoid_focal_loss(
+        xr, t.double(), alpha=0.25, gamma=2.0, reduction="none"
+    ) * w.view(view)
+    ref = {"none": ref, "mean": ref.mean()}[reduction]
+    ref.sum().backward()
+    loss, grad = run_op(backend, "sigmoid_focal", x, t, w, 0.25, 2.0, RED[reduction], 1, dim)
+    assert_close_scaled(loss, ref.detach().to(dtype), dtype)
+    assert_close_scaled(grad, xr.grad.to(dtype), dtype)

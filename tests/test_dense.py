@@ -310,3 +310,45 @@ def test_errors_name_the_shapes():
         y = torch.zeros(2, 4, 4, dtype=torch.long)
         y[1, 2, 3] = 7
         cbfused.class_balanced_loss(x, y, weights=w, ignore_index=IGNORE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_sigmoid_focal_loss_weight_along_the_class_dimension(dtype, reduction):
+    """sigmoid_focal_loss(weight=w, dim=1) on channels-first masks equals torchvision's focal
+    loss times w along dimension 1; dim=-1 (default) and its positive index stay the last."""
+    import torchvision
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 5, 6, 7, generator=g, dtype=torch.float64) * 3).to(dtype)
+    t = (torch.rand(2, 5, 6, 7, generator=g) > 0.8).to(dtype)
+    for dim, k in [(1, 5), (-3, 5), (2, 6), (-1, 7), (3, 7)]:
+        w = torch.rand(k, generator=g, dtype=torch.float64) + 0.5
+        view = [1, 1, 1, 1]
+        view[dim] = k
+
+        def theirs(xi, w=w, view=view):
+            out = torchvision.ops.sigmoid_focal_loss(xi, t.to(xi.dtype), alpha=0.25, gamma=2.0) * w.view(view)
+            return {"none": out, "mean": out.mean(), "sum": out.sum()}[reduction]
+
+        a, ga = grads(
+            lambda xi, w=w, dim=dim: cbfused.sigmoid_focal_loss(xi, t, 0.25, 2.0, reduction, w, dim), x
+        )
+        b, gb = grads(theirs, x.double())
+        assert_close_scaled(a, b.to(dtype), dtype)
+        assert_close_scaled(ga, gb.to(dtype), dtype)
+        r = R.sigmoid_focal_loss(x, t, 0.25, 2.0, reduction, w, dim=dim)
+        assert_close_scaled(a, r, dtype)
+
+
+def test_sigmoid_focal_loss_weight_dim_errors():
+    x, t = torch.randn(2, 5, 4), torch.rand(2, 5, 4).round()
+    with pytest.raises(
+        RuntimeError,
+        match=r"weight must have shape \[5\] \(one per class, the inputs' dimension 1\), got \[4\]",
+    ):
+        cbfused.sigmoid_focal_loss(x, t, weight=torch.ones(4), dim=1)
+    with pytest.raises(RuntimeError, match=r"weight dim 3 is out of range for inputs of shape \[2, 5, 4\]"):
+        cbfused.sigmoid_focal_loss(x, t, weight=torch.ones(5), dim=3)
+    with pytest.raises(TypeError, match=r"dim must be an int, got 1.0"):
+        cbfused.sigmoid_focal_loss(x, t, weight=torch.ones(5), dim=1.0)

@@ -49,13 +49,17 @@ struct FocalPlan {
   at::Tensor inputs;   // contiguous
   at::Tensor targets;  // contiguous, same shape and dtype
   at::Tensor weight;   // [K] in the accumulation type, or undefined
-  int64_t K = 1;       // the last dimension (classes), 1 for a 0-d input
-  int64_t rows = 0;    // numel / K
+  int64_t row = 1;     // the last dimension, 1 for a 0-d input: the CPU kernel's rows
+  int64_t rows = 0;    // numel / row
+  // The weight's dimension (weight_dim): K classes, `inner` elements apart (the product of
+  // the sizes after it): element e has class (e / inner) % K. inner = 1: the last dimension.
+  int64_t K = 1;
+  int64_t inner = 1;
 };
 
 FocalPlan check_sigmoid_focal(const at::Tensor& inputs, const at::Tensor& targets,
                               const std::optional<at::Tensor>& weight, double alpha, double gamma,
-                              int64_t reduction);
+                              int64_t reduction, int64_t weight_dim);
 
 std::string shape_str(const at::Tensor& t);
 

@@ -13,10 +13,11 @@ constexpr const char* kCbLossSchema =
     "float alpha, int reduction, int ignore_index, int grad_mode) -> (Tensor, Tensor, Tensor)";
 
 // torchvision.ops.sigmoid_focal_loss semantics with an optional per-class weight.
+// weight_dim: the inputs' dimension the weight runs along (-1: the last).
 // Returns (loss, grad): grad already carries the mean's 1/numel. grad_mode as above.
 constexpr const char* kSigmoidFocalSchema =
     "sigmoid_focal(Tensor inputs, Tensor targets, Tensor? weight, float alpha, float gamma, "
-    "int reduction, int grad_mode) -> (Tensor, Tensor)";
+    "int reduction, int grad_mode, int weight_dim=-1) -> (Tensor, Tensor)";
 
 // acc += src, acc float32 and src float32 / bfloat16 / float16 of acc's shape, without a
 // float32 copy of src (the fused linear path's weight-gradient accumulator). CPU only: on

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "cuda/planes_kernel.cuh"
 #include "cuda/row_kernel.cuh"
 #include "cuda/runtime.h"
 
@@ -35,6 +36,13 @@ void launch_rows(const RowArgs<scalar_t>& a, Stream stream) {
   if (a.N == 0) return;
   constexpr bool kBinary = !is_softmax_family(kLoss);
   constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
+  if (a.S > 0) {  // the planes layout: a thread per position
+    const int64_t blocks = (a.N + kBlock - 1) / kBlock;
+    TORCH_CHECK(blocks <= kMaxGrid, "cbfused: ", a.N, " positions exceed the CUDA grid limit");
+    launch_kernel(cb_planes_kernel<scalar_t, kLoss, kHard>, dim3(static_cast<unsigned>(blocks)), dim3(kBlock),
+                  0, stream, a);
+    return;
+  }
   if constexpr (kBinary) {
     if (a.C <= kFlatMaxC && a.x_stride == a.C && (kHard || a.t_stride == a.C)) {
       const int rows = flat_rows_per_tile(a.C);

@@ -23,7 +23,7 @@ constexpr int64_t kMaxFocalBlocks = 1024;  // fixed: the reduction order does no
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlock, 2)
     focal_elementwise_kernel(const scalar_t* x, const scalar_t* t, const at::opmath_type<scalar_t>* w,
-                             int64_t classes, int64_t numel, at::opmath_type<scalar_t> gamma,
+                             int64_t classes, int64_t inner, int64_t numel, at::opmath_type<scalar_t> gamma,
                              at::opmath_type<scalar_t> alpha, at::opmath_type<scalar_t> grad_scale,
                              scalar_t* loss_out, scalar_t* grad, at::opmath_type<scalar_t>* block_part) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -37,13 +37,15 @@ __global__ void __launch_bounds__(kBlock, 2)
     acc_t xv[K], tv[K], lv[K], gv[K];
     load<K>(x + i, xv);
     load<K>(t + i, tv);
-    int64_t c = w ? i % classes : 0;
+    // element i's class: (i / inner) % classes (inner = 1: the last dimension)
+    int64_t c = w ? (i / inner) % classes : 0;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       acc_t l, d;
       torchvision_focal_term<true>(xv[k], tv[k], gamma, l, d);
       acc_t scale = alpha_t(tv[k], alpha);
       if (w) {
+        if (inner != 1) c = ((i + k) / inner) % classes;
         scale *= w[c];
         c = c + 1 == classes ? 0 : c + 1;
       }
@@ -60,9 +62,10 @@ __global__ void __launch_bounds__(kBlock, 2)
 
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_cuda(const at::Tensor& inputs, const at::Tensor& targets,
                                                       const std::optional<at::Tensor>& weight, double alpha,
-                                                      double gamma, int64_t reduction, int64_t grad_mode) {
+                                                      double gamma, int64_t reduction, int64_t grad_mode,
+                                                      int64_t weight_dim) {
   const bool compute_grad = check_grad_mode(grad_mode);
-  const FocalPlan plan = check_sigmoid_focal(inputs, targets, weight, alpha, gamma, reduction);
+  const FocalPlan plan = check_sigmoid_focal(inputs, targets, weight, alpha, gamma, reduction, weight_dim);
   const DeviceGuard guard(inputs.device());
   const auto opts = inputs.options();
   at::Tensor loss = reduction == kNone ? at::empty(inputs.sizes(), opts) : at::empty({}, opts);
@@ -78,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_cuda(const at::Tensor& inputs, 
         launch_kernel(
             focal_elementwise_kernel<scalar_t>, dim3(static_cast<unsigned>(blocks)), dim3(kBlock), 0, stream,
             plan.inputs.const_data_ptr<scalar_t>(), plan.targets.const_data_ptr<scalar_t>(),
-            plan.weight.defined() ? plan.weight.const_data_ptr<acc_t>() : nullptr, plan.K, numel,
+            plan.weight.defined() ? plan.weight.const_data_ptr<acc_t>() : nullptr, plan.K, plan.inner, numel,
             static_cast<acc_t>(gamma), static_cast<acc_t>(alpha),
             static_cast<acc_t>(reduction == kNone ? 1.0 : scale),
             reduction == kNone ? loss.mutable_data_ptr<scalar_t>() : nullptr,

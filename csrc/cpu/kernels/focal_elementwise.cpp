@@ -16,8 +16,9 @@ namespace cbfused {
 namespace cpu {
 namespace {
 
-// torchvision.ops.sigmoid_focal_loss semantics, elementwise, with an optional
-// weight per class (the last dimension).
+// torchvision.ops.sigmoid_focal_loss semantics, elementwise, with an optional weight per
+// class: along the last dimension (per element of a row), or along an earlier one (one
+// weight per row: plan.inner is then a multiple of the row).
 template <typename scalar_t, bool kGrad>
 double focal_elementwise(const FocalPlan& p, double gamma, double alpha, double grad_scale,
                          scalar_t* loss_out, scalar_t* grad) {
@@ -27,7 +28,8 @@ double focal_elementwise(const FocalPlan& p, double gamma, double alpha, double 
   const scalar_t* x = p.inputs.const_data_ptr<scalar_t>();
   const scalar_t* t = p.targets.const_data_ptr<scalar_t>();
   const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
-  const int64_t K = p.K;
+  const int64_t K = p.row;
+  const bool per_element = w && p.inner == 1;
   const acc_t g = static_cast<acc_t>(gamma), al = static_cast<acc_t>(alpha);
   const int pow_k = small_integer_gamma(gamma);
   const bool has_alpha = al >= acc_t(0);
@@ -37,6 +39,7 @@ double focal_elementwise(const FocalPlan& p, double gamma, double alpha, double 
     RowOut<acc_t> out;
     V lacc(0);
     const int64_t base = i * K;
+    const V wrow(w && !per_element ? w[(base / p.inner) % p.K] : acc_t(1));
     for (int64_t j = 0; j < K; j += IO::kStep) {
       const int64_t n = std::min(IO::kStep, K - j);
       V xv[IO::kVecs], tv[IO::kVecs], lv[IO::kVecs], gv[IO::kVecs];
@@ -54,8 +57,8 @@ double focal_elementwise(const FocalPlan& p, double gamma, double alpha, double 
           l = l * at;
           if constexpr (kGrad) d = d * at;
         }
-        if (w && nv > 0) {
-          const V wv = V::loadu(w + j + v * IO::kLanes, nv);
+        if (w) {
+          const V wv = per_element ? V::loadu(w + j + v * IO::kLanes, nv) : wrow;
           l = l * wv;
           if constexpr (kGrad) d = d * wv;
         }

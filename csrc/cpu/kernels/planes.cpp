@@ -123,17 +123,27 @@ void softmax_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_typ
   const int64_t C = a.C, m = tl.m;
   const V livev = V::loadu(tl.live);
   const V live_mask = livev > V(acc_t(0));
-  // Pass 1: the max of each position over the classes.
+  // Pass 1: the max of each position over the classes; the tile's logits are parked
+  // (contiguous, in cache) for the passes after it, so the planes are read from memory once,
+  // and the next tile's lines of each plane are prefetched.
   V mx(-std::numeric_limits<acc_t>::infinity());
-  for (int64_t c = 0; c < C; ++c) mx = hw_max(mx, load_lanes<IO>(tl.x + c * a.x_cstride, m));
+  const bool more = tl.p0 + L < a.S;
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* xc = tl.x + c * a.x_cstride;
+    if (more) __builtin_prefetch(xc + L);
+    const V xv = load_lanes<IO>(xc, m);
+    xv.store(park + c * L);
+    mx = hw_max(mx, xv);
+  }
   mx = V::blendv(V(0), mx, live_mask);
-  // Pass 2: sum of exp(x - max), parked; float-target cross-entropy: sum t (x - max).
+  // Pass 2: sum of exp(x - max), parked in place of x; float-target cross-entropy:
+  // sum t (x - max).
   V sum(0), tx(0);
   for (int64_t c = 0; c < C; ++c) {
-    const V d = load_lanes<IO>(tl.x + c * a.x_cstride, m) - mx;
+    const V d = V::loadu(park + c * L) - mx;
     const V e = MathOps<V>::exp_nonpos(d);
     sum = sum + e;
-    if constexpr (kGrad) e.store(park + c * L);
+    e.store(park + c * L);
     if constexpr (!kHard && !kFocal) tx = at::vec::fmadd(load_lanes<IO>(tl.t + c * a.t_cstride, m), d, tx);
   }
   // Dead lanes (ignored, padding): sum 1, s 0: finite math, zero loss.
@@ -144,7 +154,7 @@ void softmax_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_typ
   if constexpr (kHard) {
     alignas(64) acc_t xy[L] = {};
     for (int64_t k = 0; k < m; ++k)
-      if (tl.y[k] >= 0) xy[k] = static_cast<acc_t>(tl.x[tl.y[k] * a.x_cstride + k]);
+      if (tl.y[k] >= 0) xy[k] = static_cast<acc_t>(tl.x[tl.y[k] * a.x_cstride + k]);  // in cache
     const V logp = log_softmax_of(V::loadu(xy), mx, ls);
     const auto f = softmax_focal<kFocal>(logp, a.gamma);
     loss = sv * f.loss;
@@ -174,6 +184,7 @@ void softmax_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_typ
     const V cpe = cpv / sumv;  // cp p_k = cpe e_k
     const V st = sv * pre;
     for (int64_t c = 0; c < C; ++c) {
+      if (more) __builtin_prefetch(tl.g + c * a.S + L, 1);
       V gk = cpe * V::loadu(park + c * L);
       if constexpr (!kHard) {
         const V tv = load_lanes<IO>(tl.t + c * a.t_cstride, m);
@@ -213,7 +224,9 @@ void binary_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_type
   for (int64_t k = 0; k < L; ++k) yf[k] = static_cast<acc_t>(tl.y[k]);
   const V yv = V::loadu(yf);
   V lacc(0);
+  const bool more = tl.p0 + L < a.S;
   for (int64_t c = 0; c < C; ++c) {
+    if (more) __builtin_prefetch(tl.x + c * a.x_cstride + L);
     const V xv = load_lanes<IO>(tl.x + c * a.x_cstride, m);
     const V tv =
         kHard ? V(acc_t(1)) & (yv == V(static_cast<acc_t>(c))) : load_lanes<IO>(tl.t + c * a.t_cstride, m);
@@ -225,7 +238,10 @@ void binary_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_type
       if constexpr (kGrad) dv = dv * at;
     }
     lacc = lacc + lv;
-    if constexpr (kGrad) store_lanes<IO>(tl.g + c * a.S, m, V::blendv(V(0), dv * gs, live_mask));
+    if constexpr (kGrad) {
+      if (more) __builtin_prefetch(tl.g + c * a.S + L, 1);
+      store_lanes<IO>(tl.g + c * a.S, m, V::blendv(V(0), dv * gs, live_mask));
+    }
   }
   V::blendv(V(0), sv * lacc, live_mask).store(loss_out);
 }
@@ -243,8 +259,8 @@ std::pair<double, double> run_tiles(const RowArgs<scalar_t>& a, bool grad, const
   const int64_t chunks = (tiles + tiles_per_chunk - 1) / tiles_per_chunk;
   std::vector<double> loss_part(chunks, 0.0), denom_part(chunks, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    thread_local std::vector<acc_t> park;
-    if (grad && static_cast<int64_t>(park.size()) < a.C * L) park.resize(a.C * L);
+    thread_local std::vector<acc_t> park;  // a tile's C x kLanes values (softmax)
+    if (static_cast<int64_t>(park.size()) < a.C * L) park.resize(a.C * L);
     for (int64_t ch = c0; ch < c1; ++ch) {
       double l = 0, d = 0;
       const int64_t e = std::min(tiles, (ch + 1) * tiles_per_chunk);

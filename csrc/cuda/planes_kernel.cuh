@@ -1,0 +1,121 @@
+// The CUDA kernel of cbfused::cb_loss in the planes layout (channels-first dense logits
+// [N, C, d1, ..., dk], csrc/cbfused/checks.h): one thread per position, threads along the
+// positions, so a warp's loads of one class are consecutive addresses (coalesced); the class
+// loop runs in each thread. The per-position math is that of cb_row_kernel (math.h,
+// targets.h). Writes the gradient of the un-normalised sum and per-position loss and
+// denominator to O(positions) buffers that finish_kernel reduces deterministically.
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include <cstdint>
+
+#include "cbfused/math.h"
+#include "cbfused/row_args.h"
+#include "cbfused/targets.h"
+#include "cuda/row_kernel.cuh"
+
+namespace cbfused {
+namespace cuda {
+
+template <typename scalar_t, int kLoss, bool kHard>
+__global__ void __launch_bounds__(kBlock) cb_planes_kernel(RowArgs<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kFoc = is_focal(kLoss);
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x;
+  bool bad = false;
+  if (r < a.N) {
+    const int64_t n = r / a.S, p = r - n * a.S, C = a.C;
+    const scalar_t* x = a.x + n * a.x_stride + p;
+    const scalar_t* t = kHard ? nullptr : a.t + n * a.t_stride + p;
+    scalar_t* g = a.grad ? a.grad + n * C * a.S + p : nullptr;
+    const int64_t xs = a.x_cstride, ts = a.t_cstride, gs = a.S;
+    auto X = [&](int64_t c) { return static_cast<acc_t>(x[c * xs]); };
+    auto Tc = [&](int64_t c) { return static_cast<acc_t>(t[c * ts]); };
+    acc_t s = 0, T = 0, denom = 0, loss = 0;
+    int64_t y = -1;
+    bool live = true;
+    if constexpr (kHard) {
+      y = a.y[r];
+      const HardTarget<acc_t> h = hard_target(y, C, a.ignore_index, a.w, a.weighted);
+      bad = h.bad;
+      live = h.live();
+      s = h.s;
+      denom = h.denom;
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t tc = Tc(c);
+        bad |= bad_float_target(tc);
+        s += tc * a.w[c];
+        T += tc;
+      }
+      denom = float_target_denom(s, T, a.weighted);
+    }
+    if (!live) {
+      if (g)
+        for (int64_t c = 0; c < C; ++c) g[c * gs] = scalar_t(0);
+    } else if constexpr (is_softmax_family(kLoss)) {
+      acc_t m = X(0);
+      for (int64_t c = 1; c < C; ++c) m = nan_max(m, X(c));
+      acc_t sum = 0, tx = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t d = X(c) - m;
+        sum += ::exp(d);
+        if constexpr (!kHard && !kFoc) tx += Tc(c) * d;
+      }
+      const acc_t log_sum = ::log(sum);
+      acc_t cp = 0, cy = 0;
+      if constexpr (kHard) {
+        const acc_t logp = log_softmax_of(X(y), m, log_sum);
+        const auto f = softmax_focal<kFoc>(logp, a.gamma);
+        loss = s * f.loss;
+        cp = s * f.G;
+        cy = -cp * softmax_one_minus_p(logp);  // cp * (p_y - 1)
+      } else if constexpr (!kFoc) {
+        loss = s * (T * log_sum - tx);  // sum_c t_c (-log p_c): two terms of one sign
+        cp = s * T;
+      } else {
+        acc_t lf = 0, gsum = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const auto f = softmax_focal<true>(log_softmax_of(X(c), m, log_sum), a.gamma);
+          lf += Tc(c) * f.loss;
+          gsum += Tc(c) * f.G;
+        }
+        loss = s * lf;
+        cp = s * gsum;
+      }
+      if (g) {
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t lp = log_softmax_of(X(c), m, log_sum);
+          acc_t gk = cp * ::exp(lp);
+          if constexpr (kHard) {
+            if (c == y) gk = cy;
+          } else if constexpr (kFoc) {
+            gk -= s * Tc(c) * softmax_focal<true>(lp, a.gamma).G;
+          } else {
+            gk -= s * Tc(c);
+          }
+          g[c * gs] = static_cast<scalar_t>(gk);
+        }
+      }
+    } else {
+      const int pow_k = kHard ? a.gamma_int : -1;
+      acc_t part = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t tc = kHard ? acc_t(c == y) : Tc(c);
+        acc_t l, d;
+        binary_element<kFoc>(a, X(c), tc, pow_k, l, d);
+        part += l;
+        if (g) g[c * gs] = static_cast<scalar_t>(s * d);
+      }
+      loss = s * part;
+    }
+    a.row_loss[r] = loss;
+    a.row_denom[r] = denom;
+    if (a.per_row_out) a.per_row_out[r] = static_cast<scalar_t>(loss);
+  }
+  assert_targets_ok<kHard>(bad);
+}
+
+}  // namespace cuda
+}  // namespace cbfused
