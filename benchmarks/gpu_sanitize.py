@@ -50,12 +50,37 @@ def main() -> int:
                     t = (torch.rand(n, c, generator=g) < 0.3).to(dtype)
                     check(x.contiguous(), t, w, loss_type=loss_type, gamma=1.5, alpha=0.25)
                     n_checks += 1
+    # dense [N, C, H, W]: the planes kernel (NCHW, a crop), the row kernels on channels-last
+    for loss_type in LOSSES:
+        for dtype in DTYPES:
+            x = (torch.randn(2, 19, 13, 21, generator=g) * 3).to(dtype)
+            y = torch.randint(0, 19, (2, 13, 21), generator=g)
+            y[0, 0] = 255
+            w = torch.rand(19, generator=g, dtype=torch.float64) + 0.5
+            for view in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, 1:12]):
+                yv = y[:, 1:12] if view.shape[2] == 11 else y
+                check(view, yv.contiguous(), w, loss_type=loss_type, gamma=2.0, ignore_index=255)
+                n_checks += 1
+        x = torch.randn(2, 19, 9, 7, generator=g)
+        t = (torch.rand(2, 19, 9, 7, generator=g) < 0.3).float()
+        if loss_type in ("softmax", "softmax_focal"):
+            t = torch.softmax(torch.randn(2, 19, 9, 7, generator=g), 1)
+        check(x, t, torch.rand(19, generator=g, dtype=torch.float64) + 0.5, loss_type=loss_type, gamma=1.5)
+        n_checks += 1
     # torchvision-semantics focal
     for dtype in DTYPES:
         x = torch.randn(7, 33, generator=g).to(dtype)
         t = (torch.rand(7, 33, generator=g) < 0.2).to(dtype)
         a = cbfused.sigmoid_focal_loss(x.cuda(), t.cuda(), reduction="sum").cpu()
         b = cbfused.sigmoid_focal_loss(x, t, reduction="sum")
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+        n_checks += 1
+        # weight along the class dimension of channels-first masks
+        x4 = torch.randn(2, 5, 6, 7, generator=g).to(dtype)
+        t4 = (torch.rand(2, 5, 6, 7, generator=g) < 0.2).to(dtype)
+        w5 = torch.rand(5, generator=g) + 0.5
+        a = cbfused.sigmoid_focal_loss(x4.cuda(), t4.cuda(), reduction="sum", weight=w5.cuda(), dim=1).cpu()
+        b = cbfused.sigmoid_focal_loss(x4, t4, reduction="sum", weight=w5, dim=1)
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
         n_checks += 1
     torch.cuda.synchronize()

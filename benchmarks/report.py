@@ -164,7 +164,7 @@ def _dense_indexes(rows: list[dict]) -> list[dict]:
     return [i for i in out.values() if i]
 
 
-def dense_table(rows: list[dict]) -> str:
+def dense_table(rows: list[dict], dtypes=("float32", "bfloat16"), kernels=None) -> str:
     """Dense [N, C, H, W] cells, forward+backward: cbfused on the logits as they are, against
     the eager and compiled reference, the best peer, and cbfused's 2-D kernels after the
     permute a user writes today; peak extra memory in units of the logits' size N x C x H x W."""
@@ -173,7 +173,11 @@ def dense_table(rows: list[dict]) -> str:
         return ""
     first = idxs[0]
     cells = sorted(
-        {(k, d, s, lay) for (k, p, d, s, lay) in first if p == "cbfused"},
+        {
+            (k, d, s, lay)
+            for (k, p, d, s, lay) in first
+            if p == "cbfused" and d in dtypes and (kernels is None or k in kernels)
+        },
         key=lambda c: (c[2], c[0], c[1] != "float32", c[3]),
     )
     lines = [
@@ -514,12 +518,23 @@ def readme_block(rows: list[dict], csv_path: str) -> str:
         for n, c in README_SHAPES
     }
     table = markdown_table(rows, modes=("fwd+bwd",), cells_wanted=wanted)
-    return "\n\n".join([README_START, _head(rows, csv_path), table, README_END])
+    parts = [README_START, _head(rows, csv_path), table]
+    dense = dense_table(rows, dtypes=("float32",), kernels=("softmax", "focal"))
+    if dense:
+        parts += ["Dense prediction, logits [N, C, H, W] (float32):", dense]
+    return "\n\n".join(parts + [README_END])
 
 
 def perf_block(rows: list[dict], csv_path: str) -> str:
     parts = [PERF_START, _head(rows, csv_path), markdown_table(rows, modes=("fwd+bwd",))]
     lin = linear_table(rows)
+    dense = dense_table(rows)
+    if dense:
+        parts += [
+            "Dense prediction, logits [N, C, H, W] in both memory layouts (NCHW: contiguous; NHWC: "
+            "channels-last), forward+backward:",
+            dense,
+        ]
     if lin:
         parts += ["Fused linear + loss (first run):", lin]
     parts += ["Targets, checked on this run:", targets_text(rows), PERF_END]
@@ -553,6 +568,8 @@ if __name__ == "__main__":
     print(markdown_table(rows))
     print()
     print(linear_table(rows))
+    print()
+    print(dense_table(rows))
     print()
     print(targets_text(rows))
     if a.publish:

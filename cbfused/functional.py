@@ -100,16 +100,19 @@ def class_balanced_loss(
     - ``"softmax_focal"``: :math:`l_i = s_i (1-p_{iy})^\gamma (-\log p_{iy})`
 
     Args:
-        logits: [N, C] float16 / bfloat16 / float32 / float64.
-        target: int64 / int32 class indices [N] (``ignore_index`` allowed), or float [N, C]
-            multi-hot / soft labels in [0, 1] of the logits' dtype.
+        logits: [N, C], [N, C, d1, ..., dk] (dense prediction, classes along dimension 1, as
+            ``F.cross_entropy``; every position is a sample, read in place in contiguous and
+            channels-last memory) or unbatched [C]; float16 / bfloat16 / float32 / float64.
+        target: int64 / int32 class indices of the logits' shape without dimension 1 ([N],
+            [N, d1, ..., dk] or []; ``ignore_index`` allowed), or float multi-hot / soft
+            labels in [0, 1] of the logits' shape and dtype.
         samples_per_class: counts per class over the whole training set (with ``beta``), or
         weights: ready per-class weights [C] on the logits' device.
         beta: in [0, 1). gamma: >= 0 (focal losses). alpha: torchvision-style alpha for the
             sigmoid-based losses (None: off).
         reduction: ``"mean"`` (sum / number of non-ignored samples, or / sum of float targets:
             the authors' normalisation), ``"weighted_mean"`` (sum / sum of sample weights, as
-            ``F.cross_entropy(weight=...)``), ``"sum"`` or ``"none"`` ([N]).
+            ``F.cross_entropy(weight=...)``), ``"sum"`` or ``"none"`` ([N, d1, ..., dk]).
         zero_count: policy for classes with no samples, see :func:`class_balanced_weights`.
     """
     opts = _ops.loss_options(loss_type, gamma, alpha, reduction, ignore_index)

@@ -118,14 +118,18 @@ def class_balanced_weights(
 
 
 def class_counts(targets: torch.Tensor, num_classes: int, ignore_index: int | None = -100) -> torch.Tensor:
-    """Samples per class from labels: int [N] class indices (int64 counts, ``ignore_index``
-    skipped) or float [N, C] multi-hot / soft labels (float64 column sums)."""
+    """Samples per class from labels: int class indices of any shape ([N], or [N, H, W]
+    masks: int64 counts, ``ignore_index`` skipped) or float [N, C, d...] multi-hot / soft
+    labels (float64 sums over every dimension but the classes', 1)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if targets.is_floating_point():
-        if targets.dim() != 2 or targets.shape[1] != num_classes:
-            raise ValueError(f"float targets must have shape [N, {num_classes}], got {list(targets.shape)}")
-        return targets.detach().to(torch.float64).sum(0)
+        if targets.dim() < 2 or targets.shape[1] != num_classes:
+            raise ValueError(
+                f"float targets must have shape [N, {num_classes}, ...] (classes along dimension 1), "
+                f"got {list(targets.shape)}"
+            )
+        return targets.detach().to(torch.float64).movedim(1, 0).reshape(num_classes, -1).sum(1)
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(
             f"targets must be integer class indices or float [N, C] labels, got dtype {targets.dtype}"

@@ -352,3 +352,15 @@ def test_sigmoid_focal_loss_weight_dim_errors():
         cbfused.sigmoid_focal_loss(x, t, weight=torch.ones(5), dim=3)
     with pytest.raises(TypeError, match=r"dim must be an int, got 1.0"):
         cbfused.sigmoid_focal_loss(x, t, weight=torch.ones(5), dim=1.0)
+
+
+def test_class_counts_of_masks_and_dense_soft_labels():
+    g = torch.Generator().manual_seed(9)
+    masks = torch.randint(0, 6, (3, 5, 7), generator=g)
+    masks[0, 0] = IGNORE
+    want = torch.bincount(masks[masks != IGNORE], minlength=6)
+    assert torch.equal(cbfused.class_counts(masks, 6, ignore_index=IGNORE), want)
+    soft = torch.rand(3, 6, 5, 7, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(cbfused.class_counts(soft, 6), soft.sum((0, 2, 3)))
+    with pytest.raises(ValueError, match=r"float targets must have shape \[N, 6, \.\.\.\].*got \[3, 5, 7\]"):
+        cbfused.class_counts(soft[:, 0], 6)
