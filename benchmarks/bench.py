@@ -376,9 +376,17 @@ def dense_providers(case: Case, shape: tuple[int, ...], y: torch.Tensor) -> dict
     def ref(x):
         return R.class_balanced_loss(x, y, w_acc, loss_type=k, gamma=GAMMA, compute_dtype=acc)
 
+    # the same loss on the equivalent [N*H*W, C] input, contiguous and ready (a leaf of its own)
+    x2 = torch.empty(case.n, c, dtype=case.dtype, device=case.device).normal_().requires_grad_()
+
+    def equivalent_2d(x):
+        x2.grad = None
+        return flat["cbfused"](x2)
+
     out: dict[str, Callable] = {
         "cbfused": lambda x: crit(x, y),
         "cbfused 2-D (permute)": lambda x: flat["cbfused"](rows(x)),
+        "cbfused 2-D [N*H*W, C] input": equivalent_2d,
         "reference": ref,
         "reference+compile": torch.compile(ref, dynamic=False),
     }
