@@ -187,7 +187,9 @@ def cb_loss(
     """Calls the fused op with validated options; computes the gradient only when autograd
     will need it."""
     check_target_options(target, opts.ignore_index)
-    _same_device(logits, "logits", (target, "target"), (class_weight, "class weights"))
+    dev = logits.device  # one device object, not four: this runs every step
+    if target.device != dev or class_weight.device != dev:
+        _same_device(logits, "logits", (target, "target"), (class_weight, "class weights"))
     loss, _, _ = torch.ops.cbfused.cb_loss.default(
         logits,
         target,

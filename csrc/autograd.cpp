@@ -3,6 +3,7 @@
 // kernel at CIFAR-sized batches). The forward runs the backend kernel, which writes the
 // loss and the logit-gradient in one pass; the backward scales that saved gradient (the
 // hand-off, grad_mode and grad_scale, is described in docs/design.md).
+#include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -36,6 +37,17 @@ bool host_scalar(const at::Tensor& t) {
          t.numel() == 1;
 }
 
+// The value of a host_scalar, read from its memory: Tensor::item goes through the dispatcher
+// (_local_scalar_dense), about 1 us a call, and loss.backward() reads two of them per step.
+template <typename T>
+T host_value(const at::Tensor& t) {
+  if (!t.is_floating_point()) return t.item<T>();
+  T v{};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "cbfused_host_value",
+                                  [&] { v = static_cast<T>(*t.const_data_ptr<scalar_t>()); });
+  return v;
+}
+
 void check_first_order(const at::Tensor& grad) {
   if (at::GradMode::is_enabled() && !traced(grad)) {
     TORCH_CHECK(
@@ -56,7 +68,7 @@ bool reuse_saved(const at::Tensor& grad, bool may_reuse) {
 at::Tensor scale_saved_grad(const at::Tensor& grad, const at::Tensor& scale, bool may_reuse) {
   check_first_order(grad);
   if (!reuse_saved(grad, may_reuse) || traced(scale)) return grad * scale;
-  if (host_scalar(scale) && scale.item<double>() == 1.0) return grad;
+  if (host_scalar(scale) && host_value<double>(scale) == 1.0) return grad;
   return grad.mul_(scale);
 }
 
@@ -71,8 +83,8 @@ at::Tensor unit_scaled_grad(const at::Tensor& grad, bool may_reuse) {
 // or float64 for float64 logits), as their 0-dim tensor product would be.
 bool unit_product(const at::Tensor& g_loss, const at::Tensor& grad_scale) {
   if (grad_scale.scalar_type() == at::kDouble)
-    return g_loss.item<double>() * grad_scale.item<double>() == 1.0;
-  return g_loss.item<float>() * grad_scale.item<float>() == 1.0f;
+    return host_value<double>(g_loss) * host_value<double>(grad_scale) == 1.0;
+  return host_value<float>(g_loss) * host_value<float>(grad_scale) == 1.0f;
 }
 
 // Whether the GPU's own backward scaling (cuda::scale_grad) takes these operands.

@@ -254,6 +254,31 @@ CBF_HD SoftmaxFocal<T> softmax_focal(T logp, G gamma) {
   return out;
 }
 
+// A softmax-family row's results, the one composition of every backend and layout (the
+// CPU rows and planes, the CUDA row and planes kernels):
+//   loss = s (1 - p_y)^gamma (-log p_y)        (hard target y; gamma = 0: cross-entropy)
+//   grad_k = cp p_k  for k != y,  grad_y = cp p_y - cp = -cp q,  q = 1 - p_y
+// and for float-target cross-entropy, with T = sum_c t_c and tx = sum_c t_c (x_c - max):
+//   loss = s (T log sum - tx)  (two terms of one sign),  grad_k = cp p_k - s t_k,  cp = s T.
+template <typename T>
+struct SoftmaxRow {
+  T loss;
+  T cp;  // the coefficient of p_k in the gradient
+  T q;   // hard targets: 1 - p_y
+};
+
+template <bool kFocal, typename T, typename G>
+CBF_HD SoftmaxRow<T> softmax_hard_row(T s, T x_y, T max, T log_sum, G gamma) {
+  const T logp = log_softmax_of(x_y, max, log_sum);
+  const SoftmaxFocal<T> f = softmax_focal<kFocal>(logp, gamma);
+  return {s * f.loss, s * f.G, softmax_one_minus_p(logp)};
+}
+
+template <typename T>
+CBF_HD SoftmaxRow<T> softmax_soft_row(T s, T t_sum, T log_sum, T tx) {
+  return {s * (t_sum * log_sum - tx), s * t_sum, T(0)};
+}
+
 // gamma as a small integer (0..8) when it is one, else -1: with hard (0 / 1) targets the
 // focal modulator is then a product (binary_term's pow_k).
 CBF_HD int small_integer_gamma(double gamma) {

@@ -66,14 +66,14 @@ __global__ void __launch_bounds__(kBlock) cb_planes_kernel(RowArgs<scalar_t> a) 
       const acc_t log_sum = ::log(sum);
       acc_t cp = 0, cy = 0;
       if constexpr (kHard) {
-        const acc_t logp = log_softmax_of(X(y), m, log_sum);
-        const auto f = softmax_focal<kFoc>(logp, a.gamma);
-        loss = s * f.loss;
-        cp = s * f.G;
-        cy = -cp * softmax_one_minus_p(logp);  // cp * (p_y - 1)
+        const SoftmaxRow<acc_t> r = softmax_hard_row<kFoc>(s, X(y), m, log_sum, a.gamma);
+        loss = r.loss;
+        cp = r.cp;
+        cy = -cp * r.q;  // cp * (p_y - 1)
       } else if constexpr (!kFoc) {
-        loss = s * (T * log_sum - tx);  // sum_c t_c (-log p_c): two terms of one sign
-        cp = s * T;
+        const SoftmaxRow<acc_t> r = softmax_soft_row(s, T, log_sum, tx);
+        loss = r.loss;
+        cp = r.cp;
       } else {
         acc_t lf = 0, gsum = 0;
         for (int64_t c = 0; c < C; ++c) {

@@ -206,15 +206,16 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
     }
     acc_t cp = 0, cy = 0;
     if constexpr (kHard) {
-      const acc_t logp = log_softmax_of(static_cast<acc_t>(x[y]), ms.m, log_sum);
-      const auto f = softmax_focal<kFoc>(logp, a.gamma);
-      loss = s * f.loss;
-      cp = s * f.G;
-      cy = -cp * softmax_one_minus_p(logp);  // cp * (p_y - 1)
+      const SoftmaxRow<acc_t> r = softmax_hard_row<kFoc>(s, static_cast<acc_t>(x[y]), ms.m, log_sum, a.gamma);
+      loss = r.loss;
+      cp = r.cp;
+      cy = -cp * r.q;  // cp * (p_y - 1)
     } else if constexpr (!kFoc) {
-      // sum_c t_c (-log p_c) = T log sum - sum t (x - max): two terms of one sign.
-      loss = s * (T * log_sum - RR::sum(st > acc_t(0) ? tx - st * (ms.m - m_thread) : tx, smem_a));
-      cp = s * T;
+      // tx relative to the row's max (each thread summed it relative to its own)
+      const acc_t tx_row = RR::sum(st > acc_t(0) ? tx - st * (ms.m - m_thread) : tx, smem_a);
+      const SoftmaxRow<acc_t> r = softmax_soft_row(s, T, log_sum, tx_row);
+      loss = r.loss;
+      cp = r.cp;
     } else {
       acc_t lf = 0, gs = 0;
       for_each_group<kThreads, scalar_t>(sp, C, lane, [&](auto w, int64_t c) {

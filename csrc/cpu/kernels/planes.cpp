@@ -155,15 +155,14 @@ void softmax_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_typ
     alignas(64) acc_t xy[L] = {};
     for (int64_t k = 0; k < m; ++k)
       if (tl.y[k] >= 0) xy[k] = static_cast<acc_t>(tl.x[tl.y[k] * a.x_cstride + k]);  // in cache
-    const V logp = log_softmax_of(V::loadu(xy), mx, ls);
-    const auto f = softmax_focal<kFocal>(logp, a.gamma);
-    loss = sv * f.loss;
-    cp = sv * f.G;
-    q = softmax_one_minus_p(logp);
+    const SoftmaxRow<V> r = softmax_hard_row<kFocal>(sv, V::loadu(xy), mx, ls, a.gamma);
+    loss = r.loss;
+    cp = r.cp;
+    q = r.q;
   } else if constexpr (!kFocal) {
-    const V Tv = V::loadu(tl.T);
-    loss = sv * (Tv * ls - tx);
-    cp = sv * Tv;
+    const SoftmaxRow<V> r = softmax_soft_row(sv, V::loadu(tl.T), ls, tx);
+    loss = r.loss;
+    cp = r.cp;
   } else {
     // Pass 3 (float-target focal): sum_c t_c * focal loss, sum_c t_c G_c.
     V lv(0), gsum(0);

@@ -210,16 +210,14 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
   if constexpr (!kHard) ls.store(ls_k);
   V q;  // hard targets: 1 - p_y
   if constexpr (kHard) {
-    const V logp = log_softmax_of(V::loadu(xy), V::loadu(mx), ls);
-    const auto f = softmax_focal<kFocal>(logp, a.gamma);
-    (sv * f.loss).store(loss);
-    (sv * f.G).store(cp);
-    q = softmax_one_minus_p(logp);
+    const SoftmaxRow<V> r = softmax_hard_row<kFocal>(sv, V::loadu(xy), V::loadu(mx), ls, a.gamma);
+    r.loss.store(loss);
+    r.cp.store(cp);
+    q = r.q;
   } else if constexpr (!kFocal) {
-    // sum_c t_c (-log p_c) = T log sum - sum t (x - max).
-    const V Tv = V::loadu(T);
-    (sv * (Tv * ls - V::loadu(tx))).store(loss);
-    (sv * Tv).store(cp);
+    const SoftmaxRow<V> r = softmax_soft_row(sv, V::loadu(T), ls, V::loadu(tx));
+    r.loss.store(loss);
+    r.cp.store(cp);
   } else {
     // Pass 3 (float-target focal), per row: sum_c t_c * focal loss, sum_c t_c G_c.
     for (int64_t k = 0; k < R; ++k) {
