@@ -10,6 +10,7 @@ from ._ops import LOSS_KINDS, LossKind
 from .functional import class_balanced_loss, sigmoid_focal_loss
 from .init import init_sigmoid_bias_, param_groups_no_bias_decay
 from .linear import ClassBalancedLinearLoss, auto_chunk_rows, linear_class_balanced_loss
+from .longtail import adjust_logits, class_prior, ldam_margins
 from .modules import ClassBalancedLoss
 from .weights import all_reduce_class_counts, class_balanced_weights, class_counts, effective_number
 
@@ -31,13 +32,16 @@ __all__ = [
     "LossKind",
     "ClassBalancedLinearLoss",
     "ClassBalancedLoss",
+    "adjust_logits",
     "auto_chunk_rows",
     "all_reduce_class_counts",
     "class_balanced_loss",
     "class_balanced_weights",
     "class_counts",
+    "class_prior",
     "effective_number",
     "init_sigmoid_bias_",
+    "ldam_margins",
     "linear_class_balanced_loss",
     "param_groups_no_bias_decay",
     "reference",

@@ -11,6 +11,12 @@ from .weights import CountsLike, check_beta, class_balanced_weights
 __all__ = ["ClassBalancedLoss"]
 
 
+def _check_epoch(epoch, name: str) -> int:
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {epoch!r}")
+    return epoch
+
+
 def apply_keeping_dtype(module: nn.Module, buffer: str, apply, fn, recurse: bool):
     """nn.Module._apply that keeps one buffer's dtype and values: .half() / .to(dtype) cast
     every floating buffer, but the class weights stay float64 (the kernels read them in the
@@ -28,6 +34,10 @@ class ClassBalancedLoss(nn.Module):
     (float64): they move with ``.to()`` and are saved in ``state_dict``.
 
     See :func:`cbfused.class_balanced_loss` for the formulas and arguments.
+
+    Deferred re-weighting (DRW, Cao et al., NeurIPS 2019): with ``drw_epoch=E`` the loss
+    uses weights of 1 until the training loop's ``set_epoch(e)`` reaches ``e >= E``, and the
+    class weights from then on (the paper: E = 160 of 200 epochs, ``beta=0.9999``).
 
     Example::
 
@@ -49,6 +59,7 @@ class ClassBalancedLoss(nn.Module):
         ignore_index: int = -100,
         zero_count: str = "error",
         weights: torch.Tensor | CountsLike | None = None,
+        drw_epoch: int | None = None,
     ) -> None:
         super().__init__()
         self._opts = _ops.loss_options(loss_type, gamma, alpha, reduction, ignore_index)
@@ -63,6 +74,20 @@ class ClassBalancedLoss(nn.Module):
                 raise ValueError(f"weights must be 1-D [C], got shape {list(w.shape)}")
             self.beta = None
         self.register_buffer("weight", w)
+        # DRW: weights of 1 before drw_epoch (not saved: the training loop sets the epoch)
+        self.register_buffer("_unit_weight", torch.ones_like(w), persistent=False)
+        self.drw_epoch = _check_epoch(drw_epoch, "drw_epoch") if drw_epoch is not None else None
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tells the loss the current epoch (0-based); with ``drw_epoch`` set, the class
+        weights apply from epoch ``drw_epoch`` on. Call it at the start of every epoch."""
+        self.epoch = _check_epoch(epoch, "epoch")
+
+    @property
+    def weights_active(self) -> bool:
+        """Whether the class weights apply now (always, unless deferred by ``drw_epoch``)."""
+        return self.drw_epoch is None or self.epoch >= self.drw_epoch
 
     # The options live in one validated record; setting one validates it with the others.
     def _option(name: str):  # noqa: N805  (a property factory, called in the class body)
@@ -92,7 +117,8 @@ class ClassBalancedLoss(nn.Module):
         return self.weight.numel()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return _ops.cb_loss(logits, target, self.weight, self._opts)
+        w = self.weight if self.weights_active else self._unit_weight
+        return _ops.cb_loss(logits, target, w, self._opts)
 
     def extra_repr(self) -> str:
         parts = [f"num_classes={self.num_classes}", f"loss_type={self.loss_type!r}"]
@@ -103,4 +129,6 @@ class ClassBalancedLoss(nn.Module):
         if self.alpha is not None:
             parts.append(f"alpha={self.alpha}")
         parts.append(f"reduction={self.reduction!r}")
+        if self.drw_epoch is not None:
+            parts.append(f"drw_epoch={self.drw_epoch}, epoch={self.epoch}")
         return ", ".join(parts)
