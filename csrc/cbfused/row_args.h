@@ -20,10 +20,6 @@ struct RowArgs {
   const int64_t* y = nullptr;   // hard targets (contiguous), or null
   const scalar_t* t = nullptr;  // float targets, or null
   int64_t t_stride = 0;
-  // The planes layout (CbLossPlan): S > 0 positions per sample, position r = n S + p at
-  // x + n x_stride + c x_cstride + p (t alike), gradient contiguous [samples, C, S].
-  int64_t S = 0;
-  int64_t x_cstride = 0, t_cstride = 0;
   const acc_t* w = nullptr;  // class weights [C]
   scalar_t* grad = nullptr;  // [N, C] contiguous, or null (no gradient)
   int64_t N = 0, C = 0;      // N: positions (rows)
@@ -38,6 +34,25 @@ struct RowArgs {
   acc_t* row_denom = nullptr;
 };
 
+// The planes layout (CbLossPlan) beside RowArgs: S > 0 positions per sample, position
+// r = n S + p at x + n x_stride + c x_cstride + p (t alike), gradient contiguous
+// [samples, C, S]; S = 0: the rows layout. A struct of its own: three more fields in the
+// CUDA row kernels' parameter struct made ptxas spill in the flat kernel (sm_90).
+struct Planes {
+  int64_t S = 0;
+  int64_t x_cstride = 0, t_cstride = 0;
+};
+
+inline Planes make_planes(const CbLossPlan& plan) {
+  Planes pl;
+  pl.S = plan.S;
+  if (plan.S > 0) {
+    pl.x_cstride = plan.logits.stride(1);
+    if (!plan.hard) pl.t_cstride = plan.target.stride(1);
+  }
+  return pl;
+}
+
 template <typename scalar_t>
 RowArgs<scalar_t> make_row_args(const CbLossPlan& plan, CbLossOutputs& out, double gamma, double alpha,
                                 int64_t reduction, int64_t ignore_index, bool compute_grad) {
@@ -45,14 +60,11 @@ RowArgs<scalar_t> make_row_args(const CbLossPlan& plan, CbLossOutputs& out, doub
   RowArgs<scalar_t> a;
   a.x = plan.logits.const_data_ptr<scalar_t>();
   a.x_stride = plan.N > 0 ? plan.logits.stride(0) : 0;
-  a.S = plan.S;
-  if (plan.S > 0) a.x_cstride = plan.logits.stride(1);
   if (plan.hard) {
     a.y = plan.target.const_data_ptr<int64_t>();
   } else {
     a.t = plan.target.const_data_ptr<scalar_t>();
     a.t_stride = plan.N > 0 ? plan.target.stride(0) : 0;
-    if (plan.S > 0) a.t_cstride = plan.target.stride(1);
   }
   a.w = plan.weight.const_data_ptr<acc_t>();
   a.grad = compute_grad ? out.grad.mutable_data_ptr<scalar_t>() : nullptr;

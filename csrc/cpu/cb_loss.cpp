@@ -48,8 +48,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cpu(const at::Tensor& log
         // carry 1/D already and the usual backward (grad_output = 1) has nothing left to do.
         const bool fold = plan.hard && mean && compute_grad;
         if (fold) a.grad_prescale = static_cast<at::opmath_type<scalar_t>>(hard_target_inv_denominator(a));
-        const std::pair<double, double> tot =
-            active_kernels().get<scalar_t>().cb_rows(a, loss_type, compute_grad, plan.hard);
+        const std::pair<double, double> tot = active_kernels().get<scalar_t>().cb_rows(
+            a, make_planes(plan), loss_type, compute_grad, plan.hard);
         const double inv = mean ? inv_denominator(tot.second) : 1.0;
         if (reduction != kNone)
           *out.loss.mutable_data_ptr<scalar_t>() = cast_saturating<scalar_t>(tot.first * inv);

@@ -32,11 +32,13 @@ template <typename scalar_t>
 std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard);
 template <typename scalar_t>
 std::pair<double, double> binary_family_rows(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard);
-// The same families in the planes layout (kernels/planes.cpp; a.S > 0).
+// The same families in the planes layout (kernels/planes.cpp; pl.S > 0).
 template <typename scalar_t>
-std::pair<double, double> softmax_family_planes(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard);
+std::pair<double, double> softmax_family_planes(const RowArgs<scalar_t>& a, const Planes& pl, bool focal,
+                                                bool grad, bool hard);
 template <typename scalar_t>
-std::pair<double, double> binary_family_planes(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard);
+std::pair<double, double> binary_family_planes(const RowArgs<scalar_t>& a, const Planes& pl, bool focal,
+                                               bool grad, bool hard);
 // sigmoid_focal's elementwise rows (kernels/focal_elementwise.cpp).
 template <typename scalar_t>
 double focal_elementwise_rows(const FocalPlan& p, double gamma, double alpha, double grad_scale,
@@ -46,6 +48,8 @@ double focal_elementwise_rows(const FocalPlan& p, double gamma, double alpha, do
 // of macro M(F, T).
 #define CBFUSED_FAMILY_ROWS(F, T) \
   template std::pair<double, double> F<T>(const RowArgs<T>&, bool, bool, bool);
+#define CBFUSED_FAMILY_PLANES(F, T) \
+  template std::pair<double, double> F<T>(const RowArgs<T>&, const Planes&, bool, bool, bool);
 #define CBFUSED_FOCAL_ROWS(F, T) template double F<T>(const FocalPlan&, double, double, double, T*, T*);
 #define CBFUSED_FOR_EACH_DTYPE(M, F) M(F, float) M(F, double) M(F, c10::Half) M(F, c10::BFloat16)
 

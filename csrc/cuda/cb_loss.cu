@@ -37,10 +37,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cuda(const at::Tensor& lo
             make_row_args<scalar_t>(plan, out, gamma, alpha, reduction, ignore_index, compute_grad);
         a.row_loss = row_loss.mutable_data_ptr<acc_t>();
         a.row_denom = row_denom.mutable_data_ptr<acc_t>();
+        const Planes pl = make_planes(plan);
         if (is_softmax_family(loss_type)) {
-          launch_family<scalar_t, kSoftmax, kSoftmaxFocal>(a, loss_type, plan.hard, stream);
+          launch_family<scalar_t, kSoftmax, kSoftmaxFocal>(a, pl, loss_type, plan.hard, stream);
         } else {
-          launch_family<scalar_t, kSigmoid, kFocal>(a, loss_type, plan.hard, stream);
+          launch_family<scalar_t, kSigmoid, kFocal>(a, pl, loss_type, plan.hard, stream);
         }
         if (reduction == kNone) {
           out.inv_norm.fill_(1);

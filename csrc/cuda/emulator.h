@@ -163,17 +163,19 @@ void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
               "emulated launch: block of ", block.x, " threads (must be a multiple of 32, at most 1024)");
   TORCH_CHECK(smem <= kMaxDynamicSmem, "emulated launch: ", smem, " bytes of dynamic shared memory (max ",
               kMaxDynamicSmem, ")");
-  TORCH_CHECK(grid.x > 0 && grid.y == 1 && grid.z == 1, "emulated launch: grid of ", grid.x, " blocks");
+  TORCH_CHECK(grid.x > 0 && grid.y > 0 && grid.z == 1, "emulated launch: grid of ", grid.x, " x ", grid.y,
+              " blocks");
   gridDim = grid;
   blockDim = block;
-  for (unsigned bx = 0; bx < grid.x && l.errors.empty(); ++bx) {
+  for (unsigned b = 0; b < grid.x * grid.y && l.errors.empty(); ++b) {
+    const unsigned bx = b % grid.x, by = b / grid.x;
     BlockState state(block.x, smem);
     std::vector<std::thread> threads;
     threads.reserve(block.x);
     for (unsigned t = 0; t < block.x; ++t) {
-      threads.emplace_back([&, t, bx] {
+      threads.emplace_back([&, t, bx, by] {
         threadIdx = dim3(t);
-        blockIdx = dim3(bx);
+        blockIdx = dim3(bx, by);
         t_block = &state;
         try {
           kernel(args...);

@@ -24,6 +24,8 @@ constexpr int64_t kFlatMaxC = kFlatTile / 8;
 // limit); beyond it the gradient pass reads the row from global memory (L2) again.
 // 80 KiB keeps two blocks per SM on A100 / H100.
 constexpr size_t kMaxRowCacheBytes = 80 * 1024;
+// The grid's y limit: the planes kernel's blocks walk further samples in steps of it.
+constexpr int64_t kMaxGridY = 65535;
 
 // Rows per cb_flat_kernel tile: a multiple of 8 (tiles start 16-byte aligned for every
 // dtype), at most kBlock (one thread per row for the per-row steps) and kFlatTile / C.
@@ -32,15 +34,17 @@ inline int flat_rows_per_tile(int64_t C) {
 }
 
 template <typename scalar_t, int kLoss, bool kHard>
-void launch_rows(const RowArgs<scalar_t>& a, Stream stream) {
+void launch_rows(const RowArgs<scalar_t>& a, const Planes& pl, Stream stream) {
   if (a.N == 0) return;
   constexpr bool kBinary = !is_softmax_family(kLoss);
   constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
-  if (a.S > 0) {  // the planes layout: a thread per position
-    const int64_t blocks = (a.N + kBlock - 1) / kBlock;
-    TORCH_CHECK(blocks <= kMaxGrid, "cbfused: ", a.N, " positions exceed the CUDA grid limit");
-    launch_kernel(cb_planes_kernel<scalar_t, kLoss, kHard>, dim3(static_cast<unsigned>(blocks)), dim3(kBlock),
-                  0, stream, a);
+  if (pl.S > 0) {  // the planes layout: a thread per position, blockIdx.y over the samples
+    const int64_t blocks = (pl.S + kBlock - 1) / kBlock;
+    TORCH_CHECK(blocks <= kMaxGrid, "cbfused: ", pl.S, " positions per sample exceed the CUDA grid limit");
+    const int64_t samples = std::min<int64_t>(a.N / pl.S, kMaxGridY);
+    launch_kernel(cb_planes_kernel<scalar_t, kLoss, kHard>,
+                  dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(samples)), dim3(kBlock), 0,
+                  stream, a, pl);
     return;
   }
   if constexpr (kBinary) {
@@ -76,20 +80,24 @@ void launch_rows(const RowArgs<scalar_t>& a, Stream stream) {
 
 // One loss family (kA or kB, hard or float targets); instantiated in softmax.cu and sigmoid.cu.
 template <typename scalar_t, int kA, int kB>
-void launch_family(const RowArgs<scalar_t>& a, int64_t loss_type, bool hard, Stream stream) {
+void launch_family(const RowArgs<scalar_t>& a, const Planes& pl, int64_t loss_type, bool hard,
+                   Stream stream) {
   if (loss_type == kA) {
-    hard ? launch_rows<scalar_t, kA, true>(a, stream) : launch_rows<scalar_t, kA, false>(a, stream);
+    hard ? launch_rows<scalar_t, kA, true>(a, pl, stream) : launch_rows<scalar_t, kA, false>(a, pl, stream);
   } else {
-    hard ? launch_rows<scalar_t, kB, true>(a, stream) : launch_rows<scalar_t, kB, false>(a, stream);
+    hard ? launch_rows<scalar_t, kB, true>(a, pl, stream) : launch_rows<scalar_t, kB, false>(a, pl, stream);
   }
 }
 
 #define CBFUSED_FAMILY(A, B, EXTERN)                                                                     \
-  EXTERN template void launch_family<float, A, B>(const RowArgs<float>&, int64_t, bool, Stream);         \
-  EXTERN template void launch_family<double, A, B>(const RowArgs<double>&, int64_t, bool, Stream);       \
-  EXTERN template void launch_family<c10::Half, A, B>(const RowArgs<c10::Half>&, int64_t, bool, Stream); \
-  EXTERN template void launch_family<c10::BFloat16, A, B>(const RowArgs<c10::BFloat16>&, int64_t, bool,  \
-                                                          Stream);
+  EXTERN template void launch_family<float, A, B>(const RowArgs<float>&, const Planes&, int64_t, bool,   \
+                                                  Stream);                                               \
+  EXTERN template void launch_family<double, A, B>(const RowArgs<double>&, const Planes&, int64_t, bool, \
+                                                   Stream);                                              \
+  EXTERN template void launch_family<c10::Half, A, B>(const RowArgs<c10::Half>&, const Planes&, int64_t, \
+                                                      bool, Stream);                                     \
+  EXTERN template void launch_family<c10::BFloat16, A, B>(const RowArgs<c10::BFloat16>&, const Planes&,  \
+                                                          int64_t, bool, Stream);
 
 CBFUSED_FAMILY(kSoftmax, kSoftmaxFocal, extern)
 CBFUSED_FAMILY(kSigmoid, kFocal, extern)

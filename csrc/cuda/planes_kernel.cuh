@@ -19,17 +19,20 @@ namespace cbfused {
 namespace cuda {
 
 template <typename scalar_t, int kLoss, bool kHard>
-__global__ void __launch_bounds__(kBlock) cb_planes_kernel(RowArgs<scalar_t> a) {
+__global__ void __launch_bounds__(kBlock, 2) cb_planes_kernel(RowArgs<scalar_t> a, Planes pl) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kFoc = is_focal(kLoss);
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x;
+  // blockIdx.y walks the samples (a 64-bit division per thread cost registers and a stack
+  // frame), blockIdx.x the positions of one
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x;
+  const int64_t samples = a.N / pl.S;
   bool bad = false;
-  if (r < a.N) {
-    const int64_t n = r / a.S, p = r - n * a.S, C = a.C;
+  for (int64_t n = blockIdx.y; p < pl.S && n < samples; n += gridDim.y) {
+    const int64_t r = n * pl.S + p, C = a.C;
     const scalar_t* x = a.x + n * a.x_stride + p;
     const scalar_t* t = kHard ? nullptr : a.t + n * a.t_stride + p;
-    scalar_t* g = a.grad ? a.grad + n * C * a.S + p : nullptr;
-    const int64_t xs = a.x_cstride, ts = a.t_cstride, gs = a.S;
+    scalar_t* g = a.grad ? a.grad + n * C * pl.S + p : nullptr;
+    const int64_t xs = pl.x_cstride, ts = pl.t_cstride, gs = pl.S;
     auto X = [&](int64_t c) { return static_cast<acc_t>(x[c * xs]); };
     auto Tc = [&](int64_t c) { return static_cast<acc_t>(t[c * ts]); };
     acc_t s = 0, T = 0, denom = 0, loss = 0;

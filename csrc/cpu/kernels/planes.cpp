@@ -67,11 +67,11 @@ struct Tile {
 
 // The tile's targets: class weight, denominator share and liveness per lane; checks them.
 template <typename scalar_t, bool kHard>
-inline void tile_targets(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl) {
+inline void tile_targets(const RowArgs<scalar_t>& a, const Planes& pl, Tile<scalar_t>& tl) {
   using IO = PlaneIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
-  const int64_t r0 = tl.n * a.S + tl.p0;
+  const int64_t r0 = tl.n * pl.S + tl.p0;
   if constexpr (kHard) {
     for (int64_t k = 0; k < tl.m; ++k) {
       const int64_t y = a.y[r0 + k];
@@ -86,7 +86,7 @@ inline void tile_targets(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl) {
   } else {
     V sv(0), Tv(0), lo(0), hi(0);
     for (int64_t c = 0; c < a.C; ++c) {
-      const V tv = load_lanes<IO>(tl.t + c * a.t_cstride, tl.m);  // padding lanes: 0
+      const V tv = load_lanes<IO>(tl.t + c * pl.t_cstride, tl.m);  // padding lanes: 0
       sv = at::vec::fmadd(tv, V(a.w[c]), sv);
       Tv = Tv + tv;
       lo = at::vec::minimum(lo, tv);
@@ -114,8 +114,8 @@ inline void tile_targets(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl) {
 // Softmax cross-entropy and softmax focal loss over one tile (the formulas of softmax_rows,
 // one position per lane); writes the tile's per-lane loss.
 template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
-void softmax_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_type<scalar_t>* park,
-                  at::opmath_type<scalar_t>* loss_out) {
+void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl, Tile<scalar_t>& tl,
+                  at::opmath_type<scalar_t>* park, at::opmath_type<scalar_t>* loss_out) {
   using IO = PlaneIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
@@ -127,9 +127,9 @@ void softmax_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_typ
   // (contiguous, in cache) for the passes after it, so the planes are read from memory once,
   // and the next tile's lines of each plane are prefetched.
   V mx(-std::numeric_limits<acc_t>::infinity());
-  const bool more = tl.p0 + L < a.S;
+  const bool more = tl.p0 + L < pl.S;
   for (int64_t c = 0; c < C; ++c) {
-    const scalar_t* xc = tl.x + c * a.x_cstride;
+    const scalar_t* xc = tl.x + c * pl.x_cstride;
     if (more) __builtin_prefetch(xc + L);
     const V xv = load_lanes<IO>(xc, m);
     xv.store(park + c * L);
@@ -144,7 +144,7 @@ void softmax_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_typ
     const V e = MathOps<V>::exp_nonpos(d);
     sum = sum + e;
     e.store(park + c * L);
-    if constexpr (!kHard && !kFocal) tx = at::vec::fmadd(load_lanes<IO>(tl.t + c * a.t_cstride, m), d, tx);
+    if constexpr (!kHard && !kFocal) tx = at::vec::fmadd(load_lanes<IO>(tl.t + c * pl.t_cstride, m), d, tx);
   }
   // Dead lanes (ignored, padding): sum 1, s 0: finite math, zero loss.
   const V sumv = V::blendv(V(1), sum, live_mask);
@@ -154,7 +154,7 @@ void softmax_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_typ
   if constexpr (kHard) {
     alignas(64) acc_t xy[L] = {};
     for (int64_t k = 0; k < m; ++k)
-      if (tl.y[k] >= 0) xy[k] = static_cast<acc_t>(tl.x[tl.y[k] * a.x_cstride + k]);  // in cache
+      if (tl.y[k] >= 0) xy[k] = static_cast<acc_t>(tl.x[tl.y[k] * pl.x_cstride + k]);  // in cache
     const SoftmaxRow<V> r = softmax_hard_row<kFocal>(sv, V::loadu(xy), mx, ls, a.gamma);
     loss = r.loss;
     cp = r.cp;
@@ -167,9 +167,9 @@ void softmax_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_typ
     // Pass 3 (float-target focal): sum_c t_c * focal loss, sum_c t_c G_c.
     V lv(0), gsum(0);
     for (int64_t c = 0; c < C; ++c) {
-      const V tv = load_lanes<IO>(tl.t + c * a.t_cstride, m);
+      const V tv = load_lanes<IO>(tl.t + c * pl.t_cstride, m);
       const auto f =
-          softmax_focal<true>(log_softmax_of(load_lanes<IO>(tl.x + c * a.x_cstride, m), mx, ls), a.gamma);
+          softmax_focal<true>(log_softmax_of(load_lanes<IO>(tl.x + c * pl.x_cstride, m), mx, ls), a.gamma);
       lv = at::vec::fmadd(tv, f.loss, lv);
       gsum = at::vec::fmadd(tv, f.G, gsum);
     }
@@ -183,24 +183,24 @@ void softmax_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_typ
     const V cpe = cpv / sumv;  // cp p_k = cpe e_k
     const V st = sv * pre;
     for (int64_t c = 0; c < C; ++c) {
-      if (more) __builtin_prefetch(tl.g + c * a.S + L, 1);
+      if (more) __builtin_prefetch(tl.g + c * pl.S + L, 1);
       V gk = cpe * V::loadu(park + c * L);
       if constexpr (!kHard) {
-        const V tv = load_lanes<IO>(tl.t + c * a.t_cstride, m);
+        const V tv = load_lanes<IO>(tl.t + c * pl.t_cstride, m);
         if constexpr (kFocal) {
-          const V lp = log_softmax_of(load_lanes<IO>(tl.x + c * a.x_cstride, m), mx, ls);
+          const V lp = log_softmax_of(load_lanes<IO>(tl.x + c * pl.x_cstride, m), mx, ls);
           gk = gk - st * tv * softmax_focal<true>(lp, a.gamma).G;
         } else {
           gk = gk - st * tv;
         }
       }
-      store_lanes<IO>(tl.g + c * a.S, m, V::blendv(V(0), gk, live_mask));
+      store_lanes<IO>(tl.g + c * pl.S, m, V::blendv(V(0), gk, live_mask));
     }
     if constexpr (kHard) {
       alignas(64) acc_t cy[L];
       (-cpv * q).store(cy);  // grad_y = cp * (p_y - 1)
       for (int64_t k = 0; k < m; ++k)
-        if (tl.y[k] >= 0) tl.g[tl.y[k] * a.S + k] = static_cast<scalar_t>(cy[k]);
+        if (tl.y[k] >= 0) tl.g[tl.y[k] * pl.S + k] = static_cast<scalar_t>(cy[k]);
     }
   }
 }
@@ -208,7 +208,8 @@ void softmax_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_typ
 // Sigmoid cross-entropy and the paper's sigmoid focal loss over one tile (binary_term per
 // element, one position per lane; the rows' formulas).
 template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
-void binary_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_type<scalar_t>* loss_out) {
+void binary_tile(const RowArgs<scalar_t>& a, const Planes& pl, Tile<scalar_t>& tl,
+                 at::opmath_type<scalar_t>* loss_out) {
   using IO = PlaneIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
@@ -223,12 +224,12 @@ void binary_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_type
   for (int64_t k = 0; k < L; ++k) yf[k] = static_cast<acc_t>(tl.y[k]);
   const V yv = V::loadu(yf);
   V lacc(0);
-  const bool more = tl.p0 + L < a.S;
+  const bool more = tl.p0 + L < pl.S;
   for (int64_t c = 0; c < C; ++c) {
-    if (more) __builtin_prefetch(tl.x + c * a.x_cstride + L);
-    const V xv = load_lanes<IO>(tl.x + c * a.x_cstride, m);
+    if (more) __builtin_prefetch(tl.x + c * pl.x_cstride + L);
+    const V xv = load_lanes<IO>(tl.x + c * pl.x_cstride, m);
     const V tv =
-        kHard ? V(acc_t(1)) & (yv == V(static_cast<acc_t>(c))) : load_lanes<IO>(tl.t + c * a.t_cstride, m);
+        kHard ? V(acc_t(1)) & (yv == V(static_cast<acc_t>(c))) : load_lanes<IO>(tl.t + c * pl.t_cstride, m);
     V lv, dv;
     binary_term<kFocal, kGrad>(xv, tv, gamma, lv, dv, pow_k);
     if (alpha >= 0) {
@@ -238,8 +239,8 @@ void binary_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_type
     }
     lacc = lacc + lv;
     if constexpr (kGrad) {
-      if (more) __builtin_prefetch(tl.g + c * a.S + L, 1);
-      store_lanes<IO>(tl.g + c * a.S, m, V::blendv(V(0), dv * gs, live_mask));
+      if (more) __builtin_prefetch(tl.g + c * pl.S + L, 1);
+      store_lanes<IO>(tl.g + c * pl.S, m, V::blendv(V(0), dv * gs, live_mask));
     }
   }
   V::blendv(V(0), sv * lacc, live_mask).store(loss_out);
@@ -247,11 +248,12 @@ void binary_tile(const RowArgs<scalar_t>& a, Tile<scalar_t>& tl, at::opmath_type
 
 // Tiles per chunk: about kChunkElems logits, independent of the thread count.
 template <typename scalar_t, typename TileFn>
-std::pair<double, double> run_tiles(const RowArgs<scalar_t>& a, bool grad, const TileFn& tile_fn) {
+std::pair<double, double> run_tiles(const RowArgs<scalar_t>& a, const Planes& pl, bool grad,
+                                    const TileFn& tile_fn) {
   using IO = PlaneIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   constexpr int64_t L = IO::kLanes;
-  const int64_t S = a.S, samples = S > 0 ? a.N / S : 0;
+  const int64_t S = pl.S, samples = S > 0 ? a.N / S : 0;
   const int64_t per_sample = (S + L - 1) / L;
   const int64_t tiles = samples * per_sample;
   const int64_t tiles_per_chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(a.C * L, 1));
@@ -295,30 +297,31 @@ std::pair<double, double> run_tiles(const RowArgs<scalar_t>& a, bool grad, const
 }  // namespace
 
 template <typename scalar_t>
-std::pair<double, double> softmax_family_planes(const RowArgs<scalar_t>& a, bool focal, bool grad,
-                                                bool hard) {
+std::pair<double, double> softmax_family_planes(const RowArgs<scalar_t>& a, const Planes& pl, bool focal,
+                                                bool grad, bool hard) {
   return with_flags(focal, grad, hard, [&](auto focal_c, auto grad_c, auto hard_c) {
     constexpr bool kF = decltype(focal_c)::value, kG = decltype(grad_c)::value, kH = decltype(hard_c)::value;
-    return run_tiles(a, kG, [&](Tile<scalar_t>& tl, auto* park, auto* loss) {
-      tile_targets<scalar_t, kH>(a, tl);
-      softmax_tile<scalar_t, kF, kG, kH>(a, tl, park, loss);
+    return run_tiles(a, pl, kG, [&](Tile<scalar_t>& tl, auto* park, auto* loss) {
+      tile_targets<scalar_t, kH>(a, pl, tl);
+      softmax_tile<scalar_t, kF, kG, kH>(a, pl, tl, park, loss);
     });
   });
 }
 
 template <typename scalar_t>
-std::pair<double, double> binary_family_planes(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard) {
+std::pair<double, double> binary_family_planes(const RowArgs<scalar_t>& a, const Planes& pl, bool focal,
+                                               bool grad, bool hard) {
   return with_flags(focal, grad, hard, [&](auto focal_c, auto grad_c, auto hard_c) {
     constexpr bool kF = decltype(focal_c)::value, kG = decltype(grad_c)::value, kH = decltype(hard_c)::value;
-    return run_tiles(a, kG, [&](Tile<scalar_t>& tl, auto*, auto* loss) {
-      tile_targets<scalar_t, kH>(a, tl);
-      binary_tile<scalar_t, kF, kG, kH>(a, tl, loss);
+    return run_tiles(a, pl, kG, [&](Tile<scalar_t>& tl, auto*, auto* loss) {
+      tile_targets<scalar_t, kH>(a, pl, tl);
+      binary_tile<scalar_t, kF, kG, kH>(a, pl, tl, loss);
     });
   });
 }
 
-CBFUSED_FOR_EACH_DTYPE(CBFUSED_FAMILY_ROWS, softmax_family_planes)
-CBFUSED_FOR_EACH_DTYPE(CBFUSED_FAMILY_ROWS, binary_family_planes)
+CBFUSED_FOR_EACH_DTYPE(CBFUSED_FAMILY_PLANES, softmax_family_planes)
+CBFUSED_FOR_EACH_DTYPE(CBFUSED_FAMILY_PLANES, binary_family_planes)
 
 }  // namespace cpu
 }  // namespace cbfused
