@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -142,6 +143,23 @@ inline bool row_target(const Args<scalar_t>& a, int64_t i, const scalar_t* t, sc
   return true;
 }
 
+// Runs chunk(c) -> {loss, denominator} for c in [0, chunks) on the threads and adds the
+// results in chunk order: with chunks of a fixed size the totals do not depend on the
+// thread count. Each chunk sums in double: a mean can be in range while the float sum is not.
+template <typename ChunkFn>
+std::pair<double, double> sum_chunks(int64_t chunks, const ChunkFn& chunk) {
+  std::vector<double> loss_part(chunks, 0.0), denom_part(chunks, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) std::tie(loss_part[c], denom_part[c]) = chunk(c);
+  });
+  double l = 0, d = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    l += loss_part[c];
+    d += denom_part[c];
+  }
+  return {l, d};
+}
+
 // Runs `rows(i0, i1, out)` over all N rows in fixed chunks, `group` rows (at most
 // kMaxGroup) a call, each filling out[0 .. i1 - i0). Writes the per-row loss when
 // `per_row` is given; returns the totals of loss and denominator.
@@ -150,32 +168,21 @@ std::pair<double, double> run_row_groups(int64_t N, int64_t C, int64_t group, sc
                                          const RowsFn& rows) {
   const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(C, 1));
   const int64_t chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
-  std::vector<double> loss_part(chunks, 0.0), denom_part(chunks, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t i0 = c * rows_per_chunk, i1 = std::min(N, i0 + rows_per_chunk);
-      // Sums across rows in double: a mean can be in range while the float sum is not.
-      double l = 0, d = 0;
-      for (int64_t i = i0; i < i1; i += group) {
-        const int64_t e = std::min(i1, i + group);
-        RowOut<at::opmath_type<scalar_t>> out[kMaxGroup];
-        rows(i, e, out);
-        for (int64_t k = 0; k < e - i; ++k) {
-          if (per_row) per_row[i + k] = static_cast<scalar_t>(out[k].loss);
-          l += out[k].loss;
-          d += out[k].denom;
-        }
+  return sum_chunks(chunks, [&](int64_t c) {
+    const int64_t i0 = c * rows_per_chunk, i1 = std::min(N, i0 + rows_per_chunk);
+    double l = 0, d = 0;
+    for (int64_t i = i0; i < i1; i += group) {
+      const int64_t e = std::min(i1, i + group);
+      RowOut<at::opmath_type<scalar_t>> out[kMaxGroup];
+      rows(i, e, out);
+      for (int64_t k = 0; k < e - i; ++k) {
+        if (per_row) per_row[i + k] = static_cast<scalar_t>(out[k].loss);
+        l += out[k].loss;
+        d += out[k].denom;
       }
-      loss_part[c] = l;
-      denom_part[c] = d;
     }
+    return std::pair<double, double>{l, d};
   });
-  double l = 0, d = 0;
-  for (int64_t c = 0; c < chunks; ++c) {
-    l += loss_part[c];
-    d += denom_part[c];
-  }
-  return {l, d};
 }
 
 // run_row_groups for a function of one row.

@@ -258,40 +258,30 @@ std::pair<double, double> run_tiles(const RowArgs<scalar_t>& a, const Planes& pl
   const int64_t tiles = samples * per_sample;
   const int64_t tiles_per_chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(a.C * L, 1));
   const int64_t chunks = (tiles + tiles_per_chunk - 1) / tiles_per_chunk;
-  std::vector<double> loss_part(chunks, 0.0), denom_part(chunks, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  return sum_chunks(chunks, [&](int64_t ch) {
     thread_local std::vector<acc_t> park;  // a tile's C x kLanes values (softmax)
     if (static_cast<int64_t>(park.size()) < a.C * L) park.resize(a.C * L);
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      double l = 0, d = 0;
-      const int64_t e = std::min(tiles, (ch + 1) * tiles_per_chunk);
-      for (int64_t i = ch * tiles_per_chunk; i < e; ++i) {
-        Tile<scalar_t> tl;
-        tl.n = i / per_sample;
-        tl.p0 = (i - tl.n * per_sample) * L;
-        tl.m = std::min(L, S - tl.p0);
-        tl.x = a.x + tl.n * a.x_stride + tl.p0;
-        if (a.t) tl.t = a.t + tl.n * a.t_stride + tl.p0;
-        if (grad) tl.g = a.grad + tl.n * a.C * S + tl.p0;
-        alignas(64) acc_t loss[L];
-        tile_fn(tl, park.data(), loss);
-        const int64_t r0 = tl.n * S + tl.p0;
-        for (int64_t k = 0; k < tl.m; ++k) {
-          if (a.per_row_out) a.per_row_out[r0 + k] = static_cast<scalar_t>(loss[k]);
-          l += loss[k];
-          d += tl.denom[k];
-        }
+    double l = 0, d = 0;
+    const int64_t e = std::min(tiles, (ch + 1) * tiles_per_chunk);
+    for (int64_t i = ch * tiles_per_chunk; i < e; ++i) {
+      Tile<scalar_t> tl;
+      tl.n = i / per_sample;
+      tl.p0 = (i - tl.n * per_sample) * L;
+      tl.m = std::min(L, S - tl.p0);
+      tl.x = a.x + tl.n * a.x_stride + tl.p0;
+      if (a.t) tl.t = a.t + tl.n * a.t_stride + tl.p0;
+      if (grad) tl.g = a.grad + tl.n * a.C * S + tl.p0;
+      alignas(64) acc_t loss[L];
+      tile_fn(tl, park.data(), loss);
+      const int64_t r0 = tl.n * S + tl.p0;
+      for (int64_t k = 0; k < tl.m; ++k) {
+        if (a.per_row_out) a.per_row_out[r0 + k] = static_cast<scalar_t>(loss[k]);
+        l += loss[k];
+        d += tl.denom[k];
       }
-      loss_part[ch] = l;
-      denom_part[ch] = d;
     }
+    return std::pair<double, double>{l, d};
   });
-  double l = 0, d = 0;
-  for (int64_t ch = 0; ch < chunks; ++ch) {
-    l += loss_part[ch];
-    d += denom_part[ch];
-  }
-  return {l, d};
 }
 
 }  // namespace
