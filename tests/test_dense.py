@@ -9,7 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from testing import BINARY_FAMILY, DTYPES, LOSS_TYPES, SOFTMAX_FAMILY, assert_close_scaled, make_counts
+from testing import (
+    BINARY_FAMILY,
+    DTYPES,
+    LOSS_TYPES,
+    SOFTMAX_FAMILY,
+    assert_bitwise_across_threads,
+    assert_close_scaled,
+    make_counts,
+)
 
 import cbfused
 from cbfused import reference as R
@@ -256,22 +264,12 @@ def test_bitwise_across_threads_planes(loss_type, kind):
     x, y = make_dense((3, 21, 37, 41), torch.float32, kind, loss_type, seed=7)  # many chunks of tiles
     w = cbfused.class_balanced_weights(make_counts(21), 0.999)
     ignore = IGNORE if kind == "hard" else -100
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 4):
-            torch.set_num_threads(threads)
-            xi = x.clone().requires_grad_()
-            loss = cbfused.class_balanced_loss(
-                xi, y, weights=w, loss_type=loss_type, gamma=0.5, ignore_index=ignore
-            )
-            loss.backward()
-            results.append((loss.detach(), xi.grad))
-    finally:
-        torch.set_num_threads(before)
-    for loss, grad in results[1:]:
-        assert torch.equal(loss, results[0][0])
-        assert torch.equal(grad, results[0][1])
+    assert_bitwise_across_threads(
+        lambda xi: cbfused.class_balanced_loss(
+            xi, y, weights=w, loss_type=loss_type, gamma=0.5, ignore_index=ignore
+        ),
+        x,
+    )
 
 
 def test_ignored_positions_get_zero_gradient_even_with_nonfinite_logits():

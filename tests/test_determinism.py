@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from testing import LOSS_TYPES, make_counts, make_inputs
+from testing import LOSS_TYPES, assert_bitwise_across_threads, make_counts, make_inputs
 
 import cbfused
 
@@ -16,17 +16,8 @@ import cbfused
 def test_bitwise_across_threads_and_calls(loss_type, kind, dtype):
     x, y = make_inputs(3001, 97, dtype, "cpu", kind, loss_type, seed=7)  # ~18 chunks
     w = cbfused.class_balanced_weights(make_counts(97), 0.999)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 4, 2):
-            torch.set_num_threads(threads)
-            xi = x.clone().requires_grad_()
-            loss = cbfused.class_balanced_loss(xi, y, weights=w, loss_type=loss_type, gamma=0.5)
-            loss.backward()
-            results.append((loss.detach(), xi.grad))
-    finally:
-        torch.set_num_threads(before)
-    for loss, grad in results[1:]:
-        assert torch.equal(loss, results[0][0])
-        assert torch.equal(grad, results[0][1])
+    assert_bitwise_across_threads(
+        lambda xi: cbfused.class_balanced_loss(xi, y, weights=w, loss_type=loss_type, gamma=0.5),
+        x,
+        (1, 2, 4, 2),
+    )

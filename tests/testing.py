@@ -48,6 +48,24 @@ def assert_close_scaled(
     torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * scale + 1e-300)
 
 
+def assert_bitwise_across_threads(loss_fn, x: torch.Tensor, thread_counts=(1, 2, 4)) -> None:
+    """loss_fn(x) and its gradient are bit for bit the same under each of thread_counts."""
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            xi = x.clone().requires_grad_()
+            loss = loss_fn(xi)
+            loss.backward()
+            results.append((loss.detach(), xi.grad))
+    finally:
+        torch.set_num_threads(before)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0])
+        assert torch.equal(grad, results[0][1])
+
+
 def make_counts(c: int, seed: int = 0, n_max: int = 5000, imbalance: float = 100.0) -> torch.Tensor:
     """Long-tailed counts n_i = n_max * IF^(-i / (C - 1)), shuffled."""
     g = torch.Generator().manual_seed(seed)
