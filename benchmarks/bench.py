@@ -67,6 +67,9 @@ DENSE_LAYOUTS = {"NCHW": torch.contiguous_format, "NHWC": torch.channels_last}
 # cells up to this many logits also time the functional entry points (report.ENTRY_POINTS)
 SMALL_CELL = 1 << 17
 ENTRY_COUNTS = "class_balanced_loss(samples_per_class)"
+SMOOTHING = 0.1
+OPT_SMOOTH = "cbfused label_smoothing=0.1"
+OPT_SMOOTH_CLASS = "cbfused label_smoothing=0.1, weighting=class"
 ENTRY_WEIGHTS = "class_balanced_loss(weights)"
 
 
@@ -323,6 +326,15 @@ def providers(case: Case) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     out["reference+compile"] = torch.compile(ref, dynamic=False)
     if k == "softmax":
         out["F.cross_entropy(weight)"] = lambda x: F.cross_entropy(x, y, weight=w_in)
+        # the label-smoothing options: their cost over plain "cbfused", and torch's own
+        for name, weighting in ((OPT_SMOOTH, "sample"), (OPT_SMOOTH_CLASS, "class")):
+            c_opt = cbfused.ClassBalancedLoss(
+                case.counts, beta=BETA, loss_type=k, label_smoothing=SMOOTHING, weighting=weighting
+            ).to(case.device)
+            out[name] = lambda x, c_opt=c_opt: c_opt(x, y)
+        out["F.cross_entropy(weight, label_smoothing)"] = lambda x: F.cross_entropy(
+            x, y, weight=w_in, label_smoothing=SMOOTHING
+        )
     if k == "sigmoid":
 
         def bce(x):

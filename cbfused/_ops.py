@@ -35,6 +35,7 @@ SOFTMAX_FAMILY: tuple[str, ...] = tuple(n for n, k in LOSS_KINDS.items() if k.fa
 BINARY_FAMILY: tuple[str, ...] = tuple(n for n, k in LOSS_KINDS.items() if k.family == "binary")
 FOCAL_KINDS: tuple[str, ...] = tuple(n for n, k in LOSS_KINDS.items() if k.focal)
 REDUCTIONS: dict[str, int] = dict(_C.reductions())
+WEIGHTINGS: dict[str, int] = dict(_C.weightings())
 _NONE = REDUCTIONS["none"]
 GRAD_NONE, GRAD_KEEP, GRAD_REUSE = 0, 1, 2
 DEFAULT_IGNORE_INDEX = -100
@@ -59,6 +60,9 @@ class LossOptions:
     reduction: str
     reduction_code: int
     ignore_index: int
+    label_smoothing: float = 0.0
+    weighting: str = "sample"
+    weighting_code: int = 0
 
 
 def loss_type_code(loss_type: str) -> int:
@@ -81,7 +85,30 @@ def check_gamma(gamma: float) -> float:
     return g
 
 
-def _check_options(loss_type, gamma, alpha, reduction, ignore_index) -> LossOptions:
+# The options softmax cross-entropy alone takes so far (the kernels of the other loss types
+# do not apply them yet): label smoothing and PyTorch's class weighting.
+SMOOTHING_KINDS: tuple[str, ...] = ("softmax",)
+
+
+def _check_smoothing(loss_type: str, label_smoothing, weighting) -> tuple[float, int]:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
+        raise TypeError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    eps = float(label_smoothing)
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if (eps != 0.0 or weighting != "sample") and loss_type not in SMOOTHING_KINDS:
+        raise ValueError(
+            f"label_smoothing and weighting='class' apply to loss_type in {list(SMOOTHING_KINDS)} only so far, "
+            f"got loss_type={loss_type!r} with label_smoothing={label_smoothing}, weighting={weighting!r}"
+        )
+    return eps, WEIGHTINGS[weighting]
+
+
+def _check_options(
+    loss_type, gamma, alpha, reduction, ignore_index, label_smoothing=0.0, weighting="sample"
+) -> LossOptions:
     code = loss_type_code(loss_type)
     red = reduction_code(reduction)
     g = check_gamma(gamma)
@@ -98,7 +125,8 @@ def _check_options(loss_type, gamma, alpha, reduction, ignore_index) -> LossOpti
     # any integer (numpy's too, as int() accepted before), not a bool or a float
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    return LossOptions(loss_type, code, g, a, reduction, red, int(ignore_index))
+    eps, wcode = _check_smoothing(loss_type, label_smoothing, weighting)
+    return LossOptions(loss_type, code, g, a, reduction, red, int(ignore_index), eps, weighting, wcode)
 
 
 # Options repeat call after call: validate each combination once (they are plain values).
@@ -106,17 +134,24 @@ _check_options_cached = functools.lru_cache(maxsize=256)(_check_options)
 
 
 def loss_options(
-    loss_type: str, gamma: float, alpha: float | None, reduction: str, ignore_index: int
+    loss_type: str,
+    gamma: float,
+    alpha: float | None,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float = 0.0,
+    weighting: str = "sample",
 ) -> LossOptions:
     """Validates the options of a class-balanced loss (ValueError / TypeError naming the value)."""
+    args = (loss_type, gamma, alpha, reduction, ignore_index, label_smoothing, weighting)
     if torch.compiler.is_compiling():  # dynamo traces the function, not the cache
-        return _check_options(loss_type, gamma, alpha, reduction, ignore_index)
+        return _check_options(*args)
     try:
-        return _check_options_cached(loss_type, gamma, alpha, reduction, ignore_index)
+        return _check_options_cached(*args)
     except TypeError as e:
         if "unhashable" not in str(e):
             raise
-        return _check_options(loss_type, gamma, alpha, reduction, ignore_index)
+        return _check_options(*args)
 
 
 def check_target_options(target: torch.Tensor, ignore_index: int) -> None:
@@ -158,7 +193,19 @@ def _reads_channels_last(logits: torch.Tensor) -> bool:
 
 
 @torch.library.register_fake("cbfused::cb_loss")
-def _cb_loss_fake(logits, target, class_weight, loss_type, gamma, alpha, reduction, ignore_index, grad_mode):
+def _cb_loss_fake(
+    logits,
+    target,
+    class_weight,
+    loss_type,
+    gamma,
+    alpha,
+    reduction,
+    ignore_index,
+    grad_mode,
+    label_smoothing=0.0,
+    weighting=0,
+):
     torch._check(
         logits.dim() >= 1,
         lambda: "cbfused: logits must be [N, C, d1, ..., dk] (class dimension 1) or [C], got a 0-d tensor",
@@ -200,6 +247,8 @@ def cb_loss(
         opts.reduction_code,
         opts.ignore_index,
         _grad_mode(logits),
+        opts.label_smoothing,
+        opts.weighting_code,
     )
     return loss
 

@@ -85,6 +85,8 @@ def class_balanced_loss(
     reduction: str = "mean",
     ignore_index: int = -100,
     zero_count: str = "error",
+    label_smoothing: float = 0.0,
+    weighting: str = "sample",
 ) -> torch.Tensor:
     r"""Class-balanced loss (Cui et al., CVPR 2019), fused: one pass computes the loss and,
     when autograd needs it, the gradient.
@@ -114,8 +116,15 @@ def class_balanced_loss(
             the authors' normalisation), ``"weighted_mean"`` (sum / sum of sample weights, as
             ``F.cross_entropy(weight=...)``), ``"sum"`` or ``"none"`` ([N, d1, ..., dk]).
         zero_count: policy for classes with no samples, see :func:`class_balanced_weights`.
+        label_smoothing: in [0, 1] (``"softmax"`` only): the targets become
+            ``(1 - eps) t + eps / C``, as ``F.cross_entropy(label_smoothing=eps)``.
+        weighting: how class weights apply to targets that are not one-hot (label smoothing,
+            soft labels; ``"softmax"`` only): ``"sample"`` (the paper's: the sample weight
+            :math:`s_i` times its whole loss) or ``"class"`` (PyTorch's: class term c times
+            :math:`w_c`; then the loss equals ``F.cross_entropy(weight=w, label_smoothing=eps)``
+            with ``reduction="weighted_mean"`` for class indices). docs/losses.md has the formulas.
     """
-    opts = _ops.loss_options(loss_type, gamma, alpha, reduction, ignore_index)
+    opts = _ops.loss_options(loss_type, gamma, alpha, reduction, ignore_index, label_smoothing, weighting)
     w = resolve_weights(logits, samples_per_class, weights, beta, zero_count)
     return _ops.cb_loss(logits, target, w, opts)
 

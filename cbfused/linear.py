@@ -36,6 +36,16 @@ def _cb_loss_op(*args):
     return torch.ops.cbfused.cb_loss.default(*args)
 
 
+def _chunk_op(f, weight, bias, target, class_weight, op: tuple, reduction: int, grad_mode: int):
+    """The fused kernel on one chunk's logits f @ weight.T + bias (freed on return);
+    op = (loss type, gamma, alpha, ignore_index, label_smoothing, weighting code)."""
+    logits = torch.addmm(bias, f, weight.t()) if bias is not None else f @ weight.t()
+    lt, gamma, alpha, ignore_index, eps, wcode = op
+    return _cb_loss_op(
+        logits, target, class_weight, lt, gamma, alpha, reduction, ignore_index, grad_mode, eps, wcode
+    )
+
+
 # Chunk size: at least 8 MiB of logits (2^21 float32 / 2^22 bfloat16 elements) and at least
 # _MIN_CHUNK_ROWS rows. Every chunk streams the C x H float32 grad_weight accumulator once
 # (and, for bf16 on the CPU, a bf16 C x H product: torch has no bf16 x bf16 -> fp32 matmul
@@ -146,13 +156,27 @@ def _hand_over(ctx, go: torch.Tensor) -> list[torch.Tensor | None]:
 class _LinearCBLoss(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, features, weight, bias, target, class_weight, lt, gamma, alpha, reduction, ignore_index, rows
+        ctx,
+        features,
+        weight,
+        bias,
+        target,
+        class_weight,
+        lt,
+        gamma,
+        alpha,
+        reduction,
+        ignore_index,
+        rows,
+        eps,
+        wcode,
     ):
         n, _h = features.shape
         c = weight.shape[0]
         need = ctx.needs_input_grad
         want_grad = any(need[:3])
         ctx.reduction = reduction
+        op = (lt, gamma, alpha, ignore_index, eps, wcode)
         d = _denominator(target, class_weight, reduction, ignore_index)
         inv = (
             None
@@ -164,24 +188,11 @@ class _LinearCBLoss(torch.autograd.Function):
             out = features.new_empty((n,))
             for i in range(0, n, rows):
                 j = min(n, i + rows)
-                logits = (
-                    torch.addmm(bias, features[i:j], weight.t())
-                    if bias is not None
-                    else features[i:j] @ weight.t()
-                )
-                out[i:j] = _cb_loss_op(
-                    logits,
-                    target[i:j],
-                    class_weight,
-                    lt,
-                    gamma,
-                    alpha,
-                    _ops.REDUCTIONS["none"],
-                    ignore_index,
-                    0,
+                out[i:j] = _chunk_op(
+                    features[i:j], weight, bias, target[i:j], class_weight, op, _ops.REDUCTIONS["none"], 0
                 )[0]
             ctx.save_for_backward(features, weight, bias, target, class_weight)
-            ctx.args = (lt, gamma, alpha, ignore_index, rows)
+            ctx.args = (op, rows)
             return out
         acc = torch.float64 if features.dtype == torch.float64 else torch.float32
         total = torch.zeros((), dtype=acc, device=features.device)
@@ -200,11 +211,7 @@ class _LinearCBLoss(torch.autograd.Function):
         for i in range(0, n, rows):
             j = min(n, i + rows)
             f = features[i:j]
-            logits = torch.addmm(bias, f, weight.t()) if bias is not None else f @ weight.t()
-            loss, g, _ = _cb_loss_op(
-                logits, target[i:j], class_weight, lt, gamma, alpha, _SUM, ignore_index, grad_mode
-            )
-            del logits
+            loss, g, _ = _chunk_op(f, weight, bias, target[i:j], class_weight, op, _SUM, grad_mode)
             total += loss.to(acc)
             if grad_mode:
                 if inv is not None:
@@ -230,9 +237,9 @@ class _LinearCBLoss(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("cbfused: linear_class_balanced_loss supports first derivatives only")
         if ctx.reduction != "none":
-            return (*_hand_over(ctx, go), *[None] * 8)
+            return (*_hand_over(ctx, go), *[None] * 10)
         features, weight, bias, target, class_weight = ctx.saved_tensors
-        lt, gamma, alpha, ignore_index, rows = ctx.args
+        op, rows = ctx.args
         need = ctx.needs_input_grad
         n = features.shape[0]
         acc = torch.float64 if features.dtype == torch.float64 else torch.float32
@@ -246,17 +253,13 @@ class _LinearCBLoss(torch.autograd.Function):
         for i in range(0, n, rows):
             j = min(n, i + rows)
             f = features[i:j]
-            logits = torch.addmm(bias, f, weight.t()) if bias is not None else f @ weight.t()
-            _, g, _ = _cb_loss_op(
-                logits, target[i:j], class_weight, lt, gamma, alpha, _ops.REDUCTIONS["none"], ignore_index, 1
-            )
-            del logits
+            _, g, _ = _chunk_op(f, weight, bias, target[i:j], class_weight, op, _ops.REDUCTIONS["none"], 1)
             g.mul_(go[i:j].unsqueeze(1).to(g.dtype))
             if gf is not None:
                 torch.mm(g, weight, out=gf[i:j])
             _accumulate(gw, gb, g, f)
         grads = (gf, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype))
-        return (*grads, *[None] * 8)
+        return (*grads, *[None] * 10)
 
 
 def linear_class_balanced_loss(
@@ -274,6 +277,8 @@ def linear_class_balanced_loss(
     ignore_index: int = -100,
     zero_count: str = "error",
     chunk_rows: int | None = None,
+    label_smoothing: float = 0.0,
+    weighting: str = "sample",
 ) -> torch.Tensor:
     """``class_balanced_loss(features @ weight.T + bias, target, ...)`` without materialising the
     [N, C] logits: see the module docstring. ``features`` [N, H], ``weight`` [C, H], ``bias``
@@ -296,7 +301,7 @@ def linear_class_balanced_loss(
     cw = resolve_weights(features, samples_per_class, weights, beta, zero_count)
     if cw.shape != (c,):
         raise ValueError(f"class weights must have shape [{c}], got {list(cw.shape)}")
-    o = _ops.loss_options(loss_type, gamma, alpha, reduction, ignore_index)
+    o = _ops.loss_options(loss_type, gamma, alpha, reduction, ignore_index, label_smoothing, weighting)
     _ops.check_target_options(target, ignore_index)
     n = features.shape[0]
     rows = chunk_rows if chunk_rows is not None else auto_chunk_rows(n, features.shape[1], c, features.dtype)
@@ -304,7 +309,19 @@ def linear_class_balanced_loss(
         raise ValueError(f"chunk_rows must be >= 1, got {rows}")
     target = target.long() if not target.is_floating_point() else target
     return _LinearCBLoss.apply(
-        features, weight, bias, target, cw, o.code, o.gamma, o.alpha, o.reduction, o.ignore_index, rows
+        features,
+        weight,
+        bias,
+        target,
+        cw,
+        o.code,
+        o.gamma,
+        o.alpha,
+        o.reduction,
+        o.ignore_index,
+        rows,
+        o.label_smoothing,
+        o.weighting_code,
     )
 
 
@@ -335,9 +352,11 @@ class ClassBalancedLinearLoss(nn.Module):
         chunk_rows: int | None = None,
         device=None,
         dtype=None,
+        label_smoothing: float = 0.0,
+        weighting: str = "sample",
     ) -> None:
         super().__init__()
-        _ops.loss_options(loss_type, gamma, alpha, reduction, ignore_index)
+        _ops.loss_options(loss_type, gamma, alpha, reduction, ignore_index, label_smoothing, weighting)
         cw = class_balanced_weights(samples_per_class, check_beta(beta), zero_count=zero_count)
         self.register_buffer("class_weight", cw)
         self.linear = nn.Linear(in_features, cw.numel(), bias=bias, device=device, dtype=dtype)
@@ -348,6 +367,7 @@ class ClassBalancedLinearLoss(nn.Module):
         self.loss_type, self.gamma, self.alpha = loss_type, float(gamma), alpha
         self.reduction, self.ignore_index, self.chunk_rows = reduction, ignore_index, chunk_rows
         self.beta = beta
+        self.label_smoothing, self.weighting = float(label_smoothing), weighting
 
     def _apply(self, fn, recurse=True):
         return apply_keeping_dtype(self, "class_weight", super()._apply, fn, recurse)
@@ -376,6 +396,8 @@ class ClassBalancedLinearLoss(nn.Module):
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             chunk_rows=self.chunk_rows,
+            label_smoothing=self.label_smoothing,
+            weighting=self.weighting,
         )
 
     def extra_repr(self) -> str:

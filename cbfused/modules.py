@@ -10,6 +10,8 @@ from .weights import CountsLike, check_beta, class_balanced_weights
 
 __all__ = ["ClassBalancedLoss"]
 
+_OPTION_NAMES = ("loss_type", "gamma", "alpha", "reduction", "ignore_index", "label_smoothing", "weighting")
+
 
 def _check_epoch(epoch, name: str) -> int:
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
@@ -60,9 +62,13 @@ class ClassBalancedLoss(nn.Module):
         zero_count: str = "error",
         weights: torch.Tensor | CountsLike | None = None,
         drw_epoch: int | None = None,
+        label_smoothing: float = 0.0,
+        weighting: str = "sample",
     ) -> None:
         super().__init__()
-        self._opts = _ops.loss_options(loss_type, gamma, alpha, reduction, ignore_index)
+        self._opts = _ops.loss_options(
+            loss_type, gamma, alpha, reduction, ignore_index, label_smoothing, weighting
+        )
         if (samples_per_class is None) == (weights is None):
             raise ValueError("give exactly one of samples_per_class (with beta) or weights")
         if weights is None:
@@ -96,7 +102,7 @@ class ClassBalancedLoss(nn.Module):
             return None if name == "alpha" and v < 0 else v
 
         def set_(self, value):
-            o = {f: getattr(self, f) for f in ("loss_type", "gamma", "alpha", "reduction", "ignore_index")}
+            o = {f: getattr(self, f) for f in _OPTION_NAMES}
             o[name] = value
             self._opts = _ops.loss_options(**o)
 
@@ -107,6 +113,8 @@ class ClassBalancedLoss(nn.Module):
     alpha = _option("alpha")
     reduction = _option("reduction")
     ignore_index = _option("ignore_index")
+    label_smoothing = _option("label_smoothing")
+    weighting = _option("weighting")
     del _option
 
     def _apply(self, fn, recurse=True):
@@ -129,6 +137,10 @@ class ClassBalancedLoss(nn.Module):
         if self.alpha is not None:
             parts.append(f"alpha={self.alpha}")
         parts.append(f"reduction={self.reduction!r}")
+        if self.label_smoothing:
+            parts.append(f"label_smoothing={self.label_smoothing}")
+        if self.weighting != "sample":
+            parts.append(f"weighting={self.weighting!r}")
         if self.drw_epoch is not None:
             parts.append(f"drw_epoch={self.drw_epoch}, epoch={self.epoch}")
         return ", ".join(parts)

@@ -59,25 +59,52 @@ def class_balanced_loss(
     reduction: str = "mean",
     ignore_index: int = -100,
     compute_dtype: torch.dtype = torch.float64,
+    label_smoothing: float = 0.0,
+    weighting: str = "sample",
 ) -> torch.Tensor:
     """Reference class-balanced loss (see ``cbfused.class_balanced_loss``). Logits
-    [N, C, d1, ..., dk] and [C] are computed as the rows of [N * d1 * ... * dk, C]."""
+    [N, C, d1, ..., dk] and [C] are computed as the rows of [N * d1 * ... * dk, C].
+
+    Label smoothing and the class-weighting rule (softmax): the row's target distribution is
+    ``t' = (1 - eps) t + eps / C`` (zero for an ignored sample), and its loss
+    ``-sum_c e_c log p_c`` with ``e = s t'`` ('sample') or ``e = w * t'`` ('class')."""
     if logits.dim() != 2:
         x2, t2, out_shape = _as_rows(logits, target)
         out = class_balanced_loss(
-            x2, t2, weights, loss_type, gamma, alpha, reduction, ignore_index, compute_dtype
+            x2,
+            t2,
+            weights,
+            loss_type,
+            gamma,
+            alpha,
+            reduction,
+            ignore_index,
+            compute_dtype,
+            label_smoothing,
+            weighting,
         )
         return out.reshape(out_shape) if reduction == "none" else out
     x = logits.to(compute_dtype)
     w = weights.to(device=x.device, dtype=compute_dtype)
     t, s, valid = _targets(x, target, w, ignore_index)
+    smoothed = label_smoothing != 0 or weighting != "sample"
+    if smoothed and loss_type != "softmax":
+        raise ValueError(f"label_smoothing / weighting apply to 'softmax' only, not {loss_type!r}")
     if loss_type in SOFTMAX_FAMILY:
         logp = F.log_softmax(x, dim=1)
-        if loss_type == "softmax":
+        if smoothed:
+            live = torch.ones_like(s) if valid is None else valid.to(x.dtype)
+            t_s = (1 - label_smoothing) * t + label_smoothing / x.shape[1] * live.unsqueeze(1)
+            e = w * t_s if weighting == "class" else s.unsqueeze(1) * t_s
+            per = -(e * logp).sum(1)
+            scale = torch.ones_like(s)  # e carries the weights
+        elif loss_type == "softmax":
             per = -(t * logp).sum(1)
+            scale = s
         else:
             one_minus_p = -torch.expm1(logp)
             per = (t * one_minus_p.pow(gamma) * -logp).sum(1)
+            scale = s
     elif loss_type in BINARY_FAMILY:
         bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
         if loss_type == "focal":
@@ -85,9 +112,10 @@ def class_balanced_loss(
         if alpha is not None:
             bce = (alpha * t + (1 - alpha) * (1 - t)) * bce
         per = bce.sum(1)
+        scale = s
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
-    loss = s * per
+    loss = scale * per
     if reduction == "none":
         out = loss
     elif reduction == "sum":

@@ -112,17 +112,18 @@ at::Tensor scale_on_device(const at::Tensor& grad, const at::Tensor& g_loss, con
 
 using CbLossFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                 const at::Tensor&, int64_t, double, double,
-                                                                int64_t, int64_t, int64_t);
+                                                                int64_t, int64_t, int64_t, double, int64_t);
 
 class CbLossFunction : public torch::autograd::Function<CbLossFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
                                const at::Tensor& class_weight, int64_t loss_type, double gamma, double alpha,
-                               int64_t reduction, int64_t ignore_index, int64_t grad_mode) {
+                               int64_t reduction, int64_t ignore_index, int64_t grad_mode,
+                               double label_smoothing, int64_t weighting) {
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("cbfused::cb_loss", "").typed<CbLossFn>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, grad, grad_scale] =
-        op.call(logits, target, class_weight, loss_type, gamma, alpha, reduction, ignore_index, grad_mode);
+    auto [loss, grad, grad_scale] = op.call(logits, target, class_weight, loss_type, gamma, alpha, reduction,
+                                            ignore_index, grad_mode, label_smoothing, weighting);
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["grad_mode"] = grad_mode;
     ctx->save_for_backward({grad, grad_scale});
@@ -132,7 +133,7 @@ class CbLossFunction : public torch::autograd::Function<CbLossFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(9);  // undefined: no gradient for the non-tensor / non-differentiable inputs
+    variable_list out(11);  // undefined: no gradient for the non-tensor / non-differentiable inputs
     const at::Tensor& g_loss = grads[0];
     if (!g_loss.defined()) return out;
     const int64_t grad_mode = ctx->saved_data["grad_mode"].toInt();
@@ -163,9 +164,10 @@ class CbLossFunction : public torch::autograd::Function<CbLossFunction> {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_autograd(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& class_weight, int64_t loss_type,
-    double gamma, double alpha, int64_t reduction, int64_t ignore_index, int64_t grad_mode) {
+    double gamma, double alpha, int64_t reduction, int64_t ignore_index, int64_t grad_mode,
+    double label_smoothing, int64_t weighting) {
   auto r = CbLossFunction::apply(logits, target, class_weight, loss_type, gamma, alpha, reduction,
-                                 ignore_index, grad_mode);
+                                 ignore_index, grad_mode, label_smoothing, weighting);
   return {r[0], r[1], r[2]};
 }
 

@@ -94,8 +94,17 @@ bool dense_channels_last(const at::Tensor& t) { return t.stride(1) == 1 && t.mov
 }  // namespace
 
 CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& class_weight,
-                         int64_t loss_type, double gamma, double alpha, int64_t reduction) {
+                         int64_t loss_type, double gamma, double alpha, int64_t reduction,
+                         double label_smoothing, int64_t weighting) {
   TORCH_CHECK(valid_loss_type(loss_type), "cbfused: unknown loss type code ", loss_type);
+  TORCH_CHECK(valid_weighting(weighting), "cbfused: unknown weighting code ", weighting);
+  TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1,
+              "cbfused: label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(
+      (label_smoothing == 0 && weighting == kSampleWeighting) || loss_type == kSoftmax,
+      "cbfused: label_smoothing and weighting='class' apply to loss_type 'softmax' only (not built for '",
+      loss_kind(loss_type).name, "' yet), got label_smoothing=", label_smoothing, " and weighting='",
+      kWeightings[weighting].name, "'");
   check_common(gamma, reduction);
   TORCH_CHECK(std::isfinite(alpha) && alpha <= 1,
               "cbfused: alpha must be in [0, 1] (or negative to disable), got ", alpha);

@@ -47,10 +47,12 @@ static PyObject* loss_kinds(PyObject*, PyObject*) {
   return out;
 }
 
-static PyObject* reductions(PyObject*, PyObject*) {
+// A {name: code} dict of a kinds.h table of named codes.
+template <typename Table>
+static PyObject* name_codes(const Table& table) {
   PyObject* out = PyDict_New();
   if (!out) return nullptr;
-  for (const auto& r : cbfused::kReductions) {
+  for (const auto& r : table) {
     PyObject* v = PyLong_FromLongLong(r.code);
     if (!v || PyDict_SetItemString(out, r.name, v) < 0) {
       Py_XDECREF(v);
@@ -61,6 +63,9 @@ static PyObject* reductions(PyObject*, PyObject*) {
   }
   return out;
 }
+
+static PyObject* reductions(PyObject*, PyObject*) { return name_codes(cbfused::kReductions); }
+static PyObject* weightings(PyObject*, PyObject*) { return name_codes(cbfused::kWeightings); }
 
 // The ISAs the running CPU executes, from DEFAULT up.
 static PyObject* cpu_capabilities_supported(PyObject*, PyObject*) {
@@ -98,6 +103,8 @@ static PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "How this extension was built."},
     {"loss_kinds", loss_kinds, METH_NOARGS, "The loss kinds of csrc/cbfused/kinds.h."},
     {"reductions", reductions, METH_NOARGS, "The reductions of csrc/cbfused/kinds.h (name -> code)."},
+    {"weightings", weightings, METH_NOARGS,
+     "The class-weighting rules of csrc/cbfused/kinds.h (name -> code)."},
     {nullptr, nullptr, 0, nullptr}};
 
 extern "C" PyObject* PyInit__C(void) {

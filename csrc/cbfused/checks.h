@@ -34,8 +34,10 @@ struct CbLossPlan {
 // Validates the arguments of cbfused::cb_loss and normalises the layouts the
 // kernels accept (unit stride along classes, int64 targets, weights in the
 // accumulation type).
+// label_smoothing / weighting: softmax cross-entropy's options (schemas.h), checked here.
 CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& class_weight,
-                         int64_t loss_type, double gamma, double alpha, int64_t reduction);
+                         int64_t loss_type, double gamma, double alpha, int64_t reduction,
+                         double label_smoothing = 0, int64_t weighting = 0);
 
 // The op's outputs: loss ([] or loss_shape), grad (the logits' shape, or [0]), inv_norm ([]).
 struct CbLossOutputs {

@@ -43,6 +43,19 @@ inline constexpr ReductionKind kReductions[] = {
     {kNone, "none"}, {kSum, "sum"}, {kMean, "mean"}, {kWeightedMean, "weighted_mean"}};
 inline constexpr int64_t kNumReductions = sizeof(kReductions) / sizeof(kReductions[0]);
 
+// How class weights apply once targets are not one-hot (label smoothing, soft labels):
+// the paper's rule, the sample's weight s times its whole loss, or PyTorch's, class term c
+// times w_c (F.cross_entropy(weight=w)).
+enum Weighting : int64_t { kSampleWeighting = 0, kClassWeighting = 1 };
+
+struct WeightingKind {
+  Weighting code;
+  const char* name;
+};
+
+inline constexpr WeightingKind kWeightings[] = {{kSampleWeighting, "sample"}, {kClassWeighting, "class"}};
+constexpr bool valid_weighting(int64_t code) { return code == kSampleWeighting || code == kClassWeighting; }
+
 constexpr bool valid_loss_type(int64_t code) { return code >= 0 && code < kNumLossKinds; }
 constexpr bool valid_reduction(int64_t code) { return code >= 0 && code < kNumReductions; }
 

@@ -279,6 +279,35 @@ CBF_HD SoftmaxRow<T> softmax_soft_row(T s, T t_sum, T log_sum, T tx) {
   return {s * (t_sum * log_sum - tx), s * t_sum, T(0)};
 }
 
+// Label smoothing and the class-weighting rule of softmax cross-entropy (docs/losses.md,
+// "Label smoothing and class weighting"). The row's effective target is
+//   e_c = a_c (P t_c + Q),  a_c = 1 ('sample': the paper's rule, s scales the whole row)
+//                           or w_c ('class': PyTorch's, class term c weighted by w_c),
+// t the one-hot or float target, and
+//   sample:  P = s (1 - eps),  Q = s eps / C;     class:  P = 1 - eps,  Q = eps / C.
+// With E = sum_c e_c = P sum_c a_c t_c + Q A (A = sum_c a_c) and
+// tx = sum_c e_c (x_c - max) = P sum_c a_c t_c (x_c - max) + Q sum_c a_c (x_c - max):
+//   loss = E log sum - tx  (softmax_soft_row with s = 1: two terms of one sign),
+//   grad_k = E p_k - e_k.
+// For a hard target y the target class's gradient is written without the cancellation of
+// E p_y - e_y as p_y -> 1:  grad_y = -P a_y (1 - p_y) + Q (A p_y - a_y).
+template <typename T>
+struct SmoothCoef {
+  T P, Q;
+};
+
+template <typename T, typename A>
+CBF_HD SmoothCoef<T> smooth_coef(T s, A eps, A C, bool class_weighting) {
+  const T keep(A(1) - eps), spread(eps / C);
+  if (class_weighting) return {keep, spread};
+  return {s * keep, s * spread};
+}
+
+template <typename T>
+CBF_HD T smooth_grad_y(const SmoothCoef<T>& k, T a_y, T A, T q) {
+  return -k.P * a_y * q + k.Q * (A * (T(1) - q) - a_y);
+}
+
 // gamma as a small integer (0..8) when it is one, else -1: with hard (0 / 1) targets the
 // focal modulator is then a product (binary_term's pow_k).
 CBF_HD int small_integer_gamma(double gamma) {

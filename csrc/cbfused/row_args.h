@@ -53,6 +53,16 @@ inline Planes make_planes(const CbLossPlan& plan) {
   return pl;
 }
 
+// Label smoothing and the class-weighting rule of softmax cross-entropy (math.h,
+// smooth_coef) beside RowArgs, like Planes: only the softmax kernels take it.
+struct Smoothing {
+  double eps = 0;                // label smoothing in [0, 1]
+  bool class_weighting = false;  // PyTorch's rule: class term c weighted by w_c
+  // Whether the row math differs from the plain rule: for a one-hot target the two
+  // weighting rules coincide when eps = 0.
+  bool active(bool hard) const { return eps > 0 || (class_weighting && !hard); }
+};
+
 template <typename scalar_t>
 RowArgs<scalar_t> make_row_args(const CbLossPlan& plan, CbLossOutputs& out, double gamma, double alpha,
                                 int64_t reduction, int64_t ignore_index, bool compute_grad) {

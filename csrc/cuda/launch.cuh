@@ -33,8 +33,8 @@ inline int flat_rows_per_tile(int64_t C) {
   return static_cast<int>(std::min<int64_t>(kBlock, (kFlatTile / C) / 8 * 8));
 }
 
-template <typename scalar_t, int kLoss, bool kHard>
-void launch_rows(const RowArgs<scalar_t>& a, const Planes& pl, Stream stream) {
+template <typename scalar_t, int kLoss, bool kHard, bool kSmooth = false>
+void launch_rows(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm, Stream stream) {
   if (a.N == 0) return;
   constexpr bool kBinary = !is_softmax_family(kLoss);
   constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
@@ -42,12 +42,12 @@ void launch_rows(const RowArgs<scalar_t>& a, const Planes& pl, Stream stream) {
     const int64_t blocks = (pl.S + kBlock - 1) / kBlock;
     TORCH_CHECK(blocks <= kMaxGrid, "cbfused: ", pl.S, " positions per sample exceed the CUDA grid limit");
     const int64_t samples = std::min<int64_t>(a.N / pl.S, kMaxGridY);
-    launch_kernel(cb_planes_kernel<scalar_t, kLoss, kHard>,
+    launch_kernel(cb_planes_kernel<scalar_t, kLoss, kHard, kSmooth>,
                   dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(samples)), dim3(kBlock), 0,
-                  stream, a, pl);
+                  stream, a, pl, sm);
     return;
   }
-  if constexpr (kBinary) {
+  if constexpr (kBinary && !kSmooth) {
     if (a.C <= kFlatMaxC && a.x_stride == a.C && (kHard || a.t_stride == a.C)) {
       const int rows = flat_rows_per_tile(a.C);
       const int64_t blocks = (a.N + rows - 1) / rows;
@@ -72,32 +72,43 @@ void launch_rows(const RowArgs<scalar_t>& a, const Planes& pl, Stream stream) {
   TORCH_CHECK(blocks <= kMaxGrid, "cbfused: ", a.N, " rows exceed the CUDA grid limit");
   const dim3 grid(static_cast<unsigned>(blocks));
   if (warp_rows) {
-    launch_kernel(cb_row_kernel<scalar_t, kLoss, kHard, kWarp>, grid, dim3(kBlock), smem, stream, a, stride);
+    launch_kernel(cb_row_kernel<scalar_t, kLoss, kHard, kWarp, kSmooth>, grid, dim3(kBlock), smem, stream, a,
+                  stride, sm);
   } else {
-    launch_kernel(cb_row_kernel<scalar_t, kLoss, kHard, kBlock>, grid, dim3(kBlock), smem, stream, a, stride);
+    launch_kernel(cb_row_kernel<scalar_t, kLoss, kHard, kBlock, kSmooth>, grid, dim3(kBlock), smem, stream, a,
+                  stride, sm);
   }
 }
 
 // One loss family (kA or kB, hard or float targets); instantiated in softmax.cu and sigmoid.cu.
+// Smoothed rows (sm.active) are softmax cross-entropy's only (checked by check_cb_loss).
 template <typename scalar_t, int kA, int kB>
-void launch_family(const RowArgs<scalar_t>& a, const Planes& pl, int64_t loss_type, bool hard,
-                   Stream stream) {
+void launch_family(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm, int64_t loss_type,
+                   bool hard, Stream stream) {
+  if constexpr (kA == kSoftmax) {
+    if (loss_type == kA && sm.active(hard)) {
+      hard ? launch_rows<scalar_t, kA, true, true>(a, pl, sm, stream)
+           : launch_rows<scalar_t, kA, false, true>(a, pl, sm, stream);
+      return;
+    }
+  }
   if (loss_type == kA) {
-    hard ? launch_rows<scalar_t, kA, true>(a, pl, stream) : launch_rows<scalar_t, kA, false>(a, pl, stream);
+    hard ? launch_rows<scalar_t, kA, true>(a, pl, sm, stream)
+         : launch_rows<scalar_t, kA, false>(a, pl, sm, stream);
   } else {
-    hard ? launch_rows<scalar_t, kB, true>(a, pl, stream) : launch_rows<scalar_t, kB, false>(a, pl, stream);
+    hard ? launch_rows<scalar_t, kB, true>(a, pl, sm, stream)
+         : launch_rows<scalar_t, kB, false>(a, pl, sm, stream);
   }
 }
 
-#define CBFUSED_FAMILY(A, B, EXTERN)                                                                     \
-  EXTERN template void launch_family<float, A, B>(const RowArgs<float>&, const Planes&, int64_t, bool,   \
-                                                  Stream);                                               \
-  EXTERN template void launch_family<double, A, B>(const RowArgs<double>&, const Planes&, int64_t, bool, \
-                                                   Stream);                                              \
-  EXTERN template void launch_family<c10::Half, A, B>(const RowArgs<c10::Half>&, const Planes&, int64_t, \
-                                                      bool, Stream);                                     \
-  EXTERN template void launch_family<c10::BFloat16, A, B>(const RowArgs<c10::BFloat16>&, const Planes&,  \
-                                                          int64_t, bool, Stream);
+#define CBFUSED_FAMILY_ONE(T, A, B, EXTERN)                                                                \
+  EXTERN template void launch_family<T, A, B>(const RowArgs<T>&, const Planes&, const Smoothing&, int64_t, \
+                                              bool, Stream);
+#define CBFUSED_FAMILY(A, B, EXTERN)          \
+  CBFUSED_FAMILY_ONE(float, A, B, EXTERN)     \
+  CBFUSED_FAMILY_ONE(double, A, B, EXTERN)    \
+  CBFUSED_FAMILY_ONE(c10::Half, A, B, EXTERN) \
+  CBFUSED_FAMILY_ONE(c10::BFloat16, A, B, EXTERN)
 
 CBFUSED_FAMILY(kSoftmax, kSoftmaxFocal, extern)
 CBFUSED_FAMILY(kSigmoid, kFocal, extern)

@@ -18,8 +18,10 @@
 namespace cbfused {
 namespace cuda {
 
-template <typename scalar_t, int kLoss, bool kHard>
-__global__ void __launch_bounds__(kBlock, 2) cb_planes_kernel(RowArgs<scalar_t> a, Planes pl) {
+// kSmooth (softmax cross-entropy): label smoothing / class weighting `sm` (math.h, smooth_coef).
+template <typename scalar_t, int kLoss, bool kHard, bool kSmooth = false>
+__global__ void __launch_bounds__(kBlock, 2)
+    cb_planes_kernel(RowArgs<scalar_t> a, Planes pl, Smoothing sm = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kFoc = is_focal(kLoss);
   // blockIdx.y walks the samples (a 64-bit division per thread cost registers and a stack
@@ -61,14 +63,38 @@ __global__ void __launch_bounds__(kBlock, 2) cb_planes_kernel(RowArgs<scalar_t> 
       acc_t m = X(0);
       for (int64_t c = 1; c < C; ++c) m = nan_max(m, X(c));
       acc_t sum = 0, tx = 0;
+      acc_t ad = 0, A = 0, atd = 0, at = 0;  // kSmooth: as in cb_row_kernel
       for (int64_t c = 0; c < C; ++c) {
         const acc_t d = X(c) - m;
         sum += ::exp(d);
-        if constexpr (!kHard && !kFoc) tx += Tc(c) * d;
+        if constexpr (kSmooth) {
+          const acc_t ac = sm.class_weighting ? a.w[c] : acc_t(1);
+          A += ac;
+          ad += ac * d;
+          if constexpr (!kHard) {
+            at += ac * Tc(c);
+            atd += ac * Tc(c) * d;
+          }
+        } else if constexpr (!kHard && !kFoc) {
+          tx += Tc(c) * d;
+        }
       }
       const acc_t log_sum = ::log(sum);
       acc_t cp = 0, cy = 0;
-      if constexpr (kHard) {
+      SmoothCoef<acc_t> K{0, 0};
+      if constexpr (kSmooth) {
+        if constexpr (kHard) {
+          at = sm.class_weighting ? s : acc_t(1);  // a_y
+          atd = at * (X(y) - m);
+        }
+        K = smooth_coef(s, static_cast<acc_t>(sm.eps), static_cast<acc_t>(C), sm.class_weighting);
+        const SoftmaxRow<acc_t> r =
+            softmax_soft_row(acc_t(1), K.P * at + K.Q * A, log_sum, K.P * atd + K.Q * ad);
+        loss = r.loss;
+        cp = r.cp;
+        if constexpr (kHard)
+          cy = smooth_grad_y(K, at, A, softmax_one_minus_p(log_softmax_of(X(y), m, log_sum)));
+      } else if constexpr (kHard) {
         const SoftmaxRow<acc_t> r = softmax_hard_row<kFoc>(s, X(y), m, log_sum, a.gamma);
         loss = r.loss;
         cp = r.cp;
@@ -91,7 +117,14 @@ __global__ void __launch_bounds__(kBlock, 2) cb_planes_kernel(RowArgs<scalar_t> 
         for (int64_t c = 0; c < C; ++c) {
           const acc_t lp = log_softmax_of(X(c), m, log_sum);
           acc_t gk = cp * ::exp(lp);
-          if constexpr (kHard) {
+          if constexpr (kSmooth) {  // E p_k - a_k (P t_k + Q)
+            const acc_t ac = sm.class_weighting ? a.w[c] : acc_t(1);
+            if constexpr (kHard) {
+              gk = c == y ? cy : gk - ac * K.Q;
+            } else {
+              gk -= ac * (K.P * Tc(c) + K.Q);
+            }
+          } else if constexpr (kHard) {
             if (c == y) gk = cy;
           } else if constexpr (kFoc) {
             gk -= s * Tc(c) * softmax_focal<true>(lp, a.gamma).G;

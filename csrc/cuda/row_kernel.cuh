@@ -81,8 +81,10 @@ __device__ __forceinline__ void add_target_sums(const scalar_t* t, const acc_t* 
 
 // cache_stride > 0: the softmax row is parked in dynamic shared memory, cache_stride
 // elements per row slot (see launch.cuh); 0: the gradient pass reads the row again.
-template <typename scalar_t, int kLoss, bool kHard, int kThreads>
-__global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, int64_t cache_stride) {
+// kSmooth (softmax cross-entropy): label smoothing / class weighting `sm` (math.h, smooth_coef).
+template <typename scalar_t, int kLoss, bool kHard, int kThreads, bool kSmooth = false>
+__global__ void __launch_bounds__(kBlock, 2)
+    cb_row_kernel(RowArgs<scalar_t> a, int64_t cache_stride, Smoothing sm = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   using RR = RowReduce<kThreads>;
   constexpr int kRowsPerBlock = kBlock / kThreads;
@@ -170,6 +172,9 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
     // relative to this thread's running max m, re-based as m grows.
     MaxSum<acc_t> ms{acc_t(-INFINITY), acc_t(0)};
     acc_t sw = 0, st = 0, tx = 0;
+    // kSmooth: ad = sum a (x - m), A = sum a, and for float targets atd = sum a t (x - m),
+    // at = sum a t, with a_c = w_c (class weighting) or 1, relative to m as tx is.
+    acc_t ad = 0, A = 0, atd = 0, at = 0;
     for_each_group<kThreads, scalar_t>(sp, C, lane, [&](auto w, int64_t c) {
       constexpr int K = decltype(w)::value;
       acc_t xv[K];
@@ -185,11 +190,30 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
         for (int k = 0; k < K; ++k) sum += ::exp(xv[k] - m);
         ms = {m, sum};
       }
+      if constexpr (kSmooth) {
+        if (m_old != acc_t(-INFINITY)) {
+          ad -= A * (m - m_old);
+          atd -= at * (m - m_old);
+        }
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const acc_t ac = sm.class_weighting ? a.w[c + k] : acc_t(1);
+          A += ac;
+          ad += ac * (xv[k] - m);
+        }
+      }
       if constexpr (!kHard) {
         acc_t tv[K];
         const acc_t st_old = st;
         add_target_sums<K>(t + c, a.w + c, tv, bad, sw, st);
-        if constexpr (!kFoc) {
+        if constexpr (kSmooth) {
+#pragma unroll
+          for (int k = 0; k < K; ++k) {
+            const acc_t atk = (sm.class_weighting ? a.w[c + k] : acc_t(1)) * tv[k];
+            at += atk;
+            atd += atk * (xv[k] - m);
+          }
+        } else if constexpr (!kFoc) {
           if (st_old > acc_t(0)) tx -= st_old * (m - m_old);
 #pragma unroll
           for (int k = 0; k < K; ++k) tx += tv[k] * (xv[k] - m);
@@ -205,7 +229,30 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
       denom = float_target_denom(s, T, a.weighted);
     }
     acc_t cp = 0, cy = 0;
-    if constexpr (kHard) {
+    SmoothCoef<acc_t> sc{0, 0};  // kSmooth: P and Q
+    if constexpr (kSmooth) {
+      // the sums relative to the row's max (each thread summed them relative to its own)
+      const acc_t shift = m_thread != acc_t(-INFINITY) ? ms.m - m_thread : acc_t(0);
+      const acc_t ad_row = RR::sum(ad - A * shift, smem_a);
+      const acc_t A_row = RR::sum(A, smem_b);
+      acc_t at_row, atd_row;
+      if constexpr (kHard) {
+        at_row = sm.class_weighting ? s : acc_t(1);  // a_y
+        atd_row = at_row * (static_cast<acc_t>(x[y]) - ms.m);
+      } else {
+        atd_row = RR::sum(atd - at * shift, smem_a);
+        at_row = RR::sum(at, smem_b);
+      }
+      sc = smooth_coef(s, static_cast<acc_t>(sm.eps), static_cast<acc_t>(C), sm.class_weighting);
+      const SoftmaxRow<acc_t> r =
+          softmax_soft_row(acc_t(1), sc.P * at_row + sc.Q * A_row, log_sum, sc.P * atd_row + sc.Q * ad_row);
+      loss = r.loss;
+      cp = r.cp;
+      if constexpr (kHard) {
+        const acc_t q = softmax_one_minus_p(log_softmax_of(static_cast<acc_t>(x[y]), ms.m, log_sum));
+        cy = smooth_grad_y(sc, at_row, A_row, q);
+      }
+    } else if constexpr (kHard) {
       const SoftmaxRow<acc_t> r = softmax_hard_row<kFoc>(s, static_cast<acc_t>(x[y]), ms.m, log_sum, a.gamma);
       loss = r.loss;
       cp = r.cp;
@@ -243,7 +290,14 @@ __global__ void __launch_bounds__(kBlock, 2) cb_row_kernel(RowArgs<scalar_t> a, 
         for (int k = 0; k < K; ++k) {
           const acc_t lp = log_softmax_of(xv[k], ms.m, log_sum);
           acc_t gk = cp * ::exp(lp);
-          if constexpr (kHard) {
+          if constexpr (kSmooth) {  // E p_k - a_k (P t_k + Q)
+            const acc_t ac = sm.class_weighting ? a.w[c + k] : acc_t(1);
+            if constexpr (kHard) {
+              gk = c + k == y ? cy : gk - ac * sc.Q;
+            } else {
+              gk -= ac * (sc.P * tv[k] + sc.Q);
+            }
+          } else if constexpr (kHard) {
             if (c + k == y) gk = cy;
           } else if constexpr (kFoc) {
             gk -= s * tv[k] * softmax_focal<true>(lp, a.gamma).G;

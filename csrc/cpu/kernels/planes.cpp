@@ -111,6 +111,28 @@ inline void tile_targets(const RowArgs<scalar_t>& a, const Planes& pl, Tile<scal
   }
 }
 
+// Pass 1 of a softmax tile: the max of each position over the classes (0 for a dead lane);
+// the tile's logits are parked (contiguous, in cache) for the passes after it, so the planes
+// are read from memory once, and the next tile's lines of each plane are prefetched.
+template <typename scalar_t>
+inline typename PlaneIO<scalar_t>::V tile_max_park(const RowArgs<scalar_t>& a, const Planes& pl,
+                                                   const Tile<scalar_t>& tl, at::opmath_type<scalar_t>* park,
+                                                   const typename PlaneIO<scalar_t>::V& live_mask) {
+  using IO = PlaneIO<scalar_t>;
+  using V = typename IO::V;
+  constexpr int64_t L = IO::kLanes;
+  V mx(-std::numeric_limits<at::opmath_type<scalar_t>>::infinity());
+  const bool more = tl.p0 + L < pl.S;
+  for (int64_t c = 0; c < a.C; ++c) {
+    const scalar_t* xc = tl.x + c * pl.x_cstride;
+    if (more) __builtin_prefetch(xc + L);
+    const V xv = load_lanes<IO>(xc, tl.m);
+    xv.store(park + c * L);
+    mx = hw_max(mx, xv);
+  }
+  return V::blendv(V(0), mx, live_mask);
+}
+
 // Softmax cross-entropy and softmax focal loss over one tile (the formulas of softmax_rows,
 // one position per lane); writes the tile's per-lane loss.
 template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
@@ -121,21 +143,9 @@ void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl, Tile<scalar_t>& 
   using acc_t = typename IO::acc_t;
   constexpr int64_t L = IO::kLanes;
   const int64_t C = a.C, m = tl.m;
-  const V livev = V::loadu(tl.live);
-  const V live_mask = livev > V(acc_t(0));
-  // Pass 1: the max of each position over the classes; the tile's logits are parked
-  // (contiguous, in cache) for the passes after it, so the planes are read from memory once,
-  // and the next tile's lines of each plane are prefetched.
-  V mx(-std::numeric_limits<acc_t>::infinity());
+  const V live_mask = V::loadu(tl.live) > V(acc_t(0));
   const bool more = tl.p0 + L < pl.S;
-  for (int64_t c = 0; c < C; ++c) {
-    const scalar_t* xc = tl.x + c * pl.x_cstride;
-    if (more) __builtin_prefetch(xc + L);
-    const V xv = load_lanes<IO>(xc, m);
-    xv.store(park + c * L);
-    mx = hw_max(mx, xv);
-  }
-  mx = V::blendv(V(0), mx, live_mask);
+  const V mx = tile_max_park(a, pl, tl, park, live_mask);
   // Pass 2: sum of exp(x - max), parked in place of x; float-target cross-entropy:
   // sum t (x - max).
   V sum(0), tx(0);
@@ -199,6 +209,74 @@ void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl, Tile<scalar_t>& 
     if constexpr (kHard) {
       alignas(64) acc_t cy[L];
       (-cpv * q).store(cy);  // grad_y = cp * (p_y - 1)
+      for (int64_t k = 0; k < m; ++k)
+        if (tl.y[k] >= 0) tl.g[tl.y[k] * pl.S + k] = static_cast<scalar_t>(cy[k]);
+    }
+  }
+}
+
+// Smoothed softmax cross-entropy over one tile (label smoothing, or PyTorch's class weighting
+// of float targets): softmax_smooth_rows' formulas (math.h, smooth_coef), one position per
+// lane, with a_c = w_c (kClass) or 1 a broadcast per class.
+template <typename scalar_t, bool kGrad, bool kHard, bool kClass>
+void softmax_smooth_tile(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm,
+                         Tile<scalar_t>& tl, at::opmath_type<scalar_t>* park,
+                         at::opmath_type<scalar_t>* loss_out) {
+  using IO = PlaneIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  constexpr int64_t L = IO::kLanes;
+  const int64_t C = a.C, m = tl.m;
+  const V live_mask = V::loadu(tl.live) > V(acc_t(0));
+  const bool more = tl.p0 + L < pl.S;
+  const V mx = tile_max_park(a, pl, tl, park, live_mask);
+  // sum e, ad = sum a (x - max), A = sum a; float targets: atd = sum a t (x - max), at = sum a t
+  V sum(0), ad(0), atd(0), at(0);
+  acc_t A = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t ac = kClass ? a.w[c] : acc_t(1);
+    A += ac;
+    const V d = V::loadu(park + c * L) - mx;
+    const V e = MathOps<V>::exp_nonpos(d);
+    sum = sum + e;
+    e.store(park + c * L);
+    ad = at::vec::fmadd(V(ac), d, ad);
+    if constexpr (!kHard) {
+      const V tv = V(ac) * load_lanes<IO>(tl.t + c * pl.t_cstride, m);
+      atd = at::vec::fmadd(tv, d, atd);
+      at = at + tv;
+    }
+  }
+  const V sumv = V::blendv(V(1), sum, live_mask);
+  const V sv = V::loadu(tl.s);
+  const V ls = MathOps<V>::log(sumv);
+  alignas(64) acc_t xy[L] = {};
+  if constexpr (kHard) {
+    for (int64_t k = 0; k < m; ++k)
+      if (tl.y[k] >= 0) xy[k] = static_cast<acc_t>(tl.x[tl.y[k] * pl.x_cstride + k]);  // in cache
+    at = kClass ? sv : V::blendv(V(0), V(1), live_mask);                               // a_y
+    atd = at * (V::loadu(xy) - mx);
+  }
+  const V Av = V::blendv(V(0), V(A), live_mask);
+  const SmoothCoef<V> K = smooth_coef(sv, static_cast<acc_t>(sm.eps), static_cast<acc_t>(C), kClass);
+  const V E = K.P * at + K.Q * Av;
+  const SoftmaxRow<V> row = softmax_soft_row(V(1), E, ls, K.P * atd + K.Q * ad);
+  V::blendv(V(0), row.loss, live_mask).store(loss_out);
+  if constexpr (kGrad) {
+    const V pre(a.grad_prescale);
+    const SmoothCoef<V> Kp{K.P * pre, K.Q * pre};
+    const V cpe = row.cp * pre / sumv;
+    for (int64_t c = 0; c < C; ++c) {
+      if (more) __builtin_prefetch(tl.g + c * pl.S + L, 1);
+      V coef = kHard ? Kp.Q : at::vec::fmadd(Kp.P, load_lanes<IO>(tl.t + c * pl.t_cstride, m), Kp.Q);
+      if constexpr (kClass) coef = coef * V(a.w[c]);
+      const V gk = cpe * V::loadu(park + c * L) - coef;
+      store_lanes<IO>(tl.g + c * pl.S, m, V::blendv(V(0), gk, live_mask));
+    }
+    if constexpr (kHard) {
+      alignas(64) acc_t cy[L];
+      const V q = softmax_one_minus_p(log_softmax_of(V::loadu(xy), mx, ls));
+      smooth_grad_y(Kp, at, Av, q).store(cy);
       for (int64_t k = 0; k < m; ++k)
         if (tl.y[k] >= 0) tl.g[tl.y[k] * pl.S + k] = static_cast<scalar_t>(cy[k]);
     }
@@ -287,8 +365,18 @@ std::pair<double, double> run_tiles(const RowArgs<scalar_t>& a, const Planes& pl
 }  // namespace
 
 template <typename scalar_t>
-std::pair<double, double> softmax_family_planes(const RowArgs<scalar_t>& a, const Planes& pl, bool focal,
-                                                bool grad, bool hard) {
+std::pair<double, double> softmax_family_planes(const RowArgs<scalar_t>& a, const Planes& pl,
+                                                const Smoothing& sm, bool focal, bool grad, bool hard) {
+  if (!focal && sm.active(hard)) {
+    return with_flags(sm.class_weighting, grad, hard, [&](auto class_c, auto grad_c, auto hard_c) {
+      constexpr bool kC = decltype(class_c)::value, kG = decltype(grad_c)::value,
+                     kH = decltype(hard_c)::value;
+      return run_tiles(a, pl, kG, [&](Tile<scalar_t>& tl, auto* park, auto* loss) {
+        tile_targets<scalar_t, kH>(a, pl, tl);
+        softmax_smooth_tile<scalar_t, kG, kH, kC>(a, pl, sm, tl, park, loss);
+      });
+    });
+  }
   return with_flags(focal, grad, hard, [&](auto focal_c, auto grad_c, auto hard_c) {
     constexpr bool kF = decltype(focal_c)::value, kG = decltype(grad_c)::value, kH = decltype(hard_c)::value;
     return run_tiles(a, pl, kG, [&](Tile<scalar_t>& tl, auto* park, auto* loss) {
@@ -310,7 +398,7 @@ std::pair<double, double> binary_family_planes(const RowArgs<scalar_t>& a, const
   });
 }
 
-CBFUSED_FOR_EACH_DTYPE(CBFUSED_FAMILY_PLANES, softmax_family_planes)
+CBFUSED_FOR_EACH_DTYPE(CBFUSED_SOFTMAX_PLANES, softmax_family_planes)
 CBFUSED_FOR_EACH_DTYPE(CBFUSED_FAMILY_PLANES, binary_family_planes)
 
 }  // namespace cpu

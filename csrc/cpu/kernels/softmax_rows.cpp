@@ -161,6 +161,36 @@ inline at::opmath_type<scalar_t>* park_row(at::opmath_type<scalar_t>* scratch, s
   }
 }
 
+// The start of softmax row i (lane k of its group): its pointers, target (y, s, T and the
+// row's share of the denominator, in out) and max; false for an ignored row.
+template <typename scalar_t>
+struct SoftmaxRowStart {
+  const scalar_t* x = nullptr;
+  const scalar_t* t = nullptr;
+  scalar_t* g = nullptr;
+  at::opmath_type<scalar_t>* park = nullptr;  // where pass 2 parks the exps (kGrad)
+  const scalar_t* next = nullptr;             // the next row, for pass 2 to prefetch
+};
+
+template <typename scalar_t, bool kHard, bool kGrad>
+inline bool softmax_row_start(const Args<scalar_t>& a, int64_t i, int64_t k,
+                              at::opmath_type<scalar_t>* scratch, SoftmaxRowStart<scalar_t>& r, int64_t& y,
+                              at::opmath_type<scalar_t>& s, at::opmath_type<scalar_t>& T,
+                              at::opmath_type<scalar_t>& mx, RowOut<at::opmath_type<scalar_t>>& out) {
+  r.x = a.x + i * a.x_stride;
+  r.t = kHard ? nullptr : a.t + i * a.t_stride;
+  r.g = kGrad ? a.grad + i * a.C : nullptr;
+  out = {};
+  if (!row_target<scalar_t, kHard, kGrad>(a, i, r.t, r.g, y, s, T, out)) return false;
+  mx = softmax_row_max(r.x, a.C);
+  r.park = kGrad ? park_row(scratch, r.g, a.C, k) : nullptr;
+  // Pass 2 prefetches the next row, which pass 1 of that row would otherwise wait for
+  // (the passes over a cached row interrupt the hardware prefetcher's stream): at
+  // 16384 x 1000 float32, 7.1 -> 5.6 ms a call on one thread.
+  r.next = i + 1 < a.N ? r.x + a.x_stride : nullptr;
+  return true;
+}
+
 // Softmax cross-entropy and softmax focal loss, rows [i0, i1) (at most one vector's lanes
 // of them):
 //   hard:  l = s * (1 - p_y)^gamma * (-log p_y),  grad_k = s * G * (p_k - [k == y])
@@ -186,23 +216,12 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
   for (int64_t k = 0; k < L; ++k) sum[k] = acc_t(1);
   acc_t* const scratch = kGrad ? park_scratch<scalar_t>(C, R) : nullptr;
   for (int64_t k = 0; k < R; ++k) {
-    const int64_t i = i0 + k;
-    const scalar_t* x = a.x + i * a.x_stride;
-    const scalar_t* t = kHard ? nullptr : a.t + i * a.t_stride;
-    scalar_t* g = kGrad ? a.grad + i * C : nullptr;
-    out[k] = {};
-    if (!row_target<scalar_t, kHard, kGrad>(a, i, t, g, y[k], s[k], T[k], out[k])) continue;
+    SoftmaxRowStart<scalar_t> r;
+    if (!softmax_row_start<scalar_t, kHard, kGrad>(a, i0 + k, k, scratch, r, y[k], s[k], T[k], mx[k], out[k]))
+      continue;
     live[k] = true;
-    mx[k] = softmax_row_max(x, C);
-    acc_t* park = kGrad ? park_row(scratch, g, C, k) : nullptr;
-    // Pass 2 prefetches the next row, which pass 1 of that row would otherwise wait for
-    // (the passes over a cached row interrupt the hardware prefetcher's stream): at
-    // 16384 x 1000 float32, 7.1 -> 5.6 ms a call on one thread.
-    const scalar_t* next = i + 1 < a.N ? x + a.x_stride : nullptr;
-    softmax_row_sums<scalar_t, !kHard && !kFocal, kGrad>(x, t, C, mx[k], park, sum[k], tx[k], next);
-    if constexpr (kHard) {
-      xy[k] = static_cast<acc_t>(x[y[k]]);
-    }
+    softmax_row_sums<scalar_t, !kHard && !kFocal, kGrad>(r.x, r.t, C, mx[k], r.park, sum[k], tx[k], r.next);
+    if constexpr (kHard) xy[k] = static_cast<acc_t>(r.x[y[k]]);
   }
   const V sumv = V::loadu(sum), sv = V::loadu(s);
   const V ls = MathOps<V>::log(sumv);
@@ -265,6 +284,158 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
   }
 }
 
+// Pass 2 of a smoothed row (label smoothing, or PyTorch's class weighting of float targets;
+// math.h, smooth_coef), after the max pass: sum_exp = sum e_c, e_c = exp(x_c - max) (parked
+// in `park` when given), ad = sum a_c (x_c - max), A = sum a_c and, for float targets,
+// atd = sum a_c t_c (x_c - max) and at = sum a_c t_c, with a = w (kClass) or 1 (A = C then).
+template <typename scalar_t, bool kHard, bool kClass>
+CBF_HD void softmax_row_smooth_sums(const scalar_t* x, const scalar_t* t, const at::opmath_type<scalar_t>* w,
+                                    int64_t C, at::opmath_type<scalar_t> mx, at::opmath_type<scalar_t>* park,
+                                    at::opmath_type<scalar_t> (&acc)[5], const scalar_t* next) {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  const V mxv(mx);
+  V ev(0), adv(0), Av(0), atdv(0), atv(0);
+  row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
+    V xv[IO::kVecs], tv[IO::kVecs], e[IO::kVecs];
+    if (next) __builtin_prefetch(next + j);
+    IO::load(x + j, n, xv);
+    if constexpr (!kHard) IO::load(t + j, n, tv);
+    CBF_UNROLL_VECS
+    for (int v = 0; v < IO::kVecs; ++v) {
+      const int64_t nv = IO::lanes(n, v);
+      if (nv == 0) break;
+      const V d = IO::keep(xv[v] - mxv, nv, acc_t(0));
+      e[v] = MathOps<V>::exp_nonpos(d);
+      ev = ev + IO::keep(e[v], nv, acc_t(0));
+      V av(1);
+      if constexpr (kClass) {
+        av = V::loadu(w + j + v * IO::kLanes, nv);  // zeros past nv
+        Av = Av + av;
+        adv = at::vec::fmadd(av, d, adv);
+      } else {
+        adv = adv + d;
+      }
+      if constexpr (!kHard) {
+        const V at = kClass ? av * tv[v] : tv[v];
+        atdv = at::vec::fmadd(at, d, atdv);
+        atv = atv + at;
+      }
+    }
+    if (park) {
+      CBF_UNROLL_VECS
+      for (int v = 0; v < IO::kVecs; ++v) {
+        const int64_t nv = IO::lanes(n, v);
+        if (nv > 0) e[v].store(park + j + v * IO::kLanes, nv);
+      }
+    }
+  });
+  acc[0] = IO::hsum(ev);
+  acc[1] = IO::hsum(adv);
+  acc[2] = kClass ? IO::hsum(Av) : static_cast<acc_t>(C);
+  acc[3] = IO::hsum(atdv);
+  acc[4] = IO::hsum(atv);
+}
+
+// The gradient pass of a smoothed row from the parked e_k: grad_k = cpe e_k - a_k (P t_k + Q)
+// (E p_k - e_k of math.h, smooth_coef; hard targets: t = 0 here, the caller writes grad_y).
+template <typename scalar_t, bool kHard, bool kClass>
+CBF_HD void softmax_row_smooth_grad(const scalar_t* t, const at::opmath_type<scalar_t>* w,
+                                    const at::opmath_type<scalar_t>* park, scalar_t* g, int64_t C,
+                                    at::opmath_type<scalar_t> cpe, at::opmath_type<scalar_t> P,
+                                    at::opmath_type<scalar_t> Q) {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  const V cpev(cpe), Pv(P), Qv(Q);
+  row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
+    V tv[IO::kVecs], gv[IO::kVecs];
+    if constexpr (!kHard) IO::load(t + j, n, tv);
+    CBF_UNROLL_VECS
+    for (int v = 0; v < IO::kVecs; ++v) {
+      const int64_t nv = IO::lanes(n, v);
+      if (nv == 0) {
+        gv[v] = V(0);
+        continue;
+      }
+      V coef = kHard ? Qv : at::vec::fmadd(Pv, tv[v], Qv);  // P t_k + Q
+      if constexpr (kClass) coef = coef * V::loadu(w + j + v * IO::kLanes, nv);
+      gv[v] = cpev * V::loadu(park + j + v * IO::kLanes, nv) - coef;
+    }
+    IO::store(g + j, n, gv);
+  });
+}
+
+// Smoothed softmax cross-entropy, rows [i0, i1) (one vector's lanes at most): the passes of
+// softmax_rows with the effective target of math.h's smooth_coef,
+//   loss = E log sum - tx,  grad_k = E p_k - a_k (P t_k + Q).
+template <typename scalar_t, bool kGrad, bool kHard, bool kClass>
+void softmax_smooth_rows(const Args<scalar_t>& a, const Smoothing& sm, int64_t i0, int64_t i1,
+                         RowOut<at::opmath_type<scalar_t>>* out) {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  constexpr int64_t L = IO::kLanes;
+  const int64_t C = a.C, R = i1 - i0;
+  // Dead lanes (unused, ignored): sum 1, everything else 0 (E = 0: zero loss).
+  alignas(64) acc_t s[L] = {}, mx[L] = {}, xy[L] = {}, T[L] = {}, ad[L] = {}, A[L] = {}, atd[L] = {},
+                    at_[L] = {}, sum[L];
+  int64_t y[L];
+  bool live[L] = {};
+  for (int64_t k = 0; k < L; ++k) sum[k] = acc_t(1);
+  acc_t* const scratch = kGrad ? park_scratch<scalar_t>(C, R) : nullptr;
+  for (int64_t k = 0; k < R; ++k) {
+    SoftmaxRowStart<scalar_t> rs;
+    if (!softmax_row_start<scalar_t, kHard, kGrad>(a, i0 + k, k, scratch, rs, y[k], s[k], T[k], mx[k],
+                                                   out[k]))
+      continue;
+    live[k] = true;
+    acc_t r[5];
+    softmax_row_smooth_sums<scalar_t, kHard, kClass>(rs.x, rs.t, a.w, C, mx[k], rs.park, r, rs.next);
+    sum[k] = r[0];
+    ad[k] = r[1];
+    A[k] = r[2];
+    if constexpr (kHard) {
+      xy[k] = static_cast<acc_t>(rs.x[y[k]]);
+      at_[k] = kClass ? s[k] : acc_t(1);  // a_y
+      atd[k] = at_[k] * (xy[k] - mx[k]);
+    } else {
+      atd[k] = r[3];
+      at_[k] = r[4];
+    }
+  }
+  const V sumv = V::loadu(sum), sv = V::loadu(s), Av = V::loadu(A), atv = V::loadu(at_);
+  const V ls = MathOps<V>::log(sumv);
+  const SmoothCoef<V> K = smooth_coef(sv, static_cast<acc_t>(sm.eps), static_cast<acc_t>(C), kClass);
+  const V E = K.P * atv + K.Q * Av;
+  const SoftmaxRow<V> row = softmax_soft_row(V(1), E, ls, K.P * V::loadu(atd) + K.Q * V::loadu(ad));
+  alignas(64) acc_t loss[L];
+  row.loss.store(loss);
+  for (int64_t k = 0; k < R; ++k)
+    if (live[k]) out[k].loss = loss[k];
+  if constexpr (kGrad) {
+    const V pre(a.grad_prescale);
+    const SmoothCoef<V> Kp{K.P * pre, K.Q * pre};
+    alignas(64) acc_t cpe[L], P[L], Q[L], cy[L];
+    (row.cp * pre / sumv).store(cpe);  // E p_k = cpe e_k
+    Kp.P.store(P);
+    Kp.Q.store(Q);
+    if constexpr (kHard) {
+      const V q = softmax_one_minus_p(log_softmax_of(V::loadu(xy), V::loadu(mx), ls));
+      smooth_grad_y(Kp, atv, Av, q).store(cy);
+    }
+    for (int64_t k = 0; k < R; ++k) {
+      if (!live[k]) continue;
+      const int64_t i = i0 + k;
+      scalar_t* g = a.grad + i * C;
+      const scalar_t* t = kHard ? nullptr : a.t + i * a.t_stride;
+      softmax_row_smooth_grad<scalar_t, kHard, kClass>(t, a.w, park_row(scratch, g, C, k), g, C, cpe[k], P[k],
+                                                       Q[k]);
+      if constexpr (kHard) g[y[k]] = static_cast<scalar_t>(cy[k]);
+    }
+  }
+}
+
 // Softmax rows per group: about kGroupElems logits, so that a group's rows and parked exps
 // are still in cache for the gradient pass; one vector's lanes at most.
 constexpr int64_t kGroupElems = 1 << 12;
@@ -281,14 +452,26 @@ std::pair<double, double> run_softmax(const Args<scalar_t>& a, int64_t N, scalar
 }  // namespace
 
 template <typename scalar_t>
-std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard) {
+std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, const Smoothing& sm, bool focal,
+                                              bool grad, bool hard) {
+  if (!focal && sm.active(hard)) {
+    constexpr int64_t L = RowIO<scalar_t>::kLanes;
+    const int64_t group = std::clamp<int64_t>(kGroupElems / std::max<int64_t>(a.C, 1), 1, L);
+    return with_flags(sm.class_weighting, grad, hard, [&](auto class_c, auto grad_c, auto hard_c) {
+      return run_row_groups<scalar_t, L>(
+          a.N, a.C, group, a.per_row_out, [&](int64_t i0, int64_t i1, auto* out) {
+            softmax_smooth_rows<scalar_t, decltype(grad_c)::value, decltype(hard_c)::value,
+                                decltype(class_c)::value>(a, sm, i0, i1, out);
+          });
+    });
+  }
   return with_flags(focal, grad, hard, [&](auto focal_c, auto grad_c, auto hard_c) {
     return run_softmax<scalar_t, decltype(focal_c)::value, decltype(grad_c)::value, decltype(hard_c)::value>(
         a, a.N, a.per_row_out);
   });
 }
 
-CBFUSED_FOR_EACH_DTYPE(CBFUSED_FAMILY_ROWS, softmax_family_rows)
+CBFUSED_FOR_EACH_DTYPE(CBFUSED_SOFTMAX_ROWS, softmax_family_rows)
 
 }  // namespace cpu
 }  // namespace cbfused
