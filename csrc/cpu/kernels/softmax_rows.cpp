@@ -295,9 +295,11 @@ CBF_HD void softmax_row_smooth_sums(const scalar_t* x, const scalar_t* t, const 
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
+  constexpr int kU = 4 / IO::kVecs;  // independent accumulators, as softmax_row_sums
   const V mxv(mx);
-  V ev(0), adv(0), Av(0), atdv(0), atv(0);
-  row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
+  V ev[kU], adv[kU], Av[kU], atdv[kU], atv[kU];
+  for (int u = 0; u < kU; ++u) ev[u] = adv[u] = Av[u] = atdv[u] = atv[u] = V(0);
+  row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) {
     V xv[IO::kVecs], tv[IO::kVecs], e[IO::kVecs];
     if (next) __builtin_prefetch(next + j);
     IO::load(x + j, n, xv);
@@ -308,19 +310,19 @@ CBF_HD void softmax_row_smooth_sums(const scalar_t* x, const scalar_t* t, const 
       if (nv == 0) break;
       const V d = IO::keep(xv[v] - mxv, nv, acc_t(0));
       e[v] = MathOps<V>::exp_nonpos(d);
-      ev = ev + IO::keep(e[v], nv, acc_t(0));
+      ev[u] = ev[u] + IO::keep(e[v], nv, acc_t(0));
       V av(1);
       if constexpr (kClass) {
         av = V::loadu(w + j + v * IO::kLanes, nv);  // zeros past nv
-        Av = Av + av;
-        adv = at::vec::fmadd(av, d, adv);
+        Av[u] = Av[u] + av;
+        adv[u] = at::vec::fmadd(av, d, adv[u]);
       } else {
-        adv = adv + d;
+        adv[u] = adv[u] + d;
       }
       if constexpr (!kHard) {
         const V at = kClass ? av * tv[v] : tv[v];
-        atdv = at::vec::fmadd(at, d, atdv);
-        atv = atv + at;
+        atdv[u] = at::vec::fmadd(at, d, atdv[u]);
+        atv[u] = atv[u] + at;
       }
     }
     if (park) {
@@ -331,11 +333,18 @@ CBF_HD void softmax_row_smooth_sums(const scalar_t* x, const scalar_t* t, const 
       }
     }
   });
-  acc[0] = IO::hsum(ev);
-  acc[1] = IO::hsum(adv);
-  acc[2] = kClass ? IO::hsum(Av) : static_cast<acc_t>(C);
-  acc[3] = IO::hsum(atdv);
-  acc[4] = IO::hsum(atv);
+  for (int u = 1; u < kU; ++u) {
+    ev[0] = ev[0] + ev[u];
+    adv[0] = adv[0] + adv[u];
+    Av[0] = Av[0] + Av[u];
+    atdv[0] = atdv[0] + atdv[u];
+    atv[0] = atv[0] + atv[u];
+  }
+  acc[0] = IO::hsum(ev[0]);
+  acc[1] = IO::hsum(adv[0]);
+  acc[2] = kClass ? IO::hsum(Av[0]) : static_cast<acc_t>(C);
+  acc[3] = IO::hsum(atdv[0]);
+  acc[4] = IO::hsum(atv[0]);
 }
 
 // The gradient pass of a smoothed row from the parked e_k: grad_k = cpe e_k - a_k (P t_k + Q)
