@@ -70,6 +70,8 @@ ENTRY_COUNTS = "class_balanced_loss(samples_per_class)"
 SMOOTHING = 0.1
 OPT_SMOOTH = "cbfused label_smoothing=0.1"
 OPT_SMOOTH_CLASS = "cbfused label_smoothing=0.1, weighting=class"
+OPT_LA = "cbfused logit_adjustment=1"
+OPT_LDAM = "cbfused margins"
 ENTRY_WEIGHTS = "class_balanced_loss(weights)"
 
 
@@ -335,6 +337,17 @@ def providers(case: Case) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         out["F.cross_entropy(weight, label_smoothing)"] = lambda x: F.cross_entropy(
             x, y, weight=w_in, label_smoothing=SMOOTHING
         )
+    if k in ("softmax", "softmax_focal"):
+        # adjusted logits: their cost over plain "cbfused"
+        margins = cbfused.ldam_margins(case.counts)
+        for name, kw in (
+            (OPT_LA, {"logit_adjustment": 1.0}),
+            (OPT_LDAM, {"margins": margins}),
+        ):
+            c_opt = cbfused.ClassBalancedLoss(case.counts, beta=BETA, loss_type=k, gamma=GAMMA, **kw).to(
+                case.device
+            )
+            out[name] = lambda x, c_opt=c_opt: c_opt(x, y)
     if k == "sigmoid":
 
         def bce(x):

@@ -63,6 +63,8 @@ class LossOptions:
     label_smoothing: float = 0.0
     weighting: str = "sample"
     weighting_code: int = 0
+    logit_adjustment: float = 0.0  # tau of the offset tau log(pi)
+    logit_scale: float = 1.0
 
 
 def loss_type_code(loss_type: str) -> int:
@@ -106,8 +108,33 @@ def _check_smoothing(loss_type: str, label_smoothing, weighting) -> tuple[float,
     return eps, WEIGHTINGS[weighting]
 
 
+def _check_adjustment(loss_type: str, logit_adjustment, logit_scale) -> tuple[float, float]:
+    for v, name in ((logit_adjustment, "logit_adjustment"), (logit_scale, "logit_scale")):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must be a float, got {v!r}")
+    tau, s = float(logit_adjustment), float(logit_scale)
+    if not math.isfinite(tau):
+        raise ValueError(f"logit_adjustment must be a finite number, got {logit_adjustment}")
+    if not (math.isfinite(s) and s > 0):
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale}")
+    if (tau != 0.0 or s != 1.0) and loss_type not in SOFTMAX_FAMILY:
+        raise ValueError(
+            f"logit_adjustment and logit_scale apply to the softmax losses {list(SOFTMAX_FAMILY)} only, "
+            f"got loss_type={loss_type!r} with logit_adjustment={logit_adjustment}, logit_scale={logit_scale}"
+        )
+    return tau, s
+
+
 def _check_options(
-    loss_type, gamma, alpha, reduction, ignore_index, label_smoothing=0.0, weighting="sample"
+    loss_type,
+    gamma,
+    alpha,
+    reduction,
+    ignore_index,
+    label_smoothing=0.0,
+    weighting="sample",
+    logit_adjustment=0.0,
+    logit_scale=1.0,
 ) -> LossOptions:
     code = loss_type_code(loss_type)
     red = reduction_code(reduction)
@@ -126,7 +153,10 @@ def _check_options(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     eps, wcode = _check_smoothing(loss_type, label_smoothing, weighting)
-    return LossOptions(loss_type, code, g, a, reduction, red, int(ignore_index), eps, weighting, wcode)
+    tau, scale = _check_adjustment(loss_type, logit_adjustment, logit_scale)
+    return LossOptions(
+        loss_type, code, g, a, reduction, red, int(ignore_index), eps, weighting, wcode, tau, scale
+    )
 
 
 # Options repeat call after call: validate each combination once (they are plain values).
@@ -141,9 +171,21 @@ def loss_options(
     ignore_index: int,
     label_smoothing: float = 0.0,
     weighting: str = "sample",
+    logit_adjustment: float = 0.0,
+    logit_scale: float = 1.0,
 ) -> LossOptions:
     """Validates the options of a class-balanced loss (ValueError / TypeError naming the value)."""
-    args = (loss_type, gamma, alpha, reduction, ignore_index, label_smoothing, weighting)
+    args = (
+        loss_type,
+        gamma,
+        alpha,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        weighting,
+        logit_adjustment,
+        logit_scale,
+    )
     if torch.compiler.is_compiling():  # dynamo traces the function, not the cache
         return _check_options(*args)
     try:
@@ -205,6 +247,9 @@ def _cb_loss_fake(
     grad_mode,
     label_smoothing=0.0,
     weighting=0,
+    logit_offset=None,
+    margins=None,
+    logit_scale=1.0,
 ):
     torch._check(
         logits.dim() >= 1,
@@ -225,15 +270,40 @@ def _cb_loss_fake(
     return loss, grad, grad_scale
 
 
+def check_margins(margins: torch.Tensor | None, opts: LossOptions, target: torch.Tensor) -> None:
+    """What the kernels cannot say as well: margins belong to the softmax losses and to
+    class-index targets."""
+    if margins is None:
+        return
+    if opts.loss_type not in SOFTMAX_FAMILY:
+        raise ValueError(
+            f"margins apply to the softmax losses {list(SOFTMAX_FAMILY)} only, not to loss_type={opts.loss_type!r}"
+        )
+    if not isinstance(margins, torch.Tensor) or margins.dim() != 1:
+        shape = list(margins.shape) if isinstance(margins, torch.Tensor) else type(margins).__name__
+        raise ValueError(f"margins must be a 1-D [C] tensor, got {shape}")
+    if target.is_floating_point():
+        raise ValueError(
+            "margins apply to class-index targets only (the margin is on the target class's logit)"
+        )
+
+
 def cb_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
     class_weight: torch.Tensor,
     opts: LossOptions,
+    offset: torch.Tensor | None = None,
+    margins: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Calls the fused op with validated options; computes the gradient only when autograd
-    will need it."""
+    will need it. offset: tau log(pi) [C] (logit adjustment), margins: [C] (LDAM)."""
     check_target_options(target, opts.ignore_index)
+    dev = logits.device
+    if margins is not None:
+        check_margins(margins, opts, target)
+        if margins.device != dev:
+            _same_device(logits, "logits", (margins, "margins"))
     dev = logits.device  # one device object, not four: this runs every step
     if target.device != dev or class_weight.device != dev:
         _same_device(logits, "logits", (target, "target"), (class_weight, "class weights"))
@@ -249,6 +319,9 @@ def cb_loss(
         _grad_mode(logits),
         opts.label_smoothing,
         opts.weighting_code,
+        offset,
+        margins,
+        opts.logit_scale,
     )
     return loss
 

@@ -7,6 +7,7 @@ import weakref
 import torch
 
 from . import _ops
+from .longtail import log_prior
 from .weights import CountsLike, class_balanced_weights
 
 __all__ = ["class_balanced_loss", "sigmoid_focal_loss"]
@@ -73,6 +74,35 @@ def resolve_weights(
     return weights
 
 
+def resolve_offset(
+    logits: torch.Tensor,
+    samples_per_class: CountsLike | None,
+    prior: torch.Tensor | None,
+    tau: float,
+) -> torch.Tensor | None:
+    """The logit adjustment's offset tau log(pi) [C] (float64, on the logits' device), from
+    ``prior`` when given, else from ``samples_per_class``; None when tau = 0."""
+    if tau == 0.0:
+        if prior is not None:
+            raise ValueError("prior is given but logit_adjustment is 0: set logit_adjustment=tau to use it")
+        return None
+    if prior is None and samples_per_class is None:
+        raise ValueError(
+            f"logit_adjustment={tau} needs the class prior: give samples_per_class (the training set's "
+            "class counts) or prior"
+        )
+    device = logits.device
+    source = prior if prior is not None else samples_per_class
+    key, owner = _key("log_prior", source, prior is not None, tau, str(device))
+
+    def make():
+        if prior is not None:
+            return tau * log_prior(prior=prior, device=device)
+        return tau * log_prior(samples_per_class, device=device)
+
+    return _cached(key, owner, make)
+
+
 def class_balanced_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -87,6 +117,10 @@ def class_balanced_loss(
     zero_count: str = "error",
     label_smoothing: float = 0.0,
     weighting: str = "sample",
+    logit_adjustment: float = 0.0,
+    prior: torch.Tensor | None = None,
+    margins: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
     r"""Class-balanced loss (Cui et al., CVPR 2019), fused: one pass computes the loss and,
     when autograd needs it, the gradient.
@@ -123,10 +157,27 @@ def class_balanced_loss(
             :math:`s_i` times its whole loss) or ``"class"`` (PyTorch's: class term c times
             :math:`w_c`; then the loss equals ``F.cross_entropy(weight=w, label_smoothing=eps)``
             with ``reduction="weighted_mean"`` for class indices). docs/losses.md has the formulas.
+        logit_adjustment, prior, margins, logit_scale (the softmax losses): the loss is taken on
+            the adjusted logits ``z_c = s x_c + tau log(pi_c) - s margins[y] [c == y]``, with
+            ``tau = logit_adjustment`` (1: Balanced Softmax; Menon et al.'s logit-adjusted
+            loss), ``pi`` the class prior of ``samples_per_class`` (or ``prior``), LDAM's
+            ``margins`` [C] on the target class (:func:`cbfused.ldam_margins`; class indices
+            only) and ``s = logit_scale`` (LDAM uses 30 with normalised features).
     """
-    opts = _ops.loss_options(loss_type, gamma, alpha, reduction, ignore_index, label_smoothing, weighting)
+    opts = _ops.loss_options(
+        loss_type,
+        gamma,
+        alpha,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        weighting,
+        logit_adjustment,
+        logit_scale,
+    )
     w = resolve_weights(logits, samples_per_class, weights, beta, zero_count)
-    return _ops.cb_loss(logits, target, w, opts)
+    offset = resolve_offset(logits, samples_per_class, prior, opts.logit_adjustment)
+    return _ops.cb_loss(logits, target, w, opts, offset, margins)
 
 
 def sigmoid_focal_loss(

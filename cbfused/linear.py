@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import _ops
-from .functional import resolve_weights
+from .functional import resolve_offset, resolve_weights
 from .modules import apply_keeping_dtype
 from .weights import CountsLike, check_beta, class_balanced_weights
 
@@ -38,11 +38,25 @@ def _cb_loss_op(*args):
 
 def _chunk_op(f, weight, bias, target, class_weight, op: tuple, reduction: int, grad_mode: int):
     """The fused kernel on one chunk's logits f @ weight.T + bias (freed on return);
-    op = (loss type, gamma, alpha, ignore_index, label_smoothing, weighting code)."""
+    op = (loss type, gamma, alpha, ignore_index, label_smoothing, weighting code, logit offset,
+    margins, logit scale)."""
     logits = torch.addmm(bias, f, weight.t()) if bias is not None else f @ weight.t()
-    lt, gamma, alpha, ignore_index, eps, wcode = op
+    lt, gamma, alpha, ignore_index, eps, wcode, offset, margins, scale = op
     return _cb_loss_op(
-        logits, target, class_weight, lt, gamma, alpha, reduction, ignore_index, grad_mode, eps, wcode
+        logits,
+        target,
+        class_weight,
+        lt,
+        gamma,
+        alpha,
+        reduction,
+        ignore_index,
+        grad_mode,
+        eps,
+        wcode,
+        offset,
+        margins,
+        scale,
     )
 
 
@@ -162,21 +176,16 @@ class _LinearCBLoss(torch.autograd.Function):
         bias,
         target,
         class_weight,
-        lt,
-        gamma,
-        alpha,
+        op,
         reduction,
-        ignore_index,
         rows,
-        eps,
-        wcode,
     ):
         n, _h = features.shape
         c = weight.shape[0]
         need = ctx.needs_input_grad
         want_grad = any(need[:3])
         ctx.reduction = reduction
-        op = (lt, gamma, alpha, ignore_index, eps, wcode)
+        ignore_index = op[3]
         d = _denominator(target, class_weight, reduction, ignore_index)
         inv = (
             None
@@ -237,7 +246,7 @@ class _LinearCBLoss(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("cbfused: linear_class_balanced_loss supports first derivatives only")
         if ctx.reduction != "none":
-            return (*_hand_over(ctx, go), *[None] * 10)
+            return (*_hand_over(ctx, go), *[None] * 5)
         features, weight, bias, target, class_weight = ctx.saved_tensors
         op, rows = ctx.args
         need = ctx.needs_input_grad
@@ -259,7 +268,7 @@ class _LinearCBLoss(torch.autograd.Function):
                 torch.mm(g, weight, out=gf[i:j])
             _accumulate(gw, gb, g, f)
         grads = (gf, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype))
-        return (*grads, *[None] * 10)
+        return (*grads, *[None] * 5)
 
 
 def linear_class_balanced_loss(
@@ -279,6 +288,10 @@ def linear_class_balanced_loss(
     chunk_rows: int | None = None,
     label_smoothing: float = 0.0,
     weighting: str = "sample",
+    logit_adjustment: float = 0.0,
+    prior: torch.Tensor | None = None,
+    margins: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
     """``class_balanced_loss(features @ weight.T + bias, target, ...)`` without materialising the
     [N, C] logits: see the module docstring. ``features`` [N, H], ``weight`` [C, H], ``bias``
@@ -301,8 +314,20 @@ def linear_class_balanced_loss(
     cw = resolve_weights(features, samples_per_class, weights, beta, zero_count)
     if cw.shape != (c,):
         raise ValueError(f"class weights must have shape [{c}], got {list(cw.shape)}")
-    o = _ops.loss_options(loss_type, gamma, alpha, reduction, ignore_index, label_smoothing, weighting)
+    o = _ops.loss_options(
+        loss_type,
+        gamma,
+        alpha,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        weighting,
+        logit_adjustment,
+        logit_scale,
+    )
     _ops.check_target_options(target, ignore_index)
+    _ops.check_margins(margins, o, target)
+    offset = resolve_offset(features, samples_per_class, prior, o.logit_adjustment)
     n = features.shape[0]
     rows = chunk_rows if chunk_rows is not None else auto_chunk_rows(n, features.shape[1], c, features.dtype)
     if rows < 1:
@@ -314,14 +339,19 @@ def linear_class_balanced_loss(
         bias,
         target,
         cw,
-        o.code,
-        o.gamma,
-        o.alpha,
+        (
+            o.code,
+            o.gamma,
+            o.alpha,
+            o.ignore_index,
+            o.label_smoothing,
+            o.weighting_code,
+            offset,
+            margins,
+            o.logit_scale,
+        ),
         o.reduction,
-        o.ignore_index,
         rows,
-        o.label_smoothing,
-        o.weighting_code,
     )
 
 

@@ -32,6 +32,35 @@ def class_prior(samples_per_class: CountsLike, device: torch.device | str | None
     return n / n.sum()
 
 
+def log_prior(
+    samples_per_class: CountsLike | None = None,
+    prior: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``log(pi)`` (float64, [C]) of the class prior from ``samples_per_class`` or of a ``prior``
+    of finite, positive entries (exactly one of the two), with errors that name the value."""
+    if (samples_per_class is None) == (prior is None):
+        raise ValueError("give exactly one of samples_per_class or prior")
+    if prior is None:
+        return class_prior(samples_per_class, device=device).log()
+    pi = torch.as_tensor(prior, dtype=torch.float64, device=device)
+    if pi.dim() != 1:
+        raise ValueError(f"prior must be 1-D [C], got shape {list(pi.shape)}")
+    if not bool((pi > 0).all()) or not bool(torch.isfinite(pi).all()):
+        bad = int((~((pi > 0) & torch.isfinite(pi))).nonzero()[0])
+        raise ValueError(
+            f"prior must be finite and > 0 for every class, got {pi[bad].item()} for class {bad}"
+        )
+    return pi.log()
+
+
+def check_tau(tau: float, name: str = "tau") -> float:
+    t = float(tau)
+    if t != t or t in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be a finite number, got {tau}")
+    return t
+
+
 def adjust_logits(
     logits: torch.Tensor,
     samples_per_class: CountsLike | None = None,
@@ -42,29 +71,15 @@ def adjust_logits(
     the class prior ``pi`` from ``samples_per_class`` (or a ``prior`` of positive entries),
     for prediction with a model trained on long-tailed data. Classes run along dimension 1
     of [N, C, d1, ..., dk] logits (dimension 0 of [C]); returns the logits' dtype."""
-    if (samples_per_class is None) == (prior is None):
-        raise ValueError("give exactly one of samples_per_class or prior")
-    t = float(tau)
-    if t != t or t in (float("inf"), float("-inf")):
-        raise ValueError(f"tau must be a finite number, got {tau}")
-    if prior is None:
-        pi = class_prior(samples_per_class, device=logits.device)
-    else:
-        pi = torch.as_tensor(prior, dtype=torch.float64, device=logits.device)
-        if pi.dim() != 1:
-            raise ValueError(f"prior must be 1-D [C], got shape {list(pi.shape)}")
-        if not bool((pi > 0).all()) or not bool(torch.isfinite(pi).all()):
-            bad = int((~((pi > 0) & torch.isfinite(pi))).nonzero()[0])
-            raise ValueError(
-                f"prior must be finite and > 0 for every class, got {pi[bad].item()} for class {bad}"
-            )
+    t = check_tau(tau)
+    log_pi = log_prior(samples_per_class, prior, logits.device)
     cdim = 0 if logits.dim() == 1 else 1
     c = logits.shape[cdim]
-    if pi.numel() != c:
-        raise ValueError(f"the prior has {pi.numel()} classes but the logits have {c} (dimension {cdim})")
+    if log_pi.numel() != c:
+        raise ValueError(f"the prior has {log_pi.numel()} classes but the logits have {c} (dimension {cdim})")
     shape = [1] * logits.dim()
     shape[cdim] = c
-    return (logits - (t * pi.log()).reshape(shape).to(logits.dtype)).to(logits.dtype)
+    return (logits - (t * log_pi).reshape(shape).to(logits.dtype)).to(logits.dtype)
 
 
 def ldam_margins(

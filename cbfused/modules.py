@@ -6,10 +6,13 @@ import torch
 from torch import nn
 
 from . import _ops
+from .longtail import log_prior
 from .weights import CountsLike, check_beta, class_balanced_weights
 
 __all__ = ["ClassBalancedLoss"]
 
+# the options that live in the validated record (logit_adjustment is fixed at construction:
+# the offset buffer is built from it)
 _OPTION_NAMES = ("loss_type", "gamma", "alpha", "reduction", "ignore_index", "label_smoothing", "weighting")
 
 
@@ -19,15 +22,17 @@ def _check_epoch(epoch, name: str) -> int:
     return epoch
 
 
-def apply_keeping_dtype(module: nn.Module, buffer: str, apply, fn, recurse: bool):
-    """nn.Module._apply that keeps one buffer's dtype and values: .half() / .to(dtype) cast
-    every floating buffer, but the class weights stay float64 (the kernels read them in the
-    accumulation type); only the device follows."""
-    before = getattr(module, buffer)
+def apply_keeping_dtype(module: nn.Module, buffer: str | tuple[str, ...], apply, fn, recurse: bool):
+    """nn.Module._apply that keeps some buffers' dtype and values: .half() / .to(dtype) cast
+    every floating buffer, but the class weights (and the per-class offsets and margins) stay
+    float64 (the kernels read them in the accumulation type); only the device follows."""
+    names = (buffer,) if isinstance(buffer, str) else buffer
+    before = {n: getattr(module, n) for n in names}
     out = apply(fn, recurse)
-    after = getattr(module, buffer)
-    if after.dtype != before.dtype:
-        setattr(module, buffer, before.to(device=after.device))
+    for n, b in before.items():
+        after = getattr(module, n)
+        if b is not None and after.dtype != b.dtype:
+            setattr(module, n, b.to(device=after.device))
     return out
 
 
@@ -64,10 +69,22 @@ class ClassBalancedLoss(nn.Module):
         drw_epoch: int | None = None,
         label_smoothing: float = 0.0,
         weighting: str = "sample",
+        logit_adjustment: float = 0.0,
+        prior: torch.Tensor | None = None,
+        margins: torch.Tensor | None = None,
+        logit_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self._opts = _ops.loss_options(
-            loss_type, gamma, alpha, reduction, ignore_index, label_smoothing, weighting
+            loss_type,
+            gamma,
+            alpha,
+            reduction,
+            ignore_index,
+            label_smoothing,
+            weighting,
+            logit_adjustment,
+            logit_scale,
         )
         if (samples_per_class is None) == (weights is None):
             raise ValueError("give exactly one of samples_per_class (with beta) or weights")
@@ -80,6 +97,28 @@ class ClassBalancedLoss(nn.Module):
                 raise ValueError(f"weights must be 1-D [C], got shape {list(w.shape)}")
             self.beta = None
         self.register_buffer("weight", w)
+        # adjusted logits: the offset tau log(pi) and LDAM's margins, float64 [C] (or None)
+        offset = None
+        if self._opts.logit_adjustment != 0.0:
+            if prior is None and samples_per_class is None:
+                raise ValueError("logit_adjustment needs the class prior: give samples_per_class or prior")
+            lp = log_prior(None if prior is not None else samples_per_class, prior)
+            offset = self._opts.logit_adjustment * lp
+        elif prior is not None:
+            raise ValueError("prior is given but logit_adjustment is 0: set logit_adjustment=tau to use it")
+        if offset is not None and offset.numel() != w.numel():
+            raise ValueError(f"the prior has {offset.numel()} classes but the weights {w.numel()}")
+        self.register_buffer("logit_offset", offset)
+        m = None
+        if margins is not None:
+            m = torch.as_tensor(margins, dtype=torch.float64).detach().clone()
+            if m.dim() != 1 or m.numel() != w.numel():
+                raise ValueError(f"margins must have shape [{w.numel()}], got {list(m.shape)}")
+            if self.loss_type not in _ops.SOFTMAX_FAMILY:
+                raise ValueError(
+                    f"margins apply to the softmax losses only, not to loss_type={self.loss_type!r}"
+                )
+        self.register_buffer("margins", m)
         # DRW: weights of 1 before drw_epoch (not saved: the training loop sets the epoch)
         self.register_buffer("_unit_weight", torch.ones_like(w), persistent=False)
         self.drw_epoch = _check_epoch(drw_epoch, "drw_epoch") if drw_epoch is not None else None
@@ -102,9 +141,9 @@ class ClassBalancedLoss(nn.Module):
             return None if name == "alpha" and v < 0 else v
 
         def set_(self, value):
-            o = {f: getattr(self, f) for f in _OPTION_NAMES}
+            o = {f: getattr(self, f) for f in _OPTION_NAMES + ("logit_scale",)}
             o[name] = value
-            self._opts = _ops.loss_options(**o)
+            self._opts = _ops.loss_options(**o, logit_adjustment=self._opts.logit_adjustment)
 
         return property(get, set_)
 
@@ -115,10 +154,16 @@ class ClassBalancedLoss(nn.Module):
     ignore_index = _option("ignore_index")
     label_smoothing = _option("label_smoothing")
     weighting = _option("weighting")
+    logit_scale = _option("logit_scale")
     del _option
 
+    @property
+    def logit_adjustment(self) -> float:
+        """tau of the training-time logit adjustment (fixed at construction)."""
+        return self._opts.logit_adjustment
+
     def _apply(self, fn, recurse=True):
-        return apply_keeping_dtype(self, "weight", super()._apply, fn, recurse)
+        return apply_keeping_dtype(self, ("weight", "logit_offset", "margins"), super()._apply, fn, recurse)
 
     @property
     def num_classes(self) -> int:
@@ -126,7 +171,7 @@ class ClassBalancedLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         w = self.weight if self.weights_active else self._unit_weight
-        return _ops.cb_loss(logits, target, w, self._opts)
+        return _ops.cb_loss(logits, target, w, self._opts, self.logit_offset, self.margins)
 
     def extra_repr(self) -> str:
         parts = [f"num_classes={self.num_classes}", f"loss_type={self.loss_type!r}"]
@@ -141,6 +186,12 @@ class ClassBalancedLoss(nn.Module):
             parts.append(f"label_smoothing={self.label_smoothing}")
         if self.weighting != "sample":
             parts.append(f"weighting={self.weighting!r}")
+        if self.logit_adjustment:
+            parts.append(f"logit_adjustment={self.logit_adjustment}")
+        if self.margins is not None:
+            parts.append("margins=[...]")
+        if self.logit_scale != 1.0:
+            parts.append(f"logit_scale={self.logit_scale}")
         if self.drw_epoch is not None:
             parts.append(f"drw_epoch={self.drw_epoch}, epoch={self.epoch}")
         return ", ".join(parts)

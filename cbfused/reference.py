@@ -61,13 +61,19 @@ def class_balanced_loss(
     compute_dtype: torch.dtype = torch.float64,
     label_smoothing: float = 0.0,
     weighting: str = "sample",
+    logit_offset: torch.Tensor | None = None,
+    margins: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
     """Reference class-balanced loss (see ``cbfused.class_balanced_loss``). Logits
     [N, C, d1, ..., dk] and [C] are computed as the rows of [N * d1 * ... * dk, C].
 
     Label smoothing and the class-weighting rule (softmax): the row's target distribution is
     ``t' = (1 - eps) t + eps / C`` (zero for an ignored sample), and its loss
-    ``-sum_c e_c log p_c`` with ``e = s t'`` ('sample') or ``e = w * t'`` ('class')."""
+    ``-sum_c e_c log p_c`` with ``e = s t'`` ('sample') or ``e = w * t'`` ('class').
+
+    Adjusted logits (softmax family): the loss is taken on ``z = s x + b``, less ``s margins[y]``
+    on the target class, with ``s = logit_scale`` and ``b = logit_offset``."""
     if logits.dim() != 2:
         x2, t2, out_shape = _as_rows(logits, target)
         out = class_balanced_loss(
@@ -82,11 +88,22 @@ def class_balanced_loss(
             compute_dtype,
             label_smoothing,
             weighting,
+            logit_offset,
+            margins,
+            logit_scale,
         )
         return out.reshape(out_shape) if reduction == "none" else out
     x = logits.to(compute_dtype)
     w = weights.to(device=x.device, dtype=compute_dtype)
     t, s, valid = _targets(x, target, w, ignore_index)
+    if logit_offset is not None or margins is not None or logit_scale != 1.0:
+        if loss_type not in SOFTMAX_FAMILY:
+            raise ValueError(f"adjusted logits apply to the softmax losses only, not {loss_type!r}")
+        x = logit_scale * x
+        if logit_offset is not None:
+            x = x + logit_offset.to(device=x.device, dtype=x.dtype)
+        if margins is not None:  # on the target class (one-hot t; zero for an ignored sample)
+            x = x - logit_scale * t * margins.to(device=x.device, dtype=x.dtype)
     smoothed = label_smoothing != 0 or weighting != "sample"
     if smoothed and loss_type != "softmax":
         raise ValueError(f"label_smoothing / weighting apply to 'softmax' only, not {loss_type!r}")

@@ -112,18 +112,23 @@ at::Tensor scale_on_device(const at::Tensor& grad, const at::Tensor& g_loss, con
 
 using CbLossFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                 const at::Tensor&, int64_t, double, double,
-                                                                int64_t, int64_t, int64_t, double, int64_t);
+                                                                int64_t, int64_t, int64_t, double, int64_t,
+                                                                const std::optional<at::Tensor>&,
+                                                                const std::optional<at::Tensor>&, double);
 
 class CbLossFunction : public torch::autograd::Function<CbLossFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
                                const at::Tensor& class_weight, int64_t loss_type, double gamma, double alpha,
                                int64_t reduction, int64_t ignore_index, int64_t grad_mode,
-                               double label_smoothing, int64_t weighting) {
+                               double label_smoothing, int64_t weighting,
+                               const std::optional<at::Tensor>& logit_offset,
+                               const std::optional<at::Tensor>& margins, double logit_scale) {
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("cbfused::cb_loss", "").typed<CbLossFn>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, grad, grad_scale] = op.call(logits, target, class_weight, loss_type, gamma, alpha, reduction,
-                                            ignore_index, grad_mode, label_smoothing, weighting);
+    auto [loss, grad, grad_scale] =
+        op.call(logits, target, class_weight, loss_type, gamma, alpha, reduction, ignore_index, grad_mode,
+                label_smoothing, weighting, logit_offset, margins, logit_scale);
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["grad_mode"] = grad_mode;
     ctx->save_for_backward({grad, grad_scale});
@@ -133,7 +138,7 @@ class CbLossFunction : public torch::autograd::Function<CbLossFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(11);  // undefined: no gradient for the non-tensor / non-differentiable inputs
+    variable_list out(14);  // undefined: no gradient for the non-tensor / non-differentiable inputs
     const at::Tensor& g_loss = grads[0];
     if (!g_loss.defined()) return out;
     const int64_t grad_mode = ctx->saved_data["grad_mode"].toInt();
@@ -165,9 +170,11 @@ class CbLossFunction : public torch::autograd::Function<CbLossFunction> {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_autograd(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& class_weight, int64_t loss_type,
     double gamma, double alpha, int64_t reduction, int64_t ignore_index, int64_t grad_mode,
-    double label_smoothing, int64_t weighting) {
-  auto r = CbLossFunction::apply(logits, target, class_weight, loss_type, gamma, alpha, reduction,
-                                 ignore_index, grad_mode, label_smoothing, weighting);
+    double label_smoothing, int64_t weighting, const std::optional<at::Tensor>& logit_offset,
+    const std::optional<at::Tensor>& margins, double logit_scale) {
+  auto r =
+      CbLossFunction::apply(logits, target, class_weight, loss_type, gamma, alpha, reduction, ignore_index,
+                            grad_mode, label_smoothing, weighting, logit_offset, margins, logit_scale);
   return {r[0], r[1], r[2]};
 }
 

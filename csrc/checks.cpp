@@ -93,9 +93,43 @@ bool dense_channels_last(const at::Tensor& t) { return t.stride(1) == 1 && t.mov
 
 }  // namespace
 
+namespace {
+
+// A [C] per-class tensor of the adjusted logits, in the accumulation type; zeros if absent.
+at::Tensor per_class(const std::optional<at::Tensor>& t, const char* name, const CbLossPlan& plan,
+                     const at::Tensor& logits) {
+  const auto acc = acc_type_of(logits.scalar_type());
+  if (!t.has_value() || !t->defined()) return at::zeros({plan.C}, logits.options().dtype(acc));
+  TORCH_CHECK(t->device() == logits.device(), "cbfused: ", name, " is on ", t->device(),
+              " but logits are on ", logits.device());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == plan.C, "cbfused: ", name, " must have shape [", plan.C,
+              "] (one per class), got ", shape_str(*t));
+  TORCH_CHECK(t->is_floating_point(), "cbfused: ", name, " must be floating point, got ", t->scalar_type());
+  return weights_as(*t, acc);
+}
+
+void check_adjust(CbLossPlan& plan, const AdjustArgs& adj, const at::Tensor& logits, int64_t loss_type) {
+  const bool offset = adj.offset.has_value() && adj.offset->defined();
+  const bool margins = adj.margins.has_value() && adj.margins->defined();
+  TORCH_CHECK(std::isfinite(adj.scale) && adj.scale > 0,
+              "cbfused: logit_scale must be a finite number > 0, got ", adj.scale);
+  if (!offset && !margins && adj.scale == 1) return;
+  TORCH_CHECK(is_softmax_family(loss_type),
+              "cbfused: logit adjustment, margins and logit_scale apply to the softmax losses only, not to '",
+              loss_kind(loss_type).name, "'");
+  TORCH_CHECK(
+      !margins || plan.hard,
+      "cbfused: margins apply to class-index targets only (the margin is on the target class's logit)");
+  plan.offset = per_class(adj.offset, "logit_offset", plan, logits);
+  plan.margin = per_class(adj.margins, "margins", plan, logits);
+  plan.scale = adj.scale;
+}
+
+}  // namespace
+
 CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& class_weight,
                          int64_t loss_type, double gamma, double alpha, int64_t reduction,
-                         double label_smoothing, int64_t weighting) {
+                         double label_smoothing, int64_t weighting, const AdjustArgs* adjust) {
   TORCH_CHECK(valid_loss_type(loss_type), "cbfused: unknown loss type code ", loss_type);
   TORCH_CHECK(valid_weighting(weighting), "cbfused: unknown weighting code ", weighting);
   TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1,
@@ -185,6 +219,7 @@ CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target, con
                 ts);
   }
   plan.weight = weights_as(class_weight, acc_type_of(logits.scalar_type()));
+  if (adjust) check_adjust(plan, *adjust, logits, loss_type);
   return plan;
 }
 

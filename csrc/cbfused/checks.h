@@ -29,6 +29,17 @@ struct CbLossPlan {
   at::Tensor shape_of;              // the logits as given (the gradient takes their shape and layout)
   bool grad_like = false;           // the gradient takes shape_of's strides (dense channels-last)
   std::vector<int64_t> loss_shape;  // reduction 'none': [samples, d1, ..., dk], or [] for [C]
+  // Adjusted logits (softmax family): offset and margin [C] in the accumulation type (zeros
+  // where not given), both defined when any of the three is on.
+  at::Tensor offset, margin;
+  double scale = 1;
+};
+
+// The adjusted-logit arguments of cb_loss (schemas.h).
+struct AdjustArgs {
+  const std::optional<at::Tensor>& offset;
+  const std::optional<at::Tensor>& margins;
+  double scale;
 };
 
 // Validates the arguments of cbfused::cb_loss and normalises the layouts the
@@ -37,7 +48,8 @@ struct CbLossPlan {
 // label_smoothing / weighting: softmax cross-entropy's options (schemas.h), checked here.
 CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& class_weight,
                          int64_t loss_type, double gamma, double alpha, int64_t reduction,
-                         double label_smoothing = 0, int64_t weighting = 0);
+                         double label_smoothing = 0, int64_t weighting = 0,
+                         const AdjustArgs* adjust = nullptr);
 
 // The op's outputs: loss ([] or loss_shape), grad (the logits' shape, or [0]), inv_norm ([]).
 struct CbLossOutputs {

@@ -308,6 +308,16 @@ CBF_HD T smooth_grad_y(const SmoothCoef<T>& k, T a_y, T A, T q) {
   return -k.P * a_y * q + k.Q * (A * (T(1) - q) - a_y);
 }
 
+// Logit adjustment (Menon et al., ICLR 2021; tau = 1 is Balanced Softmax), LDAM's target
+// margin (Cao et al., NeurIPS 2019) and a logit scale (docs/losses.md, "Adjusted logits"):
+// the softmax family's loss is taken on
+//   z_c = s x_c + b_c - s Delta_y [c == y],   b = tau log(pi),
+// read once per pass from the stored x, so d loss / d x_c = s d loss / d z_c.
+template <typename T>
+CBF_HD T adjusted_logit(T x, T s, T b) {
+  return s * x + b;
+}
+
 // gamma as a small integer (0..8) when it is one, else -1: with hard (0 / 1) targets the
 // focal modulator is then a product (binary_term's pow_k).
 CBF_HD int small_integer_gamma(double gamma) {

@@ -63,6 +63,29 @@ struct Smoothing {
   bool active(bool hard) const { return eps > 0 || (class_weighting && !hard); }
 };
 
+// Logit adjustment, margins and scale of the softmax family (math.h, adjusted_logit) beside
+// RowArgs, like Planes. On: offset and margin are both [C] (zeros where not given).
+template <typename acc_t>
+struct LogitAdjust {
+  const acc_t* offset = nullptr;  // b = tau log(pi)
+  const acc_t* margin = nullptr;  // Delta, on the target class (class-index targets)
+  acc_t scale = 1;                // s
+  CBF_HD bool on() const { return offset != nullptr; }
+  // s Delta_y, what the target's adjusted logit loses (0 for y < 0)
+  CBF_HD acc_t target_margin(int64_t y) const { return y >= 0 ? scale * margin[y] : acc_t(0); }
+};
+
+template <typename acc_t>
+LogitAdjust<acc_t> make_adjust(const CbLossPlan& plan) {
+  LogitAdjust<acc_t> adj;
+  if (plan.offset.defined()) {
+    adj.offset = plan.offset.const_data_ptr<acc_t>();
+    adj.margin = plan.margin.const_data_ptr<acc_t>();
+    adj.scale = static_cast<acc_t>(plan.scale);
+  }
+  return adj;
+}
+
 template <typename scalar_t>
 RowArgs<scalar_t> make_row_args(const CbLossPlan& plan, CbLossOutputs& out, double gamma, double alpha,
                                 int64_t reduction, int64_t ignore_index, bool compute_grad) {

@@ -9,11 +9,13 @@ namespace cbfused {
 // 'none'); grad ([N, C] when grad_mode > 0, else [0]) times grad_scale ([]) is
 // d(loss)/d(logits). grad_mode and grad_scale: docs/design.md, "The gradient hand-off".
 // label_smoothing and weighting (kinds.h, Weighting): softmax cross-entropy's label smoothing
-// and class-weighting rule (docs/losses.md).
+// and class-weighting rule (docs/losses.md). logit_offset [C], margins [C] and logit_scale:
+// the softmax family's adjusted logits s x + b - s Delta_y (math.h, adjusted_logit).
 constexpr const char* kCbLossSchema =
     "cb_loss(Tensor logits, Tensor target, Tensor class_weight, int loss_type, float gamma, "
     "float alpha, int reduction, int ignore_index, int grad_mode, float label_smoothing=0., "
-    "int weighting=0) -> (Tensor, Tensor, Tensor)";
+    "int weighting=0, Tensor? logit_offset=None, Tensor? margins=None, float logit_scale=1.) "
+    "-> (Tensor, Tensor, Tensor)";
 
 // torchvision.ops.sigmoid_focal_loss semantics with an optional per-class weight.
 // weight_dim: the inputs' dimension the weight runs along (-1: the last).

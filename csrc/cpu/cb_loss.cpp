@@ -33,14 +33,15 @@ double hard_target_inv_denominator(const RowArgs<scalar_t>& a) {
   return inv_denominator(d);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                           const at::Tensor& class_weight, int64_t loss_type,
-                                                           double gamma, double alpha, int64_t reduction,
-                                                           int64_t ignore_index, int64_t grad_mode,
-                                                           double label_smoothing, int64_t weighting) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& class_weight, int64_t loss_type,
+    double gamma, double alpha, int64_t reduction, int64_t ignore_index, int64_t grad_mode,
+    double label_smoothing, int64_t weighting, const std::optional<at::Tensor>& logit_offset,
+    const std::optional<at::Tensor>& margins, double logit_scale) {
   const bool compute_grad = check_grad_mode(grad_mode);
+  const AdjustArgs adjust{logit_offset, margins, logit_scale};
   const CbLossPlan plan = check_cb_loss(logits, target, class_weight, loss_type, gamma, alpha, reduction,
-                                        label_smoothing, weighting);
+                                        label_smoothing, weighting, &adjust);
   const Smoothing sm{label_smoothing, weighting == kClassWeighting};
   CbLossOutputs out = alloc_cb_loss(plan, reduction, compute_grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -52,7 +53,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cpu(const at::Tensor& log
         const bool fold = plan.hard && mean && compute_grad;
         if (fold) a.grad_prescale = static_cast<at::opmath_type<scalar_t>>(hard_target_inv_denominator(a));
         const std::pair<double, double> tot = active_kernels().get<scalar_t>().cb_rows(
-            a, make_planes(plan), sm, loss_type, compute_grad, plan.hard);
+            a, make_planes(plan), sm, make_adjust<at::opmath_type<scalar_t>>(plan), loss_type, compute_grad,
+            plan.hard);
         const double inv = mean ? inv_denominator(tot.second) : 1.0;
         if (reduction != kNone)
           *out.loss.mutable_data_ptr<scalar_t>() = cast_saturating<scalar_t>(tot.first * inv);

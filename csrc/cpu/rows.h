@@ -29,16 +29,19 @@ namespace cpu {
 
 // The rows of one cb_loss call, per loss family (kernels/softmax_rows.cpp,
 // kernels/binary_rows.cpp): totals of loss and denominator, as run_row_groups returns them.
-// sm: label smoothing / class weighting (softmax cross-entropy only).
+// sm: label smoothing / class weighting (softmax cross-entropy only); adj: adjusted logits.
 template <typename scalar_t>
-std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, const Smoothing& sm, bool focal,
+std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, const Smoothing& sm,
+                                              const LogitAdjust<at::opmath_type<scalar_t>>& adj, bool focal,
                                               bool grad, bool hard);
 template <typename scalar_t>
 std::pair<double, double> binary_family_rows(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard);
 // The same families in the planes layout (kernels/planes.cpp; pl.S > 0).
 template <typename scalar_t>
 std::pair<double, double> softmax_family_planes(const RowArgs<scalar_t>& a, const Planes& pl,
-                                                const Smoothing& sm, bool focal, bool grad, bool hard);
+                                                const Smoothing& sm,
+                                                const LogitAdjust<at::opmath_type<scalar_t>>& adj, bool focal,
+                                                bool grad, bool hard);
 template <typename scalar_t>
 std::pair<double, double> binary_family_planes(const RowArgs<scalar_t>& a, const Planes& pl, bool focal,
                                                bool grad, bool hard);
@@ -51,11 +54,12 @@ double focal_elementwise_rows(const FocalPlan& p, double gamma, double alpha, do
 // of macro M(F, T).
 #define CBFUSED_FAMILY_ROWS(F, T) \
   template std::pair<double, double> F<T>(const RowArgs<T>&, bool, bool, bool);
-#define CBFUSED_SOFTMAX_ROWS(F, T) \
-  template std::pair<double, double> F<T>(const RowArgs<T>&, const Smoothing&, bool, bool, bool);
-#define CBFUSED_SOFTMAX_PLANES(F, T)                                                                      \
-  template std::pair<double, double> F<T>(const RowArgs<T>&, const Planes&, const Smoothing&, bool, bool, \
-                                          bool);
+#define CBFUSED_SOFTMAX_ROWS(F, T)                                             \
+  template std::pair<double, double> F<T>(const RowArgs<T>&, const Smoothing&, \
+                                          const LogitAdjust<at::opmath_type<T>>&, bool, bool, bool);
+#define CBFUSED_SOFTMAX_PLANES(F, T)                                                          \
+  template std::pair<double, double> F<T>(const RowArgs<T>&, const Planes&, const Smoothing&, \
+                                          const LogitAdjust<at::opmath_type<T>>&, bool, bool, bool);
 #define CBFUSED_FAMILY_PLANES(F, T) \
   template std::pair<double, double> F<T>(const RowArgs<T>&, const Planes&, bool, bool, bool);
 #define CBFUSED_FOCAL_ROWS(F, T) template double F<T>(const FocalPlan&, double, double, double, T*, T*);
@@ -74,6 +78,12 @@ auto with_flags(bool focal, bool grad, bool hard, const F& f) {
     return grad ? with_hard(focal_c, std::true_type{}) : with_hard(focal_c, std::false_type{});
   };
   return focal ? with_grad(std::true_type{}) : with_grad(std::false_type{});
+}
+
+// Calls f(flag_c) with the flag as std::true_type / false_type.
+template <typename F>
+auto with_flag(bool flag, const F& f) {
+  return flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
 // Rows per chunk: about kChunkElems logits, independent of the thread count.

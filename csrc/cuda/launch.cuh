@@ -33,8 +33,9 @@ inline int flat_rows_per_tile(int64_t C) {
   return static_cast<int>(std::min<int64_t>(kBlock, (kFlatTile / C) / 8 * 8));
 }
 
-template <typename scalar_t, int kLoss, bool kHard, bool kSmooth = false>
-void launch_rows(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm, Stream stream) {
+template <typename scalar_t, int kLoss, bool kHard, bool kSmooth = false, bool kAdj = false>
+void launch_rows(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm,
+                 const LogitAdjust<at::opmath_type<scalar_t>>& adj, Stream stream) {
   if (a.N == 0) return;
   constexpr bool kBinary = !is_softmax_family(kLoss);
   constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
@@ -42,12 +43,12 @@ void launch_rows(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& 
     const int64_t blocks = (pl.S + kBlock - 1) / kBlock;
     TORCH_CHECK(blocks <= kMaxGrid, "cbfused: ", pl.S, " positions per sample exceed the CUDA grid limit");
     const int64_t samples = std::min<int64_t>(a.N / pl.S, kMaxGridY);
-    launch_kernel(cb_planes_kernel<scalar_t, kLoss, kHard, kSmooth>,
+    launch_kernel(cb_planes_kernel<scalar_t, kLoss, kHard, kSmooth, kAdj>,
                   dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(samples)), dim3(kBlock), 0,
-                  stream, a, pl, sm);
+                  stream, a, pl, sm, adj);
     return;
   }
-  if constexpr (kBinary && !kSmooth) {
+  if constexpr (kBinary && !kSmooth && !kAdj) {
     if (a.C <= kFlatMaxC && a.x_stride == a.C && (kHard || a.t_stride == a.C)) {
       const int rows = flat_rows_per_tile(a.C);
       const int64_t blocks = (a.N + rows - 1) / rows;
@@ -72,38 +73,54 @@ void launch_rows(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& 
   TORCH_CHECK(blocks <= kMaxGrid, "cbfused: ", a.N, " rows exceed the CUDA grid limit");
   const dim3 grid(static_cast<unsigned>(blocks));
   if (warp_rows) {
-    launch_kernel(cb_row_kernel<scalar_t, kLoss, kHard, kWarp, kSmooth>, grid, dim3(kBlock), smem, stream, a,
-                  stride, sm);
+    launch_kernel(cb_row_kernel<scalar_t, kLoss, kHard, kWarp, kSmooth, kAdj>, grid, dim3(kBlock), smem,
+                  stream, a, stride, sm, adj);
   } else {
-    launch_kernel(cb_row_kernel<scalar_t, kLoss, kHard, kBlock, kSmooth>, grid, dim3(kBlock), smem, stream, a,
-                  stride, sm);
+    launch_kernel(cb_row_kernel<scalar_t, kLoss, kHard, kBlock, kSmooth, kAdj>, grid, dim3(kBlock), smem,
+                  stream, a, stride, sm, adj);
   }
 }
 
-// One loss family (kA or kB, hard or float targets); instantiated in softmax.cu and sigmoid.cu.
-// Smoothed rows (sm.active) are softmax cross-entropy's only (checked by check_cb_loss).
-template <typename scalar_t, int kA, int kB>
-void launch_family(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm, int64_t loss_type,
-                   bool hard, Stream stream) {
+template <typename scalar_t, int kA, int kB, bool kAdj>
+void launch_with_adj(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm,
+                     const LogitAdjust<at::opmath_type<scalar_t>>& adj, int64_t loss_type, bool hard,
+                     Stream stream) {
   if constexpr (kA == kSoftmax) {
     if (loss_type == kA && sm.active(hard)) {
-      hard ? launch_rows<scalar_t, kA, true, true>(a, pl, sm, stream)
-           : launch_rows<scalar_t, kA, false, true>(a, pl, sm, stream);
+      hard ? launch_rows<scalar_t, kA, true, true, kAdj>(a, pl, sm, adj, stream)
+           : launch_rows<scalar_t, kA, false, true, kAdj>(a, pl, sm, adj, stream);
       return;
     }
   }
   if (loss_type == kA) {
-    hard ? launch_rows<scalar_t, kA, true>(a, pl, sm, stream)
-         : launch_rows<scalar_t, kA, false>(a, pl, sm, stream);
+    hard ? launch_rows<scalar_t, kA, true, false, kAdj>(a, pl, sm, adj, stream)
+         : launch_rows<scalar_t, kA, false, false, kAdj>(a, pl, sm, adj, stream);
   } else {
-    hard ? launch_rows<scalar_t, kB, true>(a, pl, sm, stream)
-         : launch_rows<scalar_t, kB, false>(a, pl, sm, stream);
+    hard ? launch_rows<scalar_t, kB, true, false, kAdj>(a, pl, sm, adj, stream)
+         : launch_rows<scalar_t, kB, false, false, kAdj>(a, pl, sm, adj, stream);
   }
 }
 
-#define CBFUSED_FAMILY_ONE(T, A, B, EXTERN)                                                                \
-  EXTERN template void launch_family<T, A, B>(const RowArgs<T>&, const Planes&, const Smoothing&, int64_t, \
-                                              bool, Stream);
+// One loss family (kA or kB, hard or float targets); instantiated in softmax.cu and sigmoid.cu.
+// Smoothed rows (sm.active) are softmax cross-entropy's only, adjusted logits (adj.on) the
+// softmax family's (checked by check_cb_loss).
+template <typename scalar_t, int kA, int kB>
+void launch_family(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm,
+                   const LogitAdjust<at::opmath_type<scalar_t>>& adj, int64_t loss_type, bool hard,
+                   Stream stream) {
+  if constexpr (kA == kSoftmax) {
+    if (adj.on()) {
+      launch_with_adj<scalar_t, kA, kB, true>(a, pl, sm, adj, loss_type, hard, stream);
+      return;
+    }
+  }
+  launch_with_adj<scalar_t, kA, kB, false>(a, pl, sm, adj, loss_type, hard, stream);
+}
+
+#define CBFUSED_FAMILY_ONE(T, A, B, EXTERN)                                                          \
+  EXTERN template void launch_family<T, A, B>(const RowArgs<T>&, const Planes&, const Smoothing&,    \
+                                              const LogitAdjust<at::opmath_type<T>>&, int64_t, bool, \
+                                              Stream);
 #define CBFUSED_FAMILY(A, B, EXTERN)          \
   CBFUSED_FAMILY_ONE(float, A, B, EXTERN)     \
   CBFUSED_FAMILY_ONE(double, A, B, EXTERN)    \

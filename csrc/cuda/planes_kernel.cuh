@@ -19,9 +19,11 @@ namespace cbfused {
 namespace cuda {
 
 // kSmooth (softmax cross-entropy): label smoothing / class weighting `sm` (math.h, smooth_coef).
-template <typename scalar_t, int kLoss, bool kHard, bool kSmooth = false>
+// kAdj (softmax family): adjusted logits `adj` (math.h, adjusted_logit).
+template <typename scalar_t, int kLoss, bool kHard, bool kSmooth = false, bool kAdj = false>
 __global__ void __launch_bounds__(kBlock, 2)
-    cb_planes_kernel(RowArgs<scalar_t> a, Planes pl, Smoothing sm = {}) {
+    cb_planes_kernel(RowArgs<scalar_t> a, Planes pl, Smoothing sm = {},
+                     LogitAdjust<at::opmath_type<scalar_t>> adj = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kFoc = is_focal(kLoss);
   // blockIdx.y walks the samples (a 64-bit division per thread cost registers and a stack
@@ -35,10 +37,16 @@ __global__ void __launch_bounds__(kBlock, 2)
     const scalar_t* t = kHard ? nullptr : a.t + n * a.t_stride + p;
     scalar_t* g = a.grad ? a.grad + n * C * pl.S + p : nullptr;
     const int64_t xs = pl.x_cstride, ts = pl.t_cstride, gs = pl.S;
-    auto X = [&](int64_t c) { return static_cast<acc_t>(x[c * xs]); };
+    int64_t y = -1;
+    // class c's logit, adjusted with kAdj (the margin on the target y)
+    auto X = [&](int64_t c) {
+      const acc_t xc = static_cast<acc_t>(x[c * xs]);
+      if constexpr (kAdj)
+        return adjusted_logit(xc, adj.scale, adj.offset[c]) - (c == y ? adj.target_margin(y) : acc_t(0));
+      return xc;
+    };
     auto Tc = [&](int64_t c) { return static_cast<acc_t>(t[c * ts]); };
     acc_t s = 0, T = 0, denom = 0, loss = 0;
-    int64_t y = -1;
     bool live = true;
     if constexpr (kHard) {
       y = a.y[r];
@@ -131,7 +139,7 @@ __global__ void __launch_bounds__(kBlock, 2)
           } else {
             gk -= s * Tc(c);
           }
-          g[c * gs] = static_cast<scalar_t>(gk);
+          g[c * gs] = static_cast<scalar_t>(kAdj ? gk * adj.scale : gk);  // d / dx = s d / dz
         }
       }
     } else {

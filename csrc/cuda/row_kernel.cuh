@@ -46,6 +46,18 @@ __device__ __forceinline__ void binary_element(const RowArgs<scalar_t>& a, at::o
   }
 }
 
+// The adjusted logits (math.h, adjusted_logit) of K classes from c on, in place: z = s x + b,
+// less s Delta_y at the target y (y < 0: none).
+template <int K, typename acc_t>
+__device__ __forceinline__ void adjust_logits(const LogitAdjust<acc_t>& adj, int64_t c, int64_t y,
+                                              acc_t (&xv)[K]) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    xv[k] = adjusted_logit(xv[k], adj.scale, adj.offset[c + k]);
+    if (c + k == y) xv[k] -= adj.target_margin(y);
+  }
+}
+
 // Targets are checked on the device, without a host sync: class targets in [0, C) or
 // ignore_index, float targets in [0, 1] (NaN fails too), as on the CPU. A kernel collects
 // a flag (a bad class row is treated as ignored, so nothing is read out of bounds) and
@@ -82,9 +94,12 @@ __device__ __forceinline__ void add_target_sums(const scalar_t* t, const acc_t* 
 // cache_stride > 0: the softmax row is parked in dynamic shared memory, cache_stride
 // elements per row slot (see launch.cuh); 0: the gradient pass reads the row again.
 // kSmooth (softmax cross-entropy): label smoothing / class weighting `sm` (math.h, smooth_coef).
-template <typename scalar_t, int kLoss, bool kHard, int kThreads, bool kSmooth = false>
+// kAdj (softmax family): adjusted logits `adj` (math.h, adjusted_logit); the cache keeps the
+// stored logits, every pass adjusts what it reads.
+template <typename scalar_t, int kLoss, bool kHard, int kThreads, bool kSmooth = false, bool kAdj = false>
 __global__ void __launch_bounds__(kBlock, 2)
-    cb_row_kernel(RowArgs<scalar_t> a, int64_t cache_stride, Smoothing sm = {}) {
+    cb_row_kernel(RowArgs<scalar_t> a, int64_t cache_stride, Smoothing sm = {},
+                  LogitAdjust<at::opmath_type<scalar_t>> adj = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   using RR = RowReduce<kThreads>;
   constexpr int kRowsPerBlock = kBlock / kThreads;
@@ -180,6 +195,7 @@ __global__ void __launch_bounds__(kBlock, 2)
       acc_t xv[K];
       load<K>(x + c, xv);
       if (cache) store<K>(cache + c, xv);
+      if constexpr (kAdj) adjust_logits<K>(adj, c, y, xv);
       acc_t mx = xv[0];
 #pragma unroll
       for (int k = 1; k < K; ++k) mx = nan_max(mx, xv[k]);
@@ -229,6 +245,12 @@ __global__ void __launch_bounds__(kBlock, 2)
       denom = float_target_denom(s, T, a.weighted);
     }
     acc_t cp = 0, cy = 0;
+    // hard targets: the target's (adjusted) logit
+    acc_t x_y = 0;
+    if constexpr (kHard) {
+      x_y = static_cast<acc_t>(x[y]);
+      if constexpr (kAdj) x_y = adjusted_logit(x_y, adj.scale, adj.offset[y]) - adj.target_margin(y);
+    }
     SmoothCoef<acc_t> sc{0, 0};  // kSmooth: P and Q
     if constexpr (kSmooth) {
       // the sums relative to the row's max (each thread summed them relative to its own)
@@ -238,7 +260,7 @@ __global__ void __launch_bounds__(kBlock, 2)
       acc_t at_row, atd_row;
       if constexpr (kHard) {
         at_row = sm.class_weighting ? s : acc_t(1);  // a_y
-        atd_row = at_row * (static_cast<acc_t>(x[y]) - ms.m);
+        atd_row = at_row * (x_y - ms.m);
       } else {
         atd_row = RR::sum(atd - at * shift, smem_a);
         at_row = RR::sum(at, smem_b);
@@ -249,11 +271,11 @@ __global__ void __launch_bounds__(kBlock, 2)
       loss = r.loss;
       cp = r.cp;
       if constexpr (kHard) {
-        const acc_t q = softmax_one_minus_p(log_softmax_of(static_cast<acc_t>(x[y]), ms.m, log_sum));
+        const acc_t q = softmax_one_minus_p(log_softmax_of(x_y, ms.m, log_sum));
         cy = smooth_grad_y(sc, at_row, A_row, q);
       }
     } else if constexpr (kHard) {
-      const SoftmaxRow<acc_t> r = softmax_hard_row<kFoc>(s, static_cast<acc_t>(x[y]), ms.m, log_sum, a.gamma);
+      const SoftmaxRow<acc_t> r = softmax_hard_row<kFoc>(s, x_y, ms.m, log_sum, a.gamma);
       loss = r.loss;
       cp = r.cp;
       cy = -cp * r.q;  // cp * (p_y - 1)
@@ -269,6 +291,7 @@ __global__ void __launch_bounds__(kBlock, 2)
         constexpr int K = decltype(w)::value;
         acc_t xv[K], tv[K];
         load<K>(cache ? cache + c : x + c, xv);
+        if constexpr (kAdj) adjust_logits<K>(adj, c, y, xv);
         load<K>(t + c, tv);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
@@ -285,6 +308,7 @@ __global__ void __launch_bounds__(kBlock, 2)
         constexpr int K = decltype(w)::value;
         acc_t xv[K], tv[K], gv[K];
         load<K>(cache ? cache + c : x + c, xv);
+        if constexpr (kAdj) adjust_logits<K>(adj, c, y, xv);
         if constexpr (!kHard) load<K>(t + c, tv);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
@@ -304,7 +328,7 @@ __global__ void __launch_bounds__(kBlock, 2)
           } else {
             gk -= s * tv[k];
           }
-          gv[k] = gk;
+          gv[k] = kAdj ? gk * adj.scale : gk;  // d / dx = s d / dz
         }
         store<K>(g + c, gv);
       });

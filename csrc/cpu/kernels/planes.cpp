@@ -111,12 +111,57 @@ inline void tile_targets(const RowArgs<scalar_t>& a, const Planes& pl, Tile<scal
   }
 }
 
+// How the softmax passes read a tile's logits: as stored (kAdj = false), or adjusted (math.h,
+// adjusted_logit): class c of every lane as z_c = s x_c + b_c, less s Delta_c on the lanes
+// whose target is c (kMargin: class-index targets).
+template <typename scalar_t, bool kAdj>
+struct TileLogits {
+  using IO = PlaneIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  const Tile<scalar_t>& tl;
+  const Planes& pl;
+  const LogitAdjust<acc_t>& adj;
+  V yv;  // the lanes' targets as numbers (-1: none)
+
+  TileLogits(const Tile<scalar_t>& tl_, const Planes& pl_, const LogitAdjust<acc_t>& adj_, bool hard)
+      : tl(tl_), pl(pl_), adj(adj_), yv(-1) {
+    if (kAdj && hard) {
+      alignas(64) acc_t yf[IO::kLanes];
+      for (int64_t k = 0; k < IO::kLanes; ++k) yf[k] = static_cast<acc_t>(tl.y[k]);
+      yv = V::loadu(yf);
+    }
+  }
+
+  V load(int64_t c) const {
+    const V xv = load_lanes<IO>(tl.x + c * pl.x_cstride, tl.m);
+    if constexpr (!kAdj) {
+      return xv;
+    } else {
+      const V z = adjusted_logit(xv, V(adj.scale), V(adj.offset[c]));
+      return z - (V(adj.target_margin(c)) & (yv == V(static_cast<acc_t>(c))));
+    }
+  }
+
+  // lane k's logit of class c
+  acc_t at(int64_t k, int64_t c) const {
+    const acc_t xc = static_cast<acc_t>(tl.x[c * pl.x_cstride + k]);
+    if constexpr (!kAdj) {
+      return xc;
+    } else {
+      return adjusted_logit(xc, adj.scale, adj.offset[c]) - (tl.y[k] == c ? adj.target_margin(c) : acc_t(0));
+    }
+  }
+};
+
 // Pass 1 of a softmax tile: the max of each position over the classes (0 for a dead lane);
 // the tile's logits are parked (contiguous, in cache) for the passes after it, so the planes
 // are read from memory once, and the next tile's lines of each plane are prefetched.
-template <typename scalar_t>
+template <typename scalar_t, bool kAdj>
 inline typename PlaneIO<scalar_t>::V tile_max_park(const RowArgs<scalar_t>& a, const Planes& pl,
-                                                   const Tile<scalar_t>& tl, at::opmath_type<scalar_t>* park,
+                                                   const Tile<scalar_t>& tl,
+                                                   const TileLogits<scalar_t, kAdj>& X,
+                                                   at::opmath_type<scalar_t>* park,
                                                    const typename PlaneIO<scalar_t>::V& live_mask) {
   using IO = PlaneIO<scalar_t>;
   using V = typename IO::V;
@@ -124,9 +169,8 @@ inline typename PlaneIO<scalar_t>::V tile_max_park(const RowArgs<scalar_t>& a, c
   V mx(-std::numeric_limits<at::opmath_type<scalar_t>>::infinity());
   const bool more = tl.p0 + L < pl.S;
   for (int64_t c = 0; c < a.C; ++c) {
-    const scalar_t* xc = tl.x + c * pl.x_cstride;
-    if (more) __builtin_prefetch(xc + L);
-    const V xv = load_lanes<IO>(xc, tl.m);
+    if (more) __builtin_prefetch(tl.x + c * pl.x_cstride + L);
+    const V xv = X.load(c);
     xv.store(park + c * L);
     mx = hw_max(mx, xv);
   }
@@ -135,8 +179,9 @@ inline typename PlaneIO<scalar_t>::V tile_max_park(const RowArgs<scalar_t>& a, c
 
 // Softmax cross-entropy and softmax focal loss over one tile (the formulas of softmax_rows,
 // one position per lane); writes the tile's per-lane loss.
-template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
-void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl, Tile<scalar_t>& tl,
+template <typename scalar_t, bool kFocal, bool kGrad, bool kHard, bool kAdj>
+void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl,
+                  const LogitAdjust<at::opmath_type<scalar_t>>& adj, Tile<scalar_t>& tl,
                   at::opmath_type<scalar_t>* park, at::opmath_type<scalar_t>* loss_out) {
   using IO = PlaneIO<scalar_t>;
   using V = typename IO::V;
@@ -145,7 +190,8 @@ void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl, Tile<scalar_t>& 
   const int64_t C = a.C, m = tl.m;
   const V live_mask = V::loadu(tl.live) > V(acc_t(0));
   const bool more = tl.p0 + L < pl.S;
-  const V mx = tile_max_park(a, pl, tl, park, live_mask);
+  const TileLogits<scalar_t, kAdj> X(tl, pl, adj, kHard);
+  const V mx = tile_max_park(a, pl, tl, X, park, live_mask);
   // Pass 2: sum of exp(x - max), parked in place of x; float-target cross-entropy:
   // sum t (x - max).
   V sum(0), tx(0);
@@ -164,7 +210,7 @@ void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl, Tile<scalar_t>& 
   if constexpr (kHard) {
     alignas(64) acc_t xy[L] = {};
     for (int64_t k = 0; k < m; ++k)
-      if (tl.y[k] >= 0) xy[k] = static_cast<acc_t>(tl.x[tl.y[k] * pl.x_cstride + k]);  // in cache
+      if (tl.y[k] >= 0) xy[k] = X.at(k, tl.y[k]);  // in cache
     const SoftmaxRow<V> r = softmax_hard_row<kFocal>(sv, V::loadu(xy), mx, ls, a.gamma);
     loss = r.loss;
     cp = r.cp;
@@ -178,8 +224,7 @@ void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl, Tile<scalar_t>& 
     V lv(0), gsum(0);
     for (int64_t c = 0; c < C; ++c) {
       const V tv = load_lanes<IO>(tl.t + c * pl.t_cstride, m);
-      const auto f =
-          softmax_focal<true>(log_softmax_of(load_lanes<IO>(tl.x + c * pl.x_cstride, m), mx, ls), a.gamma);
+      const auto f = softmax_focal<true>(log_softmax_of(X.load(c), mx, ls), a.gamma);
       lv = at::vec::fmadd(tv, f.loss, lv);
       gsum = at::vec::fmadd(tv, f.G, gsum);
     }
@@ -188,7 +233,7 @@ void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl, Tile<scalar_t>& 
   }
   V::blendv(V(0), loss, live_mask).store(loss_out);
   if constexpr (kGrad) {
-    const V pre(a.grad_prescale);
+    const V pre(a.grad_prescale * (kAdj ? adj.scale : acc_t(1)));  // d / dx = s d / dz
     const V cpv = cp * pre;
     const V cpe = cpv / sumv;  // cp p_k = cpe e_k
     const V st = sv * pre;
@@ -198,7 +243,7 @@ void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl, Tile<scalar_t>& 
       if constexpr (!kHard) {
         const V tv = load_lanes<IO>(tl.t + c * pl.t_cstride, m);
         if constexpr (kFocal) {
-          const V lp = log_softmax_of(load_lanes<IO>(tl.x + c * pl.x_cstride, m), mx, ls);
+          const V lp = log_softmax_of(X.load(c), mx, ls);
           gk = gk - st * tv * softmax_focal<true>(lp, a.gamma).G;
         } else {
           gk = gk - st * tv;
@@ -218,10 +263,10 @@ void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl, Tile<scalar_t>& 
 // Smoothed softmax cross-entropy over one tile (label smoothing, or PyTorch's class weighting
 // of float targets): softmax_smooth_rows' formulas (math.h, smooth_coef), one position per
 // lane, with a_c = w_c (kClass) or 1 a broadcast per class.
-template <typename scalar_t, bool kGrad, bool kHard, bool kClass>
+template <typename scalar_t, bool kGrad, bool kHard, bool kClass, bool kAdj>
 void softmax_smooth_tile(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm,
-                         Tile<scalar_t>& tl, at::opmath_type<scalar_t>* park,
-                         at::opmath_type<scalar_t>* loss_out) {
+                         const LogitAdjust<at::opmath_type<scalar_t>>& adj, Tile<scalar_t>& tl,
+                         at::opmath_type<scalar_t>* park, at::opmath_type<scalar_t>* loss_out) {
   using IO = PlaneIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
@@ -229,7 +274,8 @@ void softmax_smooth_tile(const RowArgs<scalar_t>& a, const Planes& pl, const Smo
   const int64_t C = a.C, m = tl.m;
   const V live_mask = V::loadu(tl.live) > V(acc_t(0));
   const bool more = tl.p0 + L < pl.S;
-  const V mx = tile_max_park(a, pl, tl, park, live_mask);
+  const TileLogits<scalar_t, kAdj> X(tl, pl, adj, kHard);
+  const V mx = tile_max_park(a, pl, tl, X, park, live_mask);
   // sum e, ad = sum a (x - max), A = sum a; float targets: atd = sum a t (x - max), at = sum a t
   V sum(0), ad(0), atd(0), at(0);
   acc_t A = 0;
@@ -253,8 +299,8 @@ void softmax_smooth_tile(const RowArgs<scalar_t>& a, const Planes& pl, const Smo
   alignas(64) acc_t xy[L] = {};
   if constexpr (kHard) {
     for (int64_t k = 0; k < m; ++k)
-      if (tl.y[k] >= 0) xy[k] = static_cast<acc_t>(tl.x[tl.y[k] * pl.x_cstride + k]);  // in cache
-    at = kClass ? sv : V::blendv(V(0), V(1), live_mask);                               // a_y
+      if (tl.y[k] >= 0) xy[k] = X.at(k, tl.y[k]);         // in cache
+    at = kClass ? sv : V::blendv(V(0), V(1), live_mask);  // a_y
     atd = at * (V::loadu(xy) - mx);
   }
   const V Av = V::blendv(V(0), V(A), live_mask);
@@ -263,7 +309,7 @@ void softmax_smooth_tile(const RowArgs<scalar_t>& a, const Planes& pl, const Smo
   const SoftmaxRow<V> row = softmax_soft_row(V(1), E, ls, K.P * atd + K.Q * ad);
   V::blendv(V(0), row.loss, live_mask).store(loss_out);
   if constexpr (kGrad) {
-    const V pre(a.grad_prescale);
+    const V pre(a.grad_prescale * (kAdj ? adj.scale : acc_t(1)));  // d / dx = s d / dz
     const SmoothCoef<V> Kp{K.P * pre, K.Q * pre};
     const V cpe = row.cp * pre / sumv;
     for (int64_t c = 0; c < C; ++c) {
@@ -366,22 +412,28 @@ std::pair<double, double> run_tiles(const RowArgs<scalar_t>& a, const Planes& pl
 
 template <typename scalar_t>
 std::pair<double, double> softmax_family_planes(const RowArgs<scalar_t>& a, const Planes& pl,
-                                                const Smoothing& sm, bool focal, bool grad, bool hard) {
-  if (!focal && sm.active(hard)) {
-    return with_flags(sm.class_weighting, grad, hard, [&](auto class_c, auto grad_c, auto hard_c) {
-      constexpr bool kC = decltype(class_c)::value, kG = decltype(grad_c)::value,
+                                                const Smoothing& sm,
+                                                const LogitAdjust<at::opmath_type<scalar_t>>& adj, bool focal,
+                                                bool grad, bool hard) {
+  return with_flag(adj.on(), [&](auto adj_c) {
+    constexpr bool kA = decltype(adj_c)::value;
+    if (!focal && sm.active(hard)) {
+      return with_flags(sm.class_weighting, grad, hard, [&](auto class_c, auto grad_c, auto hard_c) {
+        constexpr bool kC = decltype(class_c)::value, kG = decltype(grad_c)::value,
+                       kH = decltype(hard_c)::value;
+        return run_tiles(a, pl, kG, [&](Tile<scalar_t>& tl, auto* park, auto* loss) {
+          tile_targets<scalar_t, kH>(a, pl, tl);
+          softmax_smooth_tile<scalar_t, kG, kH, kC, kA>(a, pl, sm, adj, tl, park, loss);
+        });
+      });
+    }
+    return with_flags(focal, grad, hard, [&](auto focal_c, auto grad_c, auto hard_c) {
+      constexpr bool kF = decltype(focal_c)::value, kG = decltype(grad_c)::value,
                      kH = decltype(hard_c)::value;
       return run_tiles(a, pl, kG, [&](Tile<scalar_t>& tl, auto* park, auto* loss) {
         tile_targets<scalar_t, kH>(a, pl, tl);
-        softmax_smooth_tile<scalar_t, kG, kH, kC>(a, pl, sm, tl, park, loss);
+        softmax_tile<scalar_t, kF, kG, kH, kA>(a, pl, adj, tl, park, loss);
       });
-    });
-  }
-  return with_flags(focal, grad, hard, [&](auto focal_c, auto grad_c, auto hard_c) {
-    constexpr bool kF = decltype(focal_c)::value, kG = decltype(grad_c)::value, kH = decltype(hard_c)::value;
-    return run_tiles(a, pl, kG, [&](Tile<scalar_t>& tl, auto* park, auto* loss) {
-      tile_targets<scalar_t, kH>(a, pl, tl);
-      softmax_tile<scalar_t, kF, kG, kH>(a, pl, tl, park, loss);
     });
   });
 }

@@ -24,10 +24,61 @@ namespace {
 // The passes over one softmax row (max, sums, gradient), which softmax_rows runs per row
 // around the per-group vector math.
 
+// How the passes read a row's logits: as stored (kAdj = false), or adjusted (math.h,
+// adjusted_logit): z_c = s x_c + b_c, less s Delta_y at the target y (y < 0: no margin).
+// Every pass reads the same z, so the row's max, sums and gradient agree.
+template <typename scalar_t, bool kAdj>
+struct RowLogits {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  const scalar_t* x = nullptr;
+  const acc_t* b = nullptr;
+  acc_t s = 1, margin_y = 0;
+  int64_t y = -1;
+
+  RowLogits() = default;
+  RowLogits(const scalar_t* x_, const LogitAdjust<acc_t>& adj, int64_t y_) : x(x_) {
+    if constexpr (kAdj) {
+      b = adj.offset;
+      s = adj.scale;
+      y = y_;
+      margin_y = adj.target_margin(y_);
+    }
+  }
+
+  // The block [j, j + n) (n <= kStep) as IO::load gives it (zeros past n).
+  CBF_HD void load(int64_t j, int64_t n, V* xv) const {
+    IO::load(x + j, n, xv);
+    if constexpr (kAdj) {
+      CBF_UNROLL_VECS
+      for (int v = 0; v < IO::kVecs; ++v) {
+        const int64_t nv = IO::lanes(n, v);
+        if (nv == 0) break;
+        xv[v] = adjusted_logit(xv[v], V(s), V::loadu(b + j + v * IO::kLanes, nv));
+        const int64_t o = y - j - v * IO::kLanes;
+        if (o >= 0 && o < nv) {  // the target's lane
+          alignas(64) acc_t lane[IO::kLanes];
+          xv[v].store(lane);
+          lane[o] -= margin_y;
+          xv[v] = V::loadu(lane);
+        }
+      }
+    }
+  }
+
+  // z_c of one class
+  acc_t at(int64_t c) const {
+    const acc_t xc = static_cast<acc_t>(x[c]);
+    if constexpr (kAdj) return adjusted_logit(xc, s, b[c]) - (c == y ? margin_y : acc_t(0));
+    return xc;
+  }
+};
+
 // Pass 1: the row's max (padding lanes hold -inf). The hardware max may drop a NaN logit
 // here; pass 2 takes it into the sum all the same.
-template <typename scalar_t>
-CBF_HD at::opmath_type<scalar_t> softmax_row_max(const scalar_t* x, int64_t C) {
+template <typename scalar_t, bool kAdj>
+CBF_HD at::opmath_type<scalar_t> softmax_row_max(const RowLogits<scalar_t, kAdj>& X, int64_t C) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
@@ -37,7 +88,7 @@ CBF_HD at::opmath_type<scalar_t> softmax_row_max(const scalar_t* x, int64_t C) {
   for (auto& m : mv) m = V(kNegInf);
   row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) {
     V xv[IO::kVecs];
-    IO::load(x + j, n, xv);
+    X.load(j, n, xv);
     CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
       const int64_t nv = IO::lanes(n, v);
@@ -54,10 +105,11 @@ CBF_HD at::opmath_type<scalar_t> softmax_row_max(const scalar_t* x, int64_t C) {
 // sign, and neither depends on the logits' offset). With kPark the exps are parked in
 // `park` (in the accumulation type) so the gradient pass needs none. `next`: a row to
 // prefetch, one 64-byte line per block.
-template <typename scalar_t, bool kTX, bool kPark>
-CBF_HD void softmax_row_sums(const scalar_t* x, const scalar_t* t, int64_t C, at::opmath_type<scalar_t> mx,
-                             at::opmath_type<scalar_t>* park, at::opmath_type<scalar_t>& sum_exp,
-                             at::opmath_type<scalar_t>& sum_tx, const scalar_t* next = nullptr) {
+template <typename scalar_t, bool kTX, bool kPark, bool kAdj>
+CBF_HD void softmax_row_sums(const RowLogits<scalar_t, kAdj>& X, const scalar_t* t, int64_t C,
+                             at::opmath_type<scalar_t> mx, at::opmath_type<scalar_t>* park,
+                             at::opmath_type<scalar_t>& sum_exp, at::opmath_type<scalar_t>& sum_tx,
+                             const scalar_t* next = nullptr) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   constexpr int kU = 4 / IO::kVecs;
@@ -67,7 +119,7 @@ CBF_HD void softmax_row_sums(const scalar_t* x, const scalar_t* t, int64_t C, at
   row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) {
     V xv[IO::kVecs], tv[IO::kVecs], e[IO::kVecs];
     if (next) __builtin_prefetch(next + j);
-    IO::load(x + j, n, xv);
+    X.load(j, n, xv);
     if constexpr (kTX) IO::load(t + j, n, tv);
     CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
@@ -97,11 +149,11 @@ CBF_HD void softmax_row_sums(const scalar_t* x, const scalar_t* t, int64_t C, at
 // The gradient pass, from the parked e_k = exp(x_k - max): grad_k = cpe e_k (= cp p_k),
 // less, for float targets, st t_k (cross-entropy) or st t_k G_k (focal, G of log p_k =
 // (x_k - max) - log sum). For float32 / float64 `park` is the gradient row itself.
-template <typename scalar_t, bool kFocal, bool kHard>
-CBF_HD void softmax_row_grad(const scalar_t* x, const scalar_t* t, const at::opmath_type<scalar_t>* park,
-                             scalar_t* g, int64_t C, at::opmath_type<scalar_t> cpe,
-                             at::opmath_type<scalar_t> st, at::opmath_type<scalar_t> mx,
-                             at::opmath_type<scalar_t> log_sum, double gamma) {
+template <typename scalar_t, bool kFocal, bool kHard, bool kAdj>
+CBF_HD void softmax_row_grad(const RowLogits<scalar_t, kAdj>& X, const scalar_t* t,
+                             const at::opmath_type<scalar_t>* park, scalar_t* g, int64_t C,
+                             at::opmath_type<scalar_t> cpe, at::opmath_type<scalar_t> st,
+                             at::opmath_type<scalar_t> mx, at::opmath_type<scalar_t> log_sum, double gamma) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   const V cpev(cpe), stv(st), mxv(mx), lsv(log_sum);
@@ -112,7 +164,7 @@ CBF_HD void softmax_row_grad(const scalar_t* x, const scalar_t* t, const at::opm
       const int64_t nv = IO::lanes(n, v);
       gv[v] = nv > 0 ? V::loadu(park + j + v * IO::kLanes, nv) : V(0);
     }
-    if constexpr (!kHard && kFocal) IO::load(x + j, n, xv);
+    if constexpr (!kHard && kFocal) X.load(j, n, xv);
     if constexpr (!kHard) IO::load(t + j, n, tv);
     CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
@@ -163,31 +215,33 @@ inline at::opmath_type<scalar_t>* park_row(at::opmath_type<scalar_t>* scratch, s
 
 // The start of softmax row i (lane k of its group): its pointers, target (y, s, T and the
 // row's share of the denominator, in out) and max; false for an ignored row.
-template <typename scalar_t>
+template <typename scalar_t, bool kAdj>
 struct SoftmaxRowStart {
-  const scalar_t* x = nullptr;
+  RowLogits<scalar_t, kAdj> X;
   const scalar_t* t = nullptr;
   scalar_t* g = nullptr;
   at::opmath_type<scalar_t>* park = nullptr;  // where pass 2 parks the exps (kGrad)
   const scalar_t* next = nullptr;             // the next row, for pass 2 to prefetch
 };
 
-template <typename scalar_t, bool kHard, bool kGrad>
-inline bool softmax_row_start(const Args<scalar_t>& a, int64_t i, int64_t k,
-                              at::opmath_type<scalar_t>* scratch, SoftmaxRowStart<scalar_t>& r, int64_t& y,
-                              at::opmath_type<scalar_t>& s, at::opmath_type<scalar_t>& T,
-                              at::opmath_type<scalar_t>& mx, RowOut<at::opmath_type<scalar_t>>& out) {
-  r.x = a.x + i * a.x_stride;
+template <typename scalar_t, bool kHard, bool kGrad, bool kAdj>
+inline bool softmax_row_start(const Args<scalar_t>& a, const LogitAdjust<at::opmath_type<scalar_t>>& adj,
+                              int64_t i, int64_t k, at::opmath_type<scalar_t>* scratch,
+                              SoftmaxRowStart<scalar_t, kAdj>& r, int64_t& y, at::opmath_type<scalar_t>& s,
+                              at::opmath_type<scalar_t>& T, at::opmath_type<scalar_t>& mx,
+                              RowOut<at::opmath_type<scalar_t>>& out) {
+  const scalar_t* x = a.x + i * a.x_stride;
   r.t = kHard ? nullptr : a.t + i * a.t_stride;
   r.g = kGrad ? a.grad + i * a.C : nullptr;
   out = {};
   if (!row_target<scalar_t, kHard, kGrad>(a, i, r.t, r.g, y, s, T, out)) return false;
-  mx = softmax_row_max(r.x, a.C);
+  r.X = RowLogits<scalar_t, kAdj>(x, adj, kHard ? y : -1);
+  mx = softmax_row_max(r.X, a.C);
   r.park = kGrad ? park_row(scratch, r.g, a.C, k) : nullptr;
   // Pass 2 prefetches the next row, which pass 1 of that row would otherwise wait for
   // (the passes over a cached row interrupt the hardware prefetcher's stream): at
   // 16384 x 1000 float32, 7.1 -> 5.6 ms a call on one thread.
-  r.next = i + 1 < a.N ? r.x + a.x_stride : nullptr;
+  r.next = i + 1 < a.N ? x + a.x_stride : nullptr;
   return true;
 }
 
@@ -201,8 +255,9 @@ inline bool softmax_row_start(const Args<scalar_t>& a, int64_t i, int64_t k,
 // as scalars per row (libm's logf, expf, expm1f and the register spills around their
 // calls) they were two thirds of softmax focal's time at C = 80. Then per row the float-
 // target focal sums (pass 3) and the gradient pass.
-template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
-void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::opmath_type<scalar_t>>* out) {
+template <typename scalar_t, bool kFocal, bool kGrad, bool kHard, bool kAdj>
+void softmax_rows(const Args<scalar_t>& a, const LogitAdjust<at::opmath_type<scalar_t>>& adj, int64_t i0,
+                  int64_t i1, RowOut<at::opmath_type<scalar_t>>* out) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
@@ -216,12 +271,13 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
   for (int64_t k = 0; k < L; ++k) sum[k] = acc_t(1);
   acc_t* const scratch = kGrad ? park_scratch<scalar_t>(C, R) : nullptr;
   for (int64_t k = 0; k < R; ++k) {
-    SoftmaxRowStart<scalar_t> r;
-    if (!softmax_row_start<scalar_t, kHard, kGrad>(a, i0 + k, k, scratch, r, y[k], s[k], T[k], mx[k], out[k]))
+    SoftmaxRowStart<scalar_t, kAdj> r;
+    if (!softmax_row_start<scalar_t, kHard, kGrad>(a, adj, i0 + k, k, scratch, r, y[k], s[k], T[k], mx[k],
+                                                   out[k]))
       continue;
     live[k] = true;
-    softmax_row_sums<scalar_t, !kHard && !kFocal, kGrad>(r.x, r.t, C, mx[k], r.park, sum[k], tx[k], r.next);
-    if constexpr (kHard) xy[k] = static_cast<acc_t>(r.x[y[k]]);
+    softmax_row_sums<scalar_t, !kHard && !kFocal, kGrad>(r.X, r.t, C, mx[k], r.park, sum[k], tx[k], r.next);
+    if constexpr (kHard) xy[k] = r.X.at(y[k]);
   }
   const V sumv = V::loadu(sum), sv = V::loadu(s);
   const V ls = MathOps<V>::log(sumv);
@@ -241,13 +297,13 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
     // Pass 3 (float-target focal), per row: sum_c t_c * focal loss, sum_c t_c G_c.
     for (int64_t k = 0; k < R; ++k) {
       if (!live[k]) continue;
-      const scalar_t* x = a.x + (i0 + k) * a.x_stride;
+      const RowLogits<scalar_t, kAdj> X(a.x + (i0 + k) * a.x_stride, adj, -1);
       const scalar_t* t = a.t + (i0 + k) * a.t_stride;
       const V mxv(mx[k]), lsv(ls_k[k]);
       V lv(0), gsum(0);
       row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
         V xv[IO::kVecs], tv[IO::kVecs];
-        IO::load(x + j, n, xv);
+        X.load(j, n, xv);
         IO::load(t + j, n, tv);
         CBF_UNROLL_VECS
         for (int v = 0; v < IO::kVecs; ++v) {
@@ -265,8 +321,10 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
   for (int64_t k = 0; k < R; ++k)
     if (live[k]) out[k].loss = loss[k];  // an ignored row keeps +0
   if constexpr (kGrad) {
-    // cp: the coefficient of p_k, times the mean's 1/D when known up front.
-    const V cpv = V::loadu(cp) * V(a.grad_prescale);
+    // cp: the coefficient of p_k, times the mean's 1/D when known up front (and the logit
+    // scale s: d / dx = s d / dz).
+    const acc_t pre = a.grad_prescale * (kAdj ? adj.scale : acc_t(1));
+    const V cpv = V::loadu(cp) * V(pre);
     alignas(64) acc_t cpe[L], cy[L];
     (cpv / sumv).store(cpe);                    // cp p_k = cpe e_k
     if constexpr (kHard) (-cpv * q).store(cy);  // grad_y = cp * (p_y - 1) = -cp * (1 - p_y)
@@ -274,11 +332,10 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
       if (!live[k]) continue;
       const int64_t i = i0 + k;
       scalar_t* g = a.grad + i * C;
-      const scalar_t* x = a.x + i * a.x_stride;
+      const RowLogits<scalar_t, kAdj> X(a.x + i * a.x_stride, adj, -1);  // float focal: no margin
       const scalar_t* t = kHard ? nullptr : a.t + i * a.t_stride;
-      softmax_row_grad<scalar_t, kFocal, kHard>(x, t, park_row(scratch, g, C, k), g, C, cpe[k],
-                                                s[k] * a.grad_prescale, mx[k], kHard ? acc_t(0) : ls_k[k],
-                                                a.gamma);
+      softmax_row_grad<scalar_t, kFocal, kHard>(X, t, park_row(scratch, g, C, k), g, C, cpe[k], s[k] * pre,
+                                                mx[k], kHard ? acc_t(0) : ls_k[k], a.gamma);
       if constexpr (kHard) g[y[k]] = static_cast<scalar_t>(cy[k]);
     }
   }
@@ -288,9 +345,10 @@ void softmax_rows(const Args<scalar_t>& a, int64_t i0, int64_t i1, RowOut<at::op
 // math.h, smooth_coef), after the max pass: sum_exp = sum e_c, e_c = exp(x_c - max) (parked
 // in `park` when given), ad = sum a_c (x_c - max), A = sum a_c and, for float targets,
 // atd = sum a_c t_c (x_c - max) and at = sum a_c t_c, with a = w (kClass) or 1 (A = C then).
-template <typename scalar_t, bool kHard, bool kClass>
-CBF_HD void softmax_row_smooth_sums(const scalar_t* x, const scalar_t* t, const at::opmath_type<scalar_t>* w,
-                                    int64_t C, at::opmath_type<scalar_t> mx, at::opmath_type<scalar_t>* park,
+template <typename scalar_t, bool kHard, bool kClass, bool kAdj>
+CBF_HD void softmax_row_smooth_sums(const RowLogits<scalar_t, kAdj>& X, const scalar_t* t,
+                                    const at::opmath_type<scalar_t>* w, int64_t C,
+                                    at::opmath_type<scalar_t> mx, at::opmath_type<scalar_t>* park,
                                     at::opmath_type<scalar_t> (&acc)[5], const scalar_t* next) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
@@ -302,7 +360,7 @@ CBF_HD void softmax_row_smooth_sums(const scalar_t* x, const scalar_t* t, const 
   row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) {
     V xv[IO::kVecs], tv[IO::kVecs], e[IO::kVecs];
     if (next) __builtin_prefetch(next + j);
-    IO::load(x + j, n, xv);
+    X.load(j, n, xv);
     if constexpr (!kHard) IO::load(t + j, n, tv);
     CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
@@ -378,8 +436,9 @@ CBF_HD void softmax_row_smooth_grad(const scalar_t* t, const at::opmath_type<sca
 // Smoothed softmax cross-entropy, rows [i0, i1) (one vector's lanes at most): the passes of
 // softmax_rows with the effective target of math.h's smooth_coef,
 //   loss = E log sum - tx,  grad_k = E p_k - a_k (P t_k + Q).
-template <typename scalar_t, bool kGrad, bool kHard, bool kClass>
-void softmax_smooth_rows(const Args<scalar_t>& a, const Smoothing& sm, int64_t i0, int64_t i1,
+template <typename scalar_t, bool kGrad, bool kHard, bool kClass, bool kAdj>
+void softmax_smooth_rows(const Args<scalar_t>& a, const Smoothing& sm,
+                         const LogitAdjust<at::opmath_type<scalar_t>>& adj, int64_t i0, int64_t i1,
                          RowOut<at::opmath_type<scalar_t>>* out) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
@@ -394,18 +453,18 @@ void softmax_smooth_rows(const Args<scalar_t>& a, const Smoothing& sm, int64_t i
   for (int64_t k = 0; k < L; ++k) sum[k] = acc_t(1);
   acc_t* const scratch = kGrad ? park_scratch<scalar_t>(C, R) : nullptr;
   for (int64_t k = 0; k < R; ++k) {
-    SoftmaxRowStart<scalar_t> rs;
-    if (!softmax_row_start<scalar_t, kHard, kGrad>(a, i0 + k, k, scratch, rs, y[k], s[k], T[k], mx[k],
+    SoftmaxRowStart<scalar_t, kAdj> rs;
+    if (!softmax_row_start<scalar_t, kHard, kGrad>(a, adj, i0 + k, k, scratch, rs, y[k], s[k], T[k], mx[k],
                                                    out[k]))
       continue;
     live[k] = true;
     acc_t r[5];
-    softmax_row_smooth_sums<scalar_t, kHard, kClass>(rs.x, rs.t, a.w, C, mx[k], rs.park, r, rs.next);
+    softmax_row_smooth_sums<scalar_t, kHard, kClass>(rs.X, rs.t, a.w, C, mx[k], rs.park, r, rs.next);
     sum[k] = r[0];
     ad[k] = r[1];
     A[k] = r[2];
     if constexpr (kHard) {
-      xy[k] = static_cast<acc_t>(rs.x[y[k]]);
+      xy[k] = rs.X.at(y[k]);
       at_[k] = kClass ? s[k] : acc_t(1);  // a_y
       atd[k] = at_[k] * (xy[k] - mx[k]);
     } else {
@@ -423,7 +482,7 @@ void softmax_smooth_rows(const Args<scalar_t>& a, const Smoothing& sm, int64_t i
   for (int64_t k = 0; k < R; ++k)
     if (live[k]) out[k].loss = loss[k];
   if constexpr (kGrad) {
-    const V pre(a.grad_prescale);
+    const V pre(a.grad_prescale * (kAdj ? adj.scale : acc_t(1)));  // d / dx = s d / dz
     const SmoothCoef<V> Kp{K.P * pre, K.Q * pre};
     alignas(64) acc_t cpe[L], P[L], Q[L], cy[L];
     (row.cp * pre / sumv).store(cpe);  // E p_k = cpe e_k
@@ -449,34 +508,32 @@ void softmax_smooth_rows(const Args<scalar_t>& a, const Smoothing& sm, int64_t i
 // are still in cache for the gradient pass; one vector's lanes at most.
 constexpr int64_t kGroupElems = 1 << 12;
 
-template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
-std::pair<double, double> run_softmax(const Args<scalar_t>& a, int64_t N, scalar_t* per_row) {
-  constexpr int64_t L = RowIO<scalar_t>::kLanes;
-  const int64_t group = std::clamp<int64_t>(kGroupElems / std::max<int64_t>(a.C, 1), 1, L);
-  return run_row_groups<scalar_t, L>(N, a.C, group, per_row, [&](int64_t i0, int64_t i1, auto* out) {
-    softmax_rows<scalar_t, kFocal, kGrad, kHard>(a, i0, i1, out);
-  });
-}
-
 }  // namespace
 
 template <typename scalar_t>
-std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, const Smoothing& sm, bool focal,
+std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, const Smoothing& sm,
+                                              const LogitAdjust<at::opmath_type<scalar_t>>& adj, bool focal,
                                               bool grad, bool hard) {
-  if (!focal && sm.active(hard)) {
-    constexpr int64_t L = RowIO<scalar_t>::kLanes;
-    const int64_t group = std::clamp<int64_t>(kGroupElems / std::max<int64_t>(a.C, 1), 1, L);
-    return with_flags(sm.class_weighting, grad, hard, [&](auto class_c, auto grad_c, auto hard_c) {
+  constexpr int64_t L = RowIO<scalar_t>::kLanes;
+  const int64_t group = std::clamp<int64_t>(kGroupElems / std::max<int64_t>(a.C, 1), 1, L);
+  return with_flag(adj.on(), [&](auto adj_c) {
+    constexpr bool kA = decltype(adj_c)::value;
+    if (!focal && sm.active(hard)) {
+      return with_flags(sm.class_weighting, grad, hard, [&](auto class_c, auto grad_c, auto hard_c) {
+        return run_row_groups<scalar_t, L>(
+            a.N, a.C, group, a.per_row_out, [&](int64_t i0, int64_t i1, auto* out) {
+              softmax_smooth_rows<scalar_t, decltype(grad_c)::value, decltype(hard_c)::value,
+                                  decltype(class_c)::value, kA>(a, sm, adj, i0, i1, out);
+            });
+      });
+    }
+    return with_flags(focal, grad, hard, [&](auto focal_c, auto grad_c, auto hard_c) {
       return run_row_groups<scalar_t, L>(
           a.N, a.C, group, a.per_row_out, [&](int64_t i0, int64_t i1, auto* out) {
-            softmax_smooth_rows<scalar_t, decltype(grad_c)::value, decltype(hard_c)::value,
-                                decltype(class_c)::value>(a, sm, i0, i1, out);
+            softmax_rows<scalar_t, decltype(focal_c)::value, decltype(grad_c)::value, decltype(hard_c)::value,
+                         kA>(a, adj, i0, i1, out);
           });
     });
-  }
-  return with_flags(focal, grad, hard, [&](auto focal_c, auto grad_c, auto hard_c) {
-    return run_softmax<scalar_t, decltype(focal_c)::value, decltype(grad_c)::value, decltype(hard_c)::value>(
-        a, a.N, a.per_row_out);
   });
 }
 
