@@ -36,6 +36,8 @@ struct RowLogits {
   const acc_t* b = nullptr;
   acc_t s = 1, margin_y = 0;
   int64_t y = -1;
+  int64_t jy = -1;       // the start of the block (a multiple of kStep) that holds y
+  V mv[IO::kVecs] = {};  // that block's margin: s Delta_y at y's lane, 0 elsewhere
 
   RowLogits() = default;
   RowLogits(const scalar_t* x_, const LogitAdjust<acc_t>& adj, int64_t y_) : x(x_) {
@@ -44,6 +46,12 @@ struct RowLogits {
       s = adj.scale;
       y = y_;
       margin_y = adj.target_margin(y_);
+      if (y_ >= 0) {
+        jy = y_ - y_ % IO::kStep;
+        alignas(64) acc_t lanes[IO::kStep] = {};
+        lanes[y_ - jy] = margin_y;
+        for (int v = 0; v < IO::kVecs; ++v) mv[v] = V::loadu(lanes + v * IO::kLanes);
+      }
     }
   }
 
@@ -56,13 +64,7 @@ struct RowLogits {
         const int64_t nv = IO::lanes(n, v);
         if (nv == 0) break;
         xv[v] = adjusted_logit(xv[v], V(s), V::loadu(b + j + v * IO::kLanes, nv));
-        const int64_t o = y - j - v * IO::kLanes;
-        if (o >= 0 && o < nv) {  // the target's lane
-          alignas(64) acc_t lane[IO::kLanes];
-          xv[v].store(lane);
-          lane[o] -= margin_y;
-          xv[v] = V::loadu(lane);
-        }
+        if (j == jy) xv[v] = xv[v] - mv[v];  // the target's block
       }
     }
   }
@@ -78,7 +80,8 @@ struct RowLogits {
 // Pass 1: the row's max (padding lanes hold -inf). The hardware max may drop a NaN logit
 // here; pass 2 takes it into the sum all the same.
 template <typename scalar_t, bool kAdj>
-CBF_HD at::opmath_type<scalar_t> softmax_row_max(const RowLogits<scalar_t, kAdj>& X, int64_t C) {
+CBF_HD at::opmath_type<scalar_t> softmax_row_max(const RowLogits<scalar_t, kAdj>& X_, int64_t C) {
+  const RowLogits<scalar_t, kAdj> X = X_;  // a local copy: no store can alias its members
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
@@ -106,10 +109,11 @@ CBF_HD at::opmath_type<scalar_t> softmax_row_max(const RowLogits<scalar_t, kAdj>
 // `park` (in the accumulation type) so the gradient pass needs none. `next`: a row to
 // prefetch, one 64-byte line per block.
 template <typename scalar_t, bool kTX, bool kPark, bool kAdj>
-CBF_HD void softmax_row_sums(const RowLogits<scalar_t, kAdj>& X, const scalar_t* t, int64_t C,
+CBF_HD void softmax_row_sums(const RowLogits<scalar_t, kAdj>& X_, const scalar_t* t, int64_t C,
                              at::opmath_type<scalar_t> mx, at::opmath_type<scalar_t>* park,
                              at::opmath_type<scalar_t>& sum_exp, at::opmath_type<scalar_t>& sum_tx,
                              const scalar_t* next = nullptr) {
+  const RowLogits<scalar_t, kAdj> X = X_;  // a local copy: the parking stores cannot alias it
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   constexpr int kU = 4 / IO::kVecs;
