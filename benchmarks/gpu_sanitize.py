@@ -24,7 +24,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 def check(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, **kw) -> None:
     xc = x.cuda().requires_grad_()
     xh = x.detach().clone().requires_grad_()
-    lc = cbfused.class_balanced_loss(xc, y.cuda(), weights=w.cuda(), **kw)
+    kc = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}  # margins, prior
+    lc = cbfused.class_balanced_loss(xc, y.cuda(), weights=w.cuda(), **kc)
     lh = cbfused.class_balanced_loss(xh, y, weights=w, **kw)
     lc.sum().backward()
     lh.sum().backward()
@@ -66,6 +67,41 @@ def main() -> int:
         if loss_type in ("softmax", "softmax_focal"):
             t = torch.softmax(torch.randn(2, 19, 9, 7, generator=g), 1)
         check(x, t, torch.rand(19, generator=g, dtype=torch.float64) + 0.5, loss_type=loss_type, gamma=1.5)
+        n_checks += 1
+    # label smoothing / class weighting (kSmooth) and adjusted logits (kAdj): warp rows, block
+    # rows, rows past the shared-memory cache, the planes kernel and channels-last rows
+    for n, c in [(37, 10), (9, 1000), (3, 8142), (2, 25000)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            counts = torch.randint(1, 1000, (c,), generator=g)
+            w = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+            x = (torch.randn(n, c, generator=g) * 3).to(dtype)
+            y = torch.randint(0, c, (n,), generator=g)
+            y[0] = -100
+            t = torch.softmax(torch.randn(n, c, generator=g), 1).to(dtype)
+            m = cbfused.ldam_margins(counts)
+            adj = dict(logit_adjustment=1.0, prior=counts / counts.sum(), logit_scale=2.0)
+            for target, extra in ((y, {"margins": m}), (t, {})):
+                for loss_type, smooth in (
+                    ("softmax", {"label_smoothing": 0.1, "weighting": "class"}),
+                    ("softmax_focal", {}),
+                ):
+                    check(x, target, w, loss_type=loss_type, gamma=2.0, **smooth)
+                    check(x, target, w, loss_type=loss_type, gamma=2.0, **smooth, **adj, **extra)
+                    n_checks += 2
+    x = torch.randn(2, 19, 13, 21, generator=g)
+    y = torch.randint(0, 19, (2, 13, 21), generator=g)
+    counts = torch.randint(1, 1000, (19,), generator=g)
+    for view in (x, x.contiguous(memory_format=torch.channels_last)):
+        check(
+            view,
+            y,
+            torch.ones(19, dtype=torch.float64),
+            loss_type="softmax",
+            label_smoothing=0.2,
+            logit_adjustment=1.0,
+            prior=counts / counts.sum(),
+            margins=cbfused.ldam_margins(counts),
+        )
         n_checks += 1
     # torchvision-semantics focal
     for dtype in DTYPES:

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import _ops
 from .functional import resolve_offset, resolve_weights
+from .longtail import class_prior
 from .modules import apply_keeping_dtype
 from .weights import CountsLike, check_beta, class_balanced_weights
 
@@ -384,11 +385,31 @@ class ClassBalancedLinearLoss(nn.Module):
         dtype=None,
         label_smoothing: float = 0.0,
         weighting: str = "sample",
+        logit_adjustment: float = 0.0,
+        margins: torch.Tensor | None = None,
+        logit_scale: float = 1.0,
     ) -> None:
         super().__init__()
-        _ops.loss_options(loss_type, gamma, alpha, reduction, ignore_index, label_smoothing, weighting)
+        o = _ops.loss_options(
+            loss_type,
+            gamma,
+            alpha,
+            reduction,
+            ignore_index,
+            label_smoothing,
+            weighting,
+            logit_adjustment,
+            logit_scale,
+        )
         cw = class_balanced_weights(samples_per_class, check_beta(beta), zero_count=zero_count)
         self.register_buffer("class_weight", cw)
+        # adjusted logits: the class prior (for logit_adjustment) and LDAM's margins, float64
+        self.register_buffer("prior", class_prior(samples_per_class) if o.logit_adjustment else None)
+        self.register_buffer(
+            "margins",
+            None if margins is None else torch.as_tensor(margins, dtype=torch.float64).detach().clone(),
+        )
+        self.logit_adjustment, self.logit_scale = o.logit_adjustment, o.logit_scale
         self.linear = nn.Linear(in_features, cw.numel(), bias=bias, device=device, dtype=dtype)
         if bias and loss_type in _ops.BINARY_FAMILY and cw.numel() > 1:
             from .init import init_sigmoid_bias_
@@ -400,7 +421,7 @@ class ClassBalancedLinearLoss(nn.Module):
         self.label_smoothing, self.weighting = float(label_smoothing), weighting
 
     def _apply(self, fn, recurse=True):
-        return apply_keeping_dtype(self, "class_weight", super()._apply, fn, recurse)
+        return apply_keeping_dtype(self, ("class_weight", "prior", "margins"), super()._apply, fn, recurse)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -428,6 +449,10 @@ class ClassBalancedLinearLoss(nn.Module):
             chunk_rows=self.chunk_rows,
             label_smoothing=self.label_smoothing,
             weighting=self.weighting,
+            logit_adjustment=self.logit_adjustment,
+            prior=self.prior,
+            margins=self.margins,
+            logit_scale=self.logit_scale,
         )
 
     def extra_repr(self) -> str:

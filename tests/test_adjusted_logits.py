@@ -461,3 +461,34 @@ def test_emulated_cuda_kernels_match_reference(loss_type, shape, dtype, kind):
                 lr, gr = _reference(xl, yl, counts, loss_type, reduction, 0.7, m, 3.0, eps, weighting)
                 assert_close_scaled(loss, lr.to(dtype), dtype)
                 assert_close_scaled(g, gr.to(dtype), dtype)
+
+
+def test_linear_module_takes_the_options():
+    counts = make_counts(C, seed=8)
+    m = cbfused.ldam_margins(counts)
+    torch.manual_seed(0)
+    mod = cbfused.ClassBalancedLinearLoss(
+        6,
+        counts,
+        beta=0.99,
+        loss_type="softmax",
+        logit_adjustment=1.0,
+        margins=m,
+        logit_scale=2.0,
+        dtype=torch.float64,
+    )
+    f = torch.randn(20, 6, dtype=torch.float64)
+    y = torch.randint(0, C, (20,))
+    want = cbfused.class_balanced_loss(
+        mod.logits(f),
+        y,
+        samples_per_class=counts,
+        beta=0.99,
+        loss_type="softmax",
+        logit_adjustment=1.0,
+        margins=m,
+        logit_scale=2.0,
+    )
+    torch.testing.assert_close(mod(f, y), want, rtol=1e-12, atol=1e-12)
+    mod.half()
+    assert mod.prior.dtype == torch.float64 and mod.margins.dtype == torch.float64
