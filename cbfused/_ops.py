@@ -250,6 +250,7 @@ def _cb_loss_fake(
     logit_offset=None,
     margins=None,
     logit_scale=1.0,
+    class_alpha=None,
 ):
     torch._check(
         logits.dim() >= 1,
@@ -268,6 +269,34 @@ def _cb_loss_fake(
         grad = logits.new_empty(logits.shape)
     grad_scale = logits.new_empty((), dtype=_acc_dtype(logits.dtype))
     return loss, grad, grad_scale
+
+
+# The loss kinds a per-class alpha vector applies to: the sigmoid-based (alpha_c for t = 1,
+# 1 - alpha_c for t = 0) and softmax focal (alpha_y on the sample).
+CLASS_ALPHA_KINDS: tuple[str, ...] = tuple(n for n, k in LOSS_KINDS.items() if k.alpha) + ("softmax_focal",)
+
+
+def split_alpha(alpha) -> tuple[float | None, torch.Tensor | None]:
+    """alpha as the options take it (a number or None) and as a per-class tensor (or None)."""
+    if isinstance(alpha, torch.Tensor):
+        return None, alpha
+    return alpha, None
+
+
+def check_class_alpha(alpha: torch.Tensor, loss_type: str, device: torch.device) -> torch.Tensor:
+    """A per-class alpha: 1-D, finite, in [0, 1], for the kinds it applies to; float64 on device."""
+    if loss_type not in CLASS_ALPHA_KINDS:
+        raise ValueError(
+            f"a per-class alpha applies to loss_type in {list(CLASS_ALPHA_KINDS)}, not to {loss_type!r}"
+        )
+    if alpha.dim() != 1:
+        raise ValueError(f"a per-class alpha must be a 1-D [C] tensor, got shape {list(alpha.shape)}")
+    a = alpha.detach().to(device=device, dtype=torch.float64)
+    bad = ~((a >= 0) & (a <= 1))
+    if bool(bad.any()):
+        c = int(bad.nonzero()[0])
+        raise ValueError(f"a per-class alpha must be in [0, 1], got {a[c].item()} for class {c}")
+    return a
 
 
 def check_margins(margins: torch.Tensor | None, opts: LossOptions, target: torch.Tensor) -> None:
@@ -295,6 +324,7 @@ def cb_loss(
     opts: LossOptions,
     offset: torch.Tensor | None = None,
     margins: torch.Tensor | None = None,
+    class_alpha: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Calls the fused op with validated options; computes the gradient only when autograd
     will need it. offset: tau log(pi) [C] (logit adjustment), margins: [C] (LDAM)."""
@@ -322,6 +352,7 @@ def cb_loss(
         offset,
         margins,
         opts.logit_scale,
+        class_alpha,
     )
     return loss
 

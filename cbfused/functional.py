@@ -103,6 +103,12 @@ def resolve_offset(
     return _cached(key, owner, make)
 
 
+def resolve_class_alpha(logits: torch.Tensor, alpha: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """A per-class alpha, validated once per tensor (and version), float64 on the logits' device."""
+    key, owner = _key("class_alpha", alpha, loss_type, str(logits.device))
+    return _cached(key, owner, lambda: _ops.check_class_alpha(alpha, loss_type, logits.device))
+
+
 def class_balanced_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -111,7 +117,7 @@ def class_balanced_loss(
     beta: float = 0.9999,
     loss_type: str = "focal",
     gamma: float = 1.0,
-    alpha: float | None = None,
+    alpha: float | torch.Tensor | None = None,
     reduction: str = "mean",
     ignore_index: int = -100,
     zero_count: str = "error",
@@ -145,7 +151,9 @@ def class_balanced_loss(
         samples_per_class: counts per class over the whole training set (with ``beta``), or
         weights: ready per-class weights [C] on the logits' device.
         beta: in [0, 1). gamma: >= 0 (focal losses). alpha: torchvision-style alpha for the
-            sigmoid-based losses (None: off).
+            sigmoid-based losses (None: off), or a per-class [C] tensor of alphas in [0, 1]
+            (sigmoid-based: alpha_c for t = 1, 1 - alpha_c for t = 0; ``"softmax_focal"``:
+            the sample's loss times alpha[y]).
         reduction: ``"mean"`` (sum / number of non-ignored samples, or / sum of float targets:
             the authors' normalisation), ``"weighted_mean"`` (sum / sum of sample weights, as
             ``F.cross_entropy(weight=...)``), ``"sum"`` or ``"none"`` ([N, d1, ..., dk]).
@@ -164,6 +172,7 @@ def class_balanced_loss(
             ``margins`` [C] on the target class (:func:`cbfused.ldam_margins`; class indices
             only) and ``s = logit_scale`` (LDAM uses 30 with normalised features).
     """
+    alpha, class_alpha = _ops.split_alpha(alpha)
     opts = _ops.loss_options(
         loss_type,
         gamma,
@@ -177,7 +186,9 @@ def class_balanced_loss(
     )
     w = resolve_weights(logits, samples_per_class, weights, beta, zero_count)
     offset = resolve_offset(logits, samples_per_class, prior, opts.logit_adjustment)
-    return _ops.cb_loss(logits, target, w, opts, offset, margins)
+    if class_alpha is not None:
+        class_alpha = resolve_class_alpha(logits, class_alpha, loss_type)
+    return _ops.cb_loss(logits, target, w, opts, offset, margins, class_alpha)
 
 
 def sigmoid_focal_loss(

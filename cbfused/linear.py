@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import _ops
-from .functional import resolve_offset, resolve_weights
+from .functional import resolve_class_alpha, resolve_offset, resolve_weights
 from .longtail import class_prior
 from .modules import apply_keeping_dtype
 from .weights import CountsLike, check_beta, class_balanced_weights
@@ -40,9 +40,9 @@ def _cb_loss_op(*args):
 def _chunk_op(f, weight, bias, target, class_weight, op: tuple, reduction: int, grad_mode: int):
     """The fused kernel on one chunk's logits f @ weight.T + bias (freed on return);
     op = (loss type, gamma, alpha, ignore_index, label_smoothing, weighting code, logit offset,
-    margins, logit scale)."""
+    margins, logit scale, per-class alpha)."""
     logits = torch.addmm(bias, f, weight.t()) if bias is not None else f @ weight.t()
-    lt, gamma, alpha, ignore_index, eps, wcode, offset, margins, scale = op
+    lt, gamma, alpha, ignore_index, eps, wcode, offset, margins, scale, class_alpha = op
     return _cb_loss_op(
         logits,
         target,
@@ -58,6 +58,7 @@ def _chunk_op(f, weight, bias, target, class_weight, op: tuple, reduction: int, 
         offset,
         margins,
         scale,
+        class_alpha,
     )
 
 
@@ -282,7 +283,7 @@ def linear_class_balanced_loss(
     beta: float = 0.9999,
     loss_type: str = "focal",
     gamma: float = 1.0,
-    alpha: float | None = None,
+    alpha: float | torch.Tensor | None = None,
     reduction: str = "mean",
     ignore_index: int = -100,
     zero_count: str = "error",
@@ -315,6 +316,7 @@ def linear_class_balanced_loss(
     cw = resolve_weights(features, samples_per_class, weights, beta, zero_count)
     if cw.shape != (c,):
         raise ValueError(f"class weights must have shape [{c}], got {list(cw.shape)}")
+    alpha, class_alpha = _ops.split_alpha(alpha)
     o = _ops.loss_options(
         loss_type,
         gamma,
@@ -329,6 +331,8 @@ def linear_class_balanced_loss(
     _ops.check_target_options(target, ignore_index)
     _ops.check_margins(margins, o, target)
     offset = resolve_offset(features, samples_per_class, prior, o.logit_adjustment)
+    if class_alpha is not None:
+        class_alpha = resolve_class_alpha(features, class_alpha, loss_type)
     n = features.shape[0]
     rows = chunk_rows if chunk_rows is not None else auto_chunk_rows(n, features.shape[1], c, features.dtype)
     if rows < 1:
@@ -350,6 +354,7 @@ def linear_class_balanced_loss(
             offset,
             margins,
             o.logit_scale,
+            class_alpha,
         ),
         o.reduction,
         rows,
@@ -375,7 +380,7 @@ class ClassBalancedLinearLoss(nn.Module):
         beta: float = 0.9999,
         loss_type: str = "focal",
         gamma: float = 1.0,
-        alpha: float | None = None,
+        alpha: float | torch.Tensor | None = None,
         reduction: str = "mean",
         ignore_index: int = -100,
         bias: bool = True,
@@ -393,7 +398,7 @@ class ClassBalancedLinearLoss(nn.Module):
         o = _ops.loss_options(
             loss_type,
             gamma,
-            alpha,
+            _ops.split_alpha(alpha)[0],
             reduction,
             ignore_index,
             label_smoothing,

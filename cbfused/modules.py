@@ -61,7 +61,7 @@ class ClassBalancedLoss(nn.Module):
         beta: float = 0.9999,
         loss_type: str = "focal",
         gamma: float = 1.0,
-        alpha: float | None = None,
+        alpha: float | torch.Tensor | None = None,
         reduction: str = "mean",
         ignore_index: int = -100,
         zero_count: str = "error",
@@ -75,6 +75,7 @@ class ClassBalancedLoss(nn.Module):
         logit_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        alpha, class_alpha = _ops.split_alpha(alpha)
         self._opts = _ops.loss_options(
             loss_type,
             gamma,
@@ -119,6 +120,14 @@ class ClassBalancedLoss(nn.Module):
                     f"margins apply to the softmax losses only, not to loss_type={self.loss_type!r}"
                 )
         self.register_buffer("margins", m)
+        # a per-class alpha (float64 [C]), or None
+        if class_alpha is not None:
+            class_alpha = _ops.check_class_alpha(class_alpha, loss_type, torch.device("cpu")).clone()
+            if class_alpha.numel() != w.numel():
+                raise ValueError(
+                    f"a per-class alpha must have shape [{w.numel()}], got {list(class_alpha.shape)}"
+                )
+        self.register_buffer("class_alpha", class_alpha)
         # DRW: weights of 1 before drw_epoch (not saved: the training loop sets the epoch)
         self.register_buffer("_unit_weight", torch.ones_like(w), persistent=False)
         self.drw_epoch = _check_epoch(drw_epoch, "drw_epoch") if drw_epoch is not None else None
@@ -137,11 +146,18 @@ class ClassBalancedLoss(nn.Module):
     # The options live in one validated record; setting one validates it with the others.
     def _option(name: str):  # noqa: N805  (a property factory, called in the class body)
         def get(self):
+            if name == "alpha" and getattr(self, "class_alpha", None) is not None:
+                return self.class_alpha
             v = getattr(self._opts, name)
             return None if name == "alpha" and v < 0 else v
 
         def set_(self, value):
-            o = {f: getattr(self, f) for f in _OPTION_NAMES + ("logit_scale",)}
+            if name == "alpha" and isinstance(value, torch.Tensor):
+                raise TypeError("set a per-class alpha when constructing the module")
+            if name == "alpha" and getattr(self, "class_alpha", None) is not None:
+                self.class_alpha = None  # a number (or None) replaces the per-class alpha
+            o = {f: getattr(self._opts, f) for f in _OPTION_NAMES + ("logit_scale",)}
+            o["alpha"] = None if o["alpha"] < 0 else o["alpha"]
             o[name] = value
             self._opts = _ops.loss_options(**o, logit_adjustment=self._opts.logit_adjustment)
 
@@ -163,7 +179,9 @@ class ClassBalancedLoss(nn.Module):
         return self._opts.logit_adjustment
 
     def _apply(self, fn, recurse=True):
-        return apply_keeping_dtype(self, ("weight", "logit_offset", "margins"), super()._apply, fn, recurse)
+        return apply_keeping_dtype(
+            self, ("weight", "logit_offset", "margins", "class_alpha"), super()._apply, fn, recurse
+        )
 
     @property
     def num_classes(self) -> int:
@@ -171,7 +189,7 @@ class ClassBalancedLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         w = self.weight if self.weights_active else self._unit_weight
-        return _ops.cb_loss(logits, target, w, self._opts, self.logit_offset, self.margins)
+        return _ops.cb_loss(logits, target, w, self._opts, self.logit_offset, self.margins, self.class_alpha)
 
     def extra_repr(self) -> str:
         parts = [f"num_classes={self.num_classes}", f"loss_type={self.loss_type!r}"]
@@ -179,7 +197,9 @@ class ClassBalancedLoss(nn.Module):
             parts.append(f"beta={self.beta}")
         if self.loss_type in _ops.FOCAL_KINDS:
             parts.append(f"gamma={self.gamma}")
-        if self.alpha is not None:
+        if self.class_alpha is not None:
+            parts.append("alpha=[per class]")
+        elif self.alpha is not None:
             parts.append(f"alpha={self.alpha}")
         parts.append(f"reduction={self.reduction!r}")
         if self.label_smoothing:

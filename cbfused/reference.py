@@ -55,7 +55,7 @@ def class_balanced_loss(
     weights: torch.Tensor,
     loss_type: str = "focal",
     gamma: float = 1.0,
-    alpha: float | None = None,
+    alpha: float | torch.Tensor | None = None,
     reduction: str = "mean",
     ignore_index: int = -100,
     compute_dtype: torch.dtype = torch.float64,
@@ -96,6 +96,8 @@ def class_balanced_loss(
     x = logits.to(compute_dtype)
     w = weights.to(device=x.device, dtype=compute_dtype)
     t, s, valid = _targets(x, target, w, ignore_index)
+    if isinstance(alpha, torch.Tensor):  # a per-class alpha, along the classes
+        alpha = alpha.to(device=x.device, dtype=x.dtype)
     if logit_offset is not None or margins is not None or logit_scale != 1.0:
         if loss_type not in SOFTMAX_FAMILY:
             raise ValueError(f"adjusted logits apply to the softmax losses only, not {loss_type!r}")
@@ -120,7 +122,8 @@ def class_balanced_loss(
             scale = s
         else:
             one_minus_p = -torch.expm1(logp)
-            per = (t * one_minus_p.pow(gamma) * -logp).sum(1)
+            ta = t * alpha if isinstance(alpha, torch.Tensor) else t  # per-class alpha: alpha_y
+            per = (ta * one_minus_p.pow(gamma) * -logp).sum(1)
             scale = s
     elif loss_type in BINARY_FAMILY:
         bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")

@@ -114,7 +114,8 @@ using CbLossFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor
                                                                 const at::Tensor&, int64_t, double, double,
                                                                 int64_t, int64_t, int64_t, double, int64_t,
                                                                 const std::optional<at::Tensor>&,
-                                                                const std::optional<at::Tensor>&, double);
+                                                                const std::optional<at::Tensor>&, double,
+                                                                const std::optional<at::Tensor>&);
 
 class CbLossFunction : public torch::autograd::Function<CbLossFunction> {
  public:
@@ -123,12 +124,13 @@ class CbLossFunction : public torch::autograd::Function<CbLossFunction> {
                                int64_t reduction, int64_t ignore_index, int64_t grad_mode,
                                double label_smoothing, int64_t weighting,
                                const std::optional<at::Tensor>& logit_offset,
-                               const std::optional<at::Tensor>& margins, double logit_scale) {
+                               const std::optional<at::Tensor>& margins, double logit_scale,
+                               const std::optional<at::Tensor>& class_alpha) {
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("cbfused::cb_loss", "").typed<CbLossFn>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, grad, grad_scale] =
         op.call(logits, target, class_weight, loss_type, gamma, alpha, reduction, ignore_index, grad_mode,
-                label_smoothing, weighting, logit_offset, margins, logit_scale);
+                label_smoothing, weighting, logit_offset, margins, logit_scale, class_alpha);
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["grad_mode"] = grad_mode;
     ctx->save_for_backward({grad, grad_scale});
@@ -138,7 +140,7 @@ class CbLossFunction : public torch::autograd::Function<CbLossFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(14);  // undefined: no gradient for the non-tensor / non-differentiable inputs
+    variable_list out(15);  // undefined: no gradient for the non-tensor / non-differentiable inputs
     const at::Tensor& g_loss = grads[0];
     if (!g_loss.defined()) return out;
     const int64_t grad_mode = ctx->saved_data["grad_mode"].toInt();
@@ -171,10 +173,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_autograd(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& class_weight, int64_t loss_type,
     double gamma, double alpha, int64_t reduction, int64_t ignore_index, int64_t grad_mode,
     double label_smoothing, int64_t weighting, const std::optional<at::Tensor>& logit_offset,
-    const std::optional<at::Tensor>& margins, double logit_scale) {
-  auto r =
-      CbLossFunction::apply(logits, target, class_weight, loss_type, gamma, alpha, reduction, ignore_index,
-                            grad_mode, label_smoothing, weighting, logit_offset, margins, logit_scale);
+    const std::optional<at::Tensor>& margins, double logit_scale,
+    const std::optional<at::Tensor>& class_alpha) {
+  auto r = CbLossFunction::apply(logits, target, class_weight, loss_type, gamma, alpha, reduction,
+                                 ignore_index, grad_mode, label_smoothing, weighting, logit_offset, margins,
+                                 logit_scale, class_alpha);
   return {r[0], r[1], r[2]};
 }
 

@@ -108,7 +108,16 @@ at::Tensor per_class(const std::optional<at::Tensor>& t, const char* name, const
   return weights_as(*t, acc);
 }
 
-void check_adjust(CbLossPlan& plan, const AdjustArgs& adj, const at::Tensor& logits, int64_t loss_type) {
+void check_adjust(CbLossPlan& plan, const AdjustArgs& adj, const at::Tensor& logits, int64_t loss_type,
+                  double alpha) {
+  if (adj.class_alpha.has_value() && adj.class_alpha->defined()) {
+    TORCH_CHECK(
+        loss_kind(loss_type).alpha || loss_type == kSoftmaxFocal,
+        "cbfused: a per-class alpha applies to the focal and sigmoid losses and softmax_focal, not to '",
+        loss_kind(loss_type).name, "'");
+    TORCH_CHECK(alpha < 0, "cbfused: give alpha as a number or as a per-class tensor, not both");
+    plan.alpha_vec = per_class(adj.class_alpha, "class_alpha", plan, logits);
+  }
   const bool offset = adj.offset.has_value() && adj.offset->defined();
   const bool margins = adj.margins.has_value() && adj.margins->defined();
   TORCH_CHECK(std::isfinite(adj.scale) && adj.scale > 0,
@@ -219,7 +228,7 @@ CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target, con
                 ts);
   }
   plan.weight = weights_as(class_weight, acc_type_of(logits.scalar_type()));
-  if (adjust) check_adjust(plan, *adjust, logits, loss_type);
+  if (adjust) check_adjust(plan, *adjust, logits, loss_type, alpha);
   return plan;
 }
 

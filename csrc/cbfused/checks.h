@@ -33,6 +33,7 @@ struct CbLossPlan {
   // where not given), both defined when any of the three is on.
   at::Tensor offset, margin;
   double scale = 1;
+  at::Tensor alpha_vec;  // per-class alpha [C] in the accumulation type, or undefined
 };
 
 // The adjusted-logit arguments of cb_loss (schemas.h).
@@ -40,6 +41,7 @@ struct AdjustArgs {
   const std::optional<at::Tensor>& offset;
   const std::optional<at::Tensor>& margins;
   double scale;
+  const std::optional<at::Tensor>& class_alpha;  // per-class alpha (focal, sigmoid, softmax focal)
 };
 
 // Validates the arguments of cbfused::cb_loss and normalises the layouts the

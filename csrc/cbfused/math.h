@@ -332,12 +332,18 @@ CBF_HD int small_integer_gamma(double gamma) {
 // gradient 0, never NaN (torch returns NaN there).
 CBF_HD double inv_denominator(double d) { return d != 0 ? 1.0 / d : 0.0; }
 
-// alpha_t = alpha t + (1 - alpha)(1 - t) (torchvision's alpha); alpha < 0 means
-// "no alpha" and gives 1.
+// alpha_t = alpha t + (1 - alpha)(1 - t) (torchvision's alpha; alpha may be a class's entry
+// of a per-class alpha vector, or a vector of them).
+template <typename T>
+CBF_HD T alpha_t_of(T t, T alpha) {
+  return alpha * t + (T(1) - alpha) * (T(1) - t);
+}
+
+// The scalar alpha of the options: < 0 means "no alpha" and gives 1.
 template <typename T, typename G>
 CBF_HD T alpha_t(T t, G alpha) {
   if (alpha < G(0)) return T(1);
-  return T(alpha) * t + T(G(1) - alpha) * (T(1) - t);
+  return alpha_t_of(t, T(alpha));
 }
 
 }  // namespace cbfused

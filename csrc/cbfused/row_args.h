@@ -25,7 +25,7 @@ struct RowArgs {
   int64_t N = 0, C = 0;      // N: positions (rows)
   acc_t gamma = 0;
   int gamma_int = -1;  // small_integer_gamma(gamma)
-  acc_t alpha = -1;    // < 0: no alpha
+  acc_t alpha = -1;    // < 0: no alpha (a per-class alpha: ClassOptions)
   int64_t ignore_index = -100;
   bool weighted = false;            // the mean's denominator is the sum of sample weights
   acc_t grad_prescale = 1;          // folded into the gradient (the mean's 1/D when known up front)
@@ -63,26 +63,30 @@ struct Smoothing {
   bool active(bool hard) const { return eps > 0 || (class_weighting && !hard); }
 };
 
-// Logit adjustment, margins and scale of the softmax family (math.h, adjusted_logit) beside
-// RowArgs, like Planes. On: offset and margin are both [C] (zeros where not given).
+// Per-class options beside RowArgs, like Planes (a pointer more in RowArgs, the CUDA row
+// kernels' parameter struct, made ptxas spill in the bfloat16 / float16 flat kernel on sm_90):
+// the softmax family's adjusted logits (math.h, adjusted_logit; adjusted(): offset and margin
+// are both [C], zeros where not given) and a per-class alpha (math.h, alpha_t_of).
 template <typename acc_t>
-struct LogitAdjust {
-  const acc_t* offset = nullptr;  // b = tau log(pi)
-  const acc_t* margin = nullptr;  // Delta, on the target class (class-index targets)
-  acc_t scale = 1;                // s
-  CBF_HD bool on() const { return offset != nullptr; }
+struct ClassOptions {
+  const acc_t* offset = nullptr;     // b = tau log(pi)
+  const acc_t* margin = nullptr;     // Delta, on the target class (class-index targets)
+  acc_t scale = 1;                   // s
+  const acc_t* alpha_vec = nullptr;  // per-class alpha [C] (RowArgs::alpha < 0 then), or null
+  CBF_HD bool adjusted() const { return offset != nullptr; }
   // s Delta_y, what the target's adjusted logit loses (0 for y < 0)
   CBF_HD acc_t target_margin(int64_t y) const { return y >= 0 ? scale * margin[y] : acc_t(0); }
 };
 
 template <typename acc_t>
-LogitAdjust<acc_t> make_adjust(const CbLossPlan& plan) {
-  LogitAdjust<acc_t> adj;
+ClassOptions<acc_t> make_adjust(const CbLossPlan& plan) {
+  ClassOptions<acc_t> adj;
   if (plan.offset.defined()) {
     adj.offset = plan.offset.const_data_ptr<acc_t>();
     adj.margin = plan.margin.const_data_ptr<acc_t>();
     adj.scale = static_cast<acc_t>(plan.scale);
   }
+  if (plan.alpha_vec.defined()) adj.alpha_vec = plan.alpha_vec.const_data_ptr<acc_t>();
   return adj;
 }
 

@@ -11,11 +11,12 @@ namespace cbfused {
 // label_smoothing and weighting (kinds.h, Weighting): softmax cross-entropy's label smoothing
 // and class-weighting rule (docs/losses.md). logit_offset [C], margins [C] and logit_scale:
 // the softmax family's adjusted logits s x + b - s Delta_y (math.h, adjusted_logit).
+// class_alpha [C]: a per-class alpha (math.h, alpha_t_of) in place of the scalar alpha.
 constexpr const char* kCbLossSchema =
     "cb_loss(Tensor logits, Tensor target, Tensor class_weight, int loss_type, float gamma, "
     "float alpha, int reduction, int ignore_index, int grad_mode, float label_smoothing=0., "
-    "int weighting=0, Tensor? logit_offset=None, Tensor? margins=None, float logit_scale=1.) "
-    "-> (Tensor, Tensor, Tensor)";
+    "int weighting=0, Tensor? logit_offset=None, Tensor? margins=None, float logit_scale=1., "
+    "Tensor? class_alpha=None) -> (Tensor, Tensor, Tensor)";
 
 // torchvision.ops.sigmoid_focal_loss semantics with an optional per-class weight.
 // weight_dim: the inputs' dimension the weight runs along (-1: the last).

@@ -37,9 +37,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cpu(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& class_weight, int64_t loss_type,
     double gamma, double alpha, int64_t reduction, int64_t ignore_index, int64_t grad_mode,
     double label_smoothing, int64_t weighting, const std::optional<at::Tensor>& logit_offset,
-    const std::optional<at::Tensor>& margins, double logit_scale) {
+    const std::optional<at::Tensor>& margins, double logit_scale,
+    const std::optional<at::Tensor>& class_alpha) {
   const bool compute_grad = check_grad_mode(grad_mode);
-  const AdjustArgs adjust{logit_offset, margins, logit_scale};
+  const AdjustArgs adjust{logit_offset, margins, logit_scale, class_alpha};
   const CbLossPlan plan = check_cb_loss(logits, target, class_weight, loss_type, gamma, alpha, reduction,
                                         label_smoothing, weighting, &adjust);
   const Smoothing sm{label_smoothing, weighting == kClassWeighting};

@@ -20,7 +20,7 @@ namespace cpu {
 
 // Bumped when the table's layout or a signature changes: _C refuses a table of another
 // version (a stale _cpu_<ISA> module next to a newer _C).
-constexpr int kKernelsAbi = 5;
+constexpr int kKernelsAbi = 6;
 constexpr const char* kKernelsCapsule = "cbfused.cpu_kernels";
 
 template <typename scalar_t>
@@ -31,7 +31,7 @@ struct KernelSet {
   // pl.S > 0: the planes layout; sm: label smoothing / class weighting; adj: adjusted logits
   // (row_args.h).
   std::pair<double, double> (*cb_rows)(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm,
-                                       const LogitAdjust<at::opmath_type<scalar_t>>& adj, int64_t loss_type,
+                                       const ClassOptions<at::opmath_type<scalar_t>>& adj, int64_t loss_type,
                                        bool grad, bool hard);
   // sigmoid_focal: torchvision's focal term elementwise, times alpha_t and the class weight;
   // writes the per-element loss (loss_out, or null) and the gradient times grad_scale (grad,

@@ -32,18 +32,22 @@ namespace cpu {
 // sm: label smoothing / class weighting (softmax cross-entropy only); adj: adjusted logits.
 template <typename scalar_t>
 std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, const Smoothing& sm,
-                                              const LogitAdjust<at::opmath_type<scalar_t>>& adj, bool focal,
+                                              const ClassOptions<at::opmath_type<scalar_t>>& adj, bool focal,
                                               bool grad, bool hard);
+// adj: a per-class alpha (alpha_vec) for the binary family.
 template <typename scalar_t>
-std::pair<double, double> binary_family_rows(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard);
+std::pair<double, double> binary_family_rows(const RowArgs<scalar_t>& a,
+                                             const ClassOptions<at::opmath_type<scalar_t>>& adj, bool focal,
+                                             bool grad, bool hard);
 // The same families in the planes layout (kernels/planes.cpp; pl.S > 0).
 template <typename scalar_t>
 std::pair<double, double> softmax_family_planes(const RowArgs<scalar_t>& a, const Planes& pl,
                                                 const Smoothing& sm,
-                                                const LogitAdjust<at::opmath_type<scalar_t>>& adj, bool focal,
-                                                bool grad, bool hard);
+                                                const ClassOptions<at::opmath_type<scalar_t>>& adj,
+                                                bool focal, bool grad, bool hard);
 template <typename scalar_t>
-std::pair<double, double> binary_family_planes(const RowArgs<scalar_t>& a, const Planes& pl, bool focal,
+std::pair<double, double> binary_family_planes(const RowArgs<scalar_t>& a, const Planes& pl,
+                                               const ClassOptions<at::opmath_type<scalar_t>>& adj, bool focal,
                                                bool grad, bool hard);
 // sigmoid_focal's elementwise rows (kernels/focal_elementwise.cpp).
 template <typename scalar_t>
@@ -52,16 +56,18 @@ double focal_elementwise_rows(const FocalPlan& p, double gamma, double alpha, do
 
 // Explicit instantiations for the four dtypes of a function template F with the signature
 // of macro M(F, T).
-#define CBFUSED_FAMILY_ROWS(F, T) \
-  template std::pair<double, double> F<T>(const RowArgs<T>&, bool, bool, bool);
+#define CBFUSED_FAMILY_ROWS(F, T)                                                                           \
+  template std::pair<double, double> F<T>(const RowArgs<T>&, const ClassOptions<at::opmath_type<T>>&, bool, \
+                                          bool, bool);
 #define CBFUSED_SOFTMAX_ROWS(F, T)                                             \
   template std::pair<double, double> F<T>(const RowArgs<T>&, const Smoothing&, \
-                                          const LogitAdjust<at::opmath_type<T>>&, bool, bool, bool);
+                                          const ClassOptions<at::opmath_type<T>>&, bool, bool, bool);
 #define CBFUSED_SOFTMAX_PLANES(F, T)                                                          \
   template std::pair<double, double> F<T>(const RowArgs<T>&, const Planes&, const Smoothing&, \
-                                          const LogitAdjust<at::opmath_type<T>>&, bool, bool, bool);
-#define CBFUSED_FAMILY_PLANES(F, T) \
-  template std::pair<double, double> F<T>(const RowArgs<T>&, const Planes&, bool, bool, bool);
+                                          const ClassOptions<at::opmath_type<T>>&, bool, bool, bool);
+#define CBFUSED_FAMILY_PLANES(F, T)                                         \
+  template std::pair<double, double> F<T>(const RowArgs<T>&, const Planes&, \
+                                          const ClassOptions<at::opmath_type<T>>&, bool, bool, bool);
 #define CBFUSED_FOCAL_ROWS(F, T) template double F<T>(const FocalPlan&, double, double, double, T*, T*);
 #define CBFUSED_FOR_EACH_DTYPE(M, F) M(F, float) M(F, double) M(F, c10::Half) M(F, c10::BFloat16)
 

@@ -22,9 +22,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cuda(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& class_weight, int64_t loss_type,
     double gamma, double alpha, int64_t reduction, int64_t ignore_index, int64_t grad_mode,
     double label_smoothing, int64_t weighting, const std::optional<at::Tensor>& logit_offset,
-    const std::optional<at::Tensor>& margins, double logit_scale) {
+    const std::optional<at::Tensor>& margins, double logit_scale,
+    const std::optional<at::Tensor>& class_alpha) {
   const bool compute_grad = check_grad_mode(grad_mode);
-  const AdjustArgs adjust{logit_offset, margins, logit_scale};
+  const AdjustArgs adjust{logit_offset, margins, logit_scale, class_alpha};
   const CbLossPlan plan = check_cb_loss(logits, target, class_weight, loss_type, gamma, alpha, reduction,
                                         label_smoothing, weighting, &adjust);
   const Smoothing sm{label_smoothing, weighting == kClassWeighting};
@@ -45,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_cuda(
           launch_family<scalar_t, kSoftmax, kSoftmaxFocal>(a, pl, sm, make_adjust<acc_t>(plan), loss_type,
                                                            plan.hard, stream);
         } else {
-          launch_family<scalar_t, kSigmoid, kFocal>(a, pl, sm, LogitAdjust<acc_t>{}, loss_type, plan.hard,
+          launch_family<scalar_t, kSigmoid, kFocal>(a, pl, sm, make_adjust<acc_t>(plan), loss_type, plan.hard,
                                                     stream);
         }
         if (reduction == kNone) {

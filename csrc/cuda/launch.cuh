@@ -35,7 +35,7 @@ inline int flat_rows_per_tile(int64_t C) {
 
 template <typename scalar_t, int kLoss, bool kHard, bool kSmooth = false, bool kAdj = false>
 void launch_rows(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm,
-                 const LogitAdjust<at::opmath_type<scalar_t>>& adj, Stream stream) {
+                 const ClassOptions<at::opmath_type<scalar_t>>& adj, Stream stream) {
   if (a.N == 0) return;
   constexpr bool kBinary = !is_softmax_family(kLoss);
   constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
@@ -49,7 +49,8 @@ void launch_rows(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& 
     return;
   }
   if constexpr (kBinary && !kSmooth && !kAdj) {
-    if (a.C <= kFlatMaxC && a.x_stride == a.C && (kHard || a.t_stride == a.C)) {
+    // (a per-class alpha takes the row kernel: cb_flat_kernel reads the scalar alpha only)
+    if (!adj.alpha_vec && a.C <= kFlatMaxC && a.x_stride == a.C && (kHard || a.t_stride == a.C)) {
       const int rows = flat_rows_per_tile(a.C);
       const int64_t blocks = (a.N + rows - 1) / rows;
       TORCH_CHECK(blocks <= kMaxGrid, "cbfused: ", a.N, " rows exceed the CUDA grid limit");
@@ -83,7 +84,7 @@ void launch_rows(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& 
 
 template <typename scalar_t, int kA, int kB, bool kAdj>
 void launch_with_adj(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm,
-                     const LogitAdjust<at::opmath_type<scalar_t>>& adj, int64_t loss_type, bool hard,
+                     const ClassOptions<at::opmath_type<scalar_t>>& adj, int64_t loss_type, bool hard,
                      Stream stream) {
   if constexpr (kA == kSoftmax) {
     if (loss_type == kA && sm.active(hard)) {
@@ -106,10 +107,10 @@ void launch_with_adj(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothi
 // softmax family's (checked by check_cb_loss).
 template <typename scalar_t, int kA, int kB>
 void launch_family(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm,
-                   const LogitAdjust<at::opmath_type<scalar_t>>& adj, int64_t loss_type, bool hard,
+                   const ClassOptions<at::opmath_type<scalar_t>>& adj, int64_t loss_type, bool hard,
                    Stream stream) {
   if constexpr (kA == kSoftmax) {
-    if (adj.on()) {
+    if (adj.adjusted()) {
       launch_with_adj<scalar_t, kA, kB, true>(a, pl, sm, adj, loss_type, hard, stream);
       return;
     }
@@ -117,9 +118,9 @@ void launch_family(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing
   launch_with_adj<scalar_t, kA, kB, false>(a, pl, sm, adj, loss_type, hard, stream);
 }
 
-#define CBFUSED_FAMILY_ONE(T, A, B, EXTERN)                                                          \
-  EXTERN template void launch_family<T, A, B>(const RowArgs<T>&, const Planes&, const Smoothing&,    \
-                                              const LogitAdjust<at::opmath_type<T>>&, int64_t, bool, \
+#define CBFUSED_FAMILY_ONE(T, A, B, EXTERN)                                                           \
+  EXTERN template void launch_family<T, A, B>(const RowArgs<T>&, const Planes&, const Smoothing&,     \
+                                              const ClassOptions<at::opmath_type<T>>&, int64_t, bool, \
                                               Stream);
 #define CBFUSED_FAMILY(A, B, EXTERN)          \
   CBFUSED_FAMILY_ONE(float, A, B, EXTERN)     \

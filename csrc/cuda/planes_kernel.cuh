@@ -23,7 +23,7 @@ namespace cuda {
 template <typename scalar_t, int kLoss, bool kHard, bool kSmooth = false, bool kAdj = false>
 __global__ void __launch_bounds__(kBlock, 2)
     cb_planes_kernel(RowArgs<scalar_t> a, Planes pl, Smoothing sm = {},
-                     LogitAdjust<at::opmath_type<scalar_t>> adj = {}) {
+                     ClassOptions<at::opmath_type<scalar_t>> adj = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kFoc = is_focal(kLoss);
   // blockIdx.y walks the samples (a 64-bit division per thread cost registers and a stack
@@ -103,7 +103,8 @@ __global__ void __launch_bounds__(kBlock, 2)
         if constexpr (kHard)
           cy = smooth_grad_y(K, at, A, softmax_one_minus_p(log_softmax_of(X(y), m, log_sum)));
       } else if constexpr (kHard) {
-        const SoftmaxRow<acc_t> r = softmax_hard_row<kFoc>(s, X(y), m, log_sum, a.gamma);
+        const acc_t sl = kFoc && adj.alpha_vec ? s * adj.alpha_vec[y] : s;  // a per-class alpha: alpha_y
+        const SoftmaxRow<acc_t> r = softmax_hard_row<kFoc>(sl, X(y), m, log_sum, a.gamma);
         loss = r.loss;
         cp = r.cp;
         cy = -cp * r.q;  // cp * (p_y - 1)
@@ -115,8 +116,9 @@ __global__ void __launch_bounds__(kBlock, 2)
         acc_t lf = 0, gsum = 0;
         for (int64_t c = 0; c < C; ++c) {
           const auto f = softmax_focal<true>(log_softmax_of(X(c), m, log_sum), a.gamma);
-          lf += Tc(c) * f.loss;
-          gsum += Tc(c) * f.G;
+          const acc_t ta = alpha_weighted(Tc(c), adj.alpha_vec, c);
+          lf += ta * f.loss;
+          gsum += ta * f.G;
         }
         loss = s * lf;
         cp = s * gsum;
@@ -135,7 +137,7 @@ __global__ void __launch_bounds__(kBlock, 2)
           } else if constexpr (kHard) {
             if (c == y) gk = cy;
           } else if constexpr (kFoc) {
-            gk -= s * Tc(c) * softmax_focal<true>(lp, a.gamma).G;
+            gk -= s * alpha_weighted(Tc(c), adj.alpha_vec, c) * softmax_focal<true>(lp, a.gamma).G;
           } else {
             gk -= s * Tc(c);
           }
@@ -148,7 +150,7 @@ __global__ void __launch_bounds__(kBlock, 2)
       for (int64_t c = 0; c < C; ++c) {
         const acc_t tc = kHard ? acc_t(c == y) : Tc(c);
         acc_t l, d;
-        binary_element<kFoc>(a, X(c), tc, pow_k, l, d);
+        binary_element<kFoc>(a, X(c), tc, pow_k, l, d, c, adj.alpha_vec);
         part += l;
         if (g) g[c * gs] = static_cast<scalar_t>(s * d);
       }

@@ -32,24 +32,38 @@ __device__ __forceinline__ T nan_max(T a, T b) {
   return (b > a || b != b) ? b : a;
 }
 
-// One element of a sigmoid / focal loss: the (alpha-weighted) loss term and its
-// derivative, before the row's class weight.
-template <bool kFoc, typename scalar_t>
+// One element (class c) of a sigmoid / focal loss: the (alpha-weighted) loss term and its
+// derivative, before the row's class weight. kAlphaVec: the per-class alpha may be given
+// (cb_flat_kernel takes none: reading it there made the float64 sigmoid kernel spill on sm_90).
+template <bool kFoc, bool kAlphaVec = true, typename scalar_t>
 __device__ __forceinline__ void binary_element(const RowArgs<scalar_t>& a, at::opmath_type<scalar_t> x,
                                                at::opmath_type<scalar_t> t, int pow_k,
-                                               at::opmath_type<scalar_t>& l, at::opmath_type<scalar_t>& d) {
+                                               at::opmath_type<scalar_t>& l, at::opmath_type<scalar_t>& d,
+                                               int64_t c, const at::opmath_type<scalar_t>* alpha_vec) {
   binary_term<kFoc, true>(x, t, a.gamma, l, d, pow_k);
-  if (a.alpha >= 0) {
-    const auto at_ = alpha_t(t, a.alpha);
+  if constexpr (!kAlphaVec) {
+    if (a.alpha >= 0) {
+      const auto at_ = alpha_t(t, a.alpha);
+      l *= at_;
+      d *= at_;
+    }
+  } else if (a.alpha >= 0 || alpha_vec) {
+    const auto at_ = a.alpha >= 0 ? alpha_t(t, a.alpha) : alpha_t_of(t, alpha_vec[c]);
     l *= at_;
     d *= at_;
   }
 }
 
+// Float-target softmax focal with a per-class alpha (null: none): t_c alpha_c.
+template <typename acc_t>
+__device__ __forceinline__ acc_t alpha_weighted(acc_t t, const acc_t* alpha_vec, int64_t c) {
+  return alpha_vec ? t * alpha_vec[c] : t;
+}
+
 // The adjusted logits (math.h, adjusted_logit) of K classes from c on, in place: z = s x + b,
 // less s Delta_y at the target y (y < 0: none).
 template <int K, typename acc_t>
-__device__ __forceinline__ void adjust_logits(const LogitAdjust<acc_t>& adj, int64_t c, int64_t y,
+__device__ __forceinline__ void adjust_logits(const ClassOptions<acc_t>& adj, int64_t c, int64_t y,
                                               acc_t (&xv)[K]) {
 #pragma unroll
   for (int k = 0; k < K; ++k) {
@@ -99,7 +113,7 @@ __device__ __forceinline__ void add_target_sums(const scalar_t* t, const acc_t* 
 template <typename scalar_t, int kLoss, bool kHard, int kThreads, bool kSmooth = false, bool kAdj = false>
 __global__ void __launch_bounds__(kBlock, 2)
     cb_row_kernel(RowArgs<scalar_t> a, int64_t cache_stride, Smoothing sm = {},
-                  LogitAdjust<at::opmath_type<scalar_t>> adj = {}) {
+                  ClassOptions<at::opmath_type<scalar_t>> adj = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   using RR = RowReduce<kThreads>;
   constexpr int kRowsPerBlock = kBlock / kThreads;
@@ -168,7 +182,7 @@ __global__ void __launch_bounds__(kBlock, 2)
       for (int k = 0; k < K; ++k) {
         const acc_t tc = kHard ? acc_t(c + k == y) : tv[k];
         acc_t l, d;
-        binary_element<kFoc>(a, xv[k], tc, pow_k, l, d);
+        binary_element<kFoc>(a, xv[k], tc, pow_k, l, d, c + k, adj.alpha_vec);
         part += l;
         gv[k] = s * d;
       }
@@ -275,7 +289,9 @@ __global__ void __launch_bounds__(kBlock, 2)
         cy = smooth_grad_y(sc, at_row, A_row, q);
       }
     } else if constexpr (kHard) {
-      const SoftmaxRow<acc_t> r = softmax_hard_row<kFoc>(s, x_y, ms.m, log_sum, a.gamma);
+      // a per-class alpha (softmax focal) scales the sample's loss and gradient by alpha_y
+      const acc_t sl = kFoc && adj.alpha_vec ? s * adj.alpha_vec[y] : s;
+      const SoftmaxRow<acc_t> r = softmax_hard_row<kFoc>(sl, x_y, ms.m, log_sum, a.gamma);
       loss = r.loss;
       cp = r.cp;
       cy = -cp * r.q;  // cp * (p_y - 1)
@@ -296,8 +312,9 @@ __global__ void __launch_bounds__(kBlock, 2)
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           const auto f = softmax_focal<true>(log_softmax_of(xv[k], ms.m, log_sum), a.gamma);
-          lf += tv[k] * f.loss;
-          gs += tv[k] * f.G;
+          const acc_t ta = alpha_weighted(tv[k], adj.alpha_vec, c + k);
+          lf += ta * f.loss;
+          gs += ta * f.G;
         }
       });
       loss = s * RR::sum(lf, smem_a);
@@ -324,7 +341,7 @@ __global__ void __launch_bounds__(kBlock, 2)
           } else if constexpr (kHard) {
             if (c + k == y) gk = cy;
           } else if constexpr (kFoc) {
-            gk -= s * tv[k] * softmax_focal<true>(lp, a.gamma).G;
+            gk -= s * alpha_weighted(tv[k], adj.alpha_vec, c + k) * softmax_focal<true>(lp, a.gamma).G;
           } else {
             gk -= s * tv[k];
           }
@@ -418,7 +435,7 @@ __global__ void __launch_bounds__(kBlock) cb_flat_kernel(RowArgs<scalar_t> a, in
       const int yr = kHard ? y_row[r] : 0;
       if (!kHard || yr >= 0) {
         const acc_t tc = kHard ? acc_t(c == yr) : tile_t[e + k];
-        binary_element<kFoc>(a, xv[k], tc, pow_k, l, d);
+        binary_element<kFoc, false>(a, xv[k], tc, pow_k, l, d, c, nullptr);
         d *= s_row[r];
       }
       tile_l[e + k] = l;

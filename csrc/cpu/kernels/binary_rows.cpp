@@ -43,12 +43,13 @@ constexpr int kAnyPow = -2;
 
 // Sigmoid cross-entropy and the paper's sigmoid focal loss, one row:
 //   l = s * sum_c alpha_t * m * bce(x_c, t_c),  grad_c = s * d/dx_c(...)
-// kAlpha (alpha given) and kPow (the focal power for hard targets: -1 none, k >= 0 an
-// integer gamma, kAnyPow read at run time) are template parameters, chosen once per call
-// (run_sigmoid), not tested per vector: the power's loop with a run-time trip count alone
-// cost 5 to 8% of the focal kernel at gamma = 2.
-template <typename scalar_t, bool kFocal, bool kGrad, bool kHard, bool kAlpha, int kPow>
-RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i) {
+// kAlpha (0: no alpha, 1: the scalar alpha, 2: a per-class alpha vector) and kPow (the focal power for hard
+// targets: -1 none, k >= 0 an integer gamma, kAnyPow read at run time) are template parameters, chosen once
+// per call (run_sigmoid), not tested per vector: the power's loop with a run-time trip count alone cost 5 to
+// 8% of the focal kernel at gamma = 2.
+template <typename scalar_t, bool kFocal, bool kGrad, bool kHard, int kAlpha, int kPow>
+RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a,
+                                              const at::opmath_type<scalar_t>* alpha_vec, int64_t i) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
@@ -74,8 +75,9 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
   // element (t = 0: one multiply-add into the sum), as the reference and the CUDA kernels
   // do: summing the t = 0 losses first and scaling once overflowed to inf at logits near
   // float32's range, and alpha = 1 then gave inf * 0 = NaN for a finite loss.
-  const V at0 = kAlpha ? alpha_t(V(0), alpha) : V(1);
-  const V sv0 = kAlpha ? at0 * sv : sv;
+  // (kAlpha = 2: alpha_t of t = 0 is 1 - alpha_c, per vector)
+  const V at0 = kAlpha == 1 ? alpha_t(V(0), alpha) : V(1);
+  const V sv0 = kAlpha == 1 ? at0 * sv : sv;
   V lacc(0);
   // One vector: adds its loss (lanes [0, nv)) and returns its gradient. Forced inline:
   // in the float16 / bfloat16 rows, with a pack's two vectors and a tail, GCC kept the t = 0
@@ -83,17 +85,23 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
   // are all caller-saved): at 65536 x 80 in bfloat16 (two packs and a tail of 16) sigmoid
   // took 1.17x and focal 1.14x the float32 time, 1.08x and 1.08x with it inline (one
   // thread, alternating builds; RowIO's one-vector tail then made them 1.06x and 1.02x).
-  auto vec = [&](auto zero_t, const V& xv, const V& tv, int64_t nv) __attribute__((always_inline)) -> V {
+  // av: the vector's per-class alphas (kAlpha = 2).
+  auto vec = [&](auto zero_t, const V& xv, const V& tv, int64_t nv, const V& av)
+                 __attribute__((always_inline)) -> V {
     constexpr bool kZeroT = decltype(zero_t)::value;
     V lv, dv;
     binary_term<kFocal, kGrad, kZeroT>(xv, tv, gamma, lv, dv, pow_k);
-    if constexpr (kZeroT) {
+    if constexpr (kZeroT && kAlpha == 2) {
+      const V at0v = alpha_t_of(V(0), av);  // 1 - alpha_c
+      lacc = at::vec::fmadd(IO::keep(lv, nv, acc_t(0)), at0v, lacc);
+      return dv * (at0v * sv);
+    } else if constexpr (kZeroT) {
       lacc = at::vec::fmadd(IO::keep(lv, nv, acc_t(0)), at0, lacc);  // at0 = 1: an exact add
       return dv * sv0;
     } else {
       V gs = sv;
-      if constexpr (kAlpha) {
-        const V at = alpha_t(tv, alpha);
+      if constexpr (kAlpha != 0) {
+        const V at = kAlpha == 1 ? alpha_t(tv, alpha) : alpha_t_of(tv, av);
         lv = lv * at;
         gs = at * sv;
       }
@@ -117,17 +125,18 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
       gv[v] = V(0);
       if (nv == 0) break;  // a float16 / bfloat16 tail of <= 16: no math on padding
       const int64_t k0 = j + v * IO::kLanes;
+      const V av = kAlpha == 2 ? V::loadu(alpha_vec + k0, nv) : V(0);
       if constexpr (kZeroT) {
-        gv[v] = vec(std::true_type{}, xv[v], V(0), nv);
+        gv[v] = vec(std::true_type{}, xv[v], V(0), nv, av);
       } else if constexpr (kHard) {
         // the class block: only the vector that holds y takes the one-hot path
         if (y >= k0 && y < k0 + IO::kLanes) {
-          gv[v] = vec(std::false_type{}, xv[v], one_hot_vector<IO>(y, k0), nv);
+          gv[v] = vec(std::false_type{}, xv[v], one_hot_vector<IO>(y, k0), nv, av);
         } else {
-          gv[v] = vec(std::true_type{}, xv[v], V(0), nv);
+          gv[v] = vec(std::true_type{}, xv[v], V(0), nv, av);
         }
       } else {
-        gv[v] = vec(std::false_type{}, xv[v], tv[v], nv);
+        gv[v] = vec(std::false_type{}, xv[v], tv[v], nv, av);
       }
     }
     if constexpr (kGrad) IO::store(g + j, n, gv);
@@ -149,15 +158,18 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a, int64_t i
 // The sigmoid / focal rows of one call, with alpha on or off and, for the focal loss with
 // hard targets, the power of a common integer gamma (1, 2) or of none as a constant.
 template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
-std::pair<double, double> run_sigmoid(const Args<scalar_t>& a, int64_t N, scalar_t* per_row) {
+std::pair<double, double> run_sigmoid(const Args<scalar_t>& a, const at::opmath_type<scalar_t>* alpha_vec,
+                                      int64_t N, scalar_t* per_row) {
   auto with_alpha = [&](auto alpha_c, auto pow_c) {
     return run_rows<scalar_t>(N, a.C, per_row, [&](int64_t i) {
-      return sigmoid_row<scalar_t, kFocal, kGrad, kHard, decltype(alpha_c)::value, decltype(pow_c)::value>(a,
-                                                                                                           i);
+      return sigmoid_row<scalar_t, kFocal, kGrad, kHard, decltype(alpha_c)::value, decltype(pow_c)::value>(
+          a, alpha_vec, i);
     });
   };
   auto with_pow = [&](auto pow_c) {
-    return a.alpha >= 0 ? with_alpha(std::true_type{}, pow_c) : with_alpha(std::false_type{}, pow_c);
+    if (a.alpha >= 0) return with_alpha(std::integral_constant<int, 1>{}, pow_c);
+    if (alpha_vec) return with_alpha(std::integral_constant<int, 2>{}, pow_c);
+    return with_alpha(std::integral_constant<int, 0>{}, pow_c);
   };
   if constexpr (!kFocal || !kHard) {
     return with_pow(std::integral_constant<int, -1>{});
@@ -178,10 +190,12 @@ std::pair<double, double> run_sigmoid(const Args<scalar_t>& a, int64_t N, scalar
 }  // namespace
 
 template <typename scalar_t>
-std::pair<double, double> binary_family_rows(const RowArgs<scalar_t>& a, bool focal, bool grad, bool hard) {
+std::pair<double, double> binary_family_rows(const RowArgs<scalar_t>& a,
+                                             const ClassOptions<at::opmath_type<scalar_t>>& adj, bool focal,
+                                             bool grad, bool hard) {
   return with_flags(focal, grad, hard, [&](auto focal_c, auto grad_c, auto hard_c) {
     return run_sigmoid<scalar_t, decltype(focal_c)::value, decltype(grad_c)::value, decltype(hard_c)::value>(
-        a, a.N, a.per_row_out);
+        a, adj.alpha_vec, a.N, a.per_row_out);
   });
 }
 

@@ -121,10 +121,10 @@ struct TileLogits {
   using acc_t = typename IO::acc_t;
   const Tile<scalar_t>& tl;
   const Planes& pl;
-  const LogitAdjust<acc_t>& adj;
+  const ClassOptions<acc_t>& adj;
   V yv;  // the lanes' targets as numbers (-1: none)
 
-  TileLogits(const Tile<scalar_t>& tl_, const Planes& pl_, const LogitAdjust<acc_t>& adj_, bool hard)
+  TileLogits(const Tile<scalar_t>& tl_, const Planes& pl_, const ClassOptions<acc_t>& adj_, bool hard)
       : tl(tl_), pl(pl_), adj(adj_), yv(-1) {
     if (kAdj && hard) {
       alignas(64) acc_t yf[IO::kLanes];
@@ -181,7 +181,7 @@ inline typename PlaneIO<scalar_t>::V tile_max_park(const RowArgs<scalar_t>& a, c
 // one position per lane); writes the tile's per-lane loss.
 template <typename scalar_t, bool kFocal, bool kGrad, bool kHard, bool kAdj>
 void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl,
-                  const LogitAdjust<at::opmath_type<scalar_t>>& adj, Tile<scalar_t>& tl,
+                  const ClassOptions<at::opmath_type<scalar_t>>& adj, Tile<scalar_t>& tl,
                   at::opmath_type<scalar_t>* park, at::opmath_type<scalar_t>* loss_out) {
   using IO = PlaneIO<scalar_t>;
   using V = typename IO::V;
@@ -211,7 +211,11 @@ void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl,
     alignas(64) acc_t xy[L] = {};
     for (int64_t k = 0; k < m; ++k)
       if (tl.y[k] >= 0) xy[k] = X.at(k, tl.y[k]);  // in cache
-    const SoftmaxRow<V> r = softmax_hard_row<kFocal>(sv, V::loadu(xy), mx, ls, a.gamma);
+    // a per-class alpha (softmax focal) scales the position's loss and gradient by alpha_y
+    alignas(64) acc_t ay[L];
+    for (int64_t k = 0; k < L; ++k)
+      ay[k] = kFocal && adj.alpha_vec && tl.y[k] >= 0 ? adj.alpha_vec[tl.y[k]] : acc_t(1);
+    const SoftmaxRow<V> r = softmax_hard_row<kFocal>(sv * V::loadu(ay), V::loadu(xy), mx, ls, a.gamma);
     loss = r.loss;
     cp = r.cp;
     q = r.q;
@@ -225,8 +229,9 @@ void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl,
     for (int64_t c = 0; c < C; ++c) {
       const V tv = load_lanes<IO>(tl.t + c * pl.t_cstride, m);
       const auto f = softmax_focal<true>(log_softmax_of(X.load(c), mx, ls), a.gamma);
-      lv = at::vec::fmadd(tv, f.loss, lv);
-      gsum = at::vec::fmadd(tv, f.G, gsum);
+      const V ta = adj.alpha_vec ? tv * V(adj.alpha_vec[c]) : tv;  // a per-class alpha
+      lv = at::vec::fmadd(ta, f.loss, lv);
+      gsum = at::vec::fmadd(ta, f.G, gsum);
     }
     loss = sv * lv;
     cp = sv * gsum;
@@ -244,7 +249,8 @@ void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl,
         const V tv = load_lanes<IO>(tl.t + c * pl.t_cstride, m);
         if constexpr (kFocal) {
           const V lp = log_softmax_of(X.load(c), mx, ls);
-          gk = gk - st * tv * softmax_focal<true>(lp, a.gamma).G;
+          const V ta = adj.alpha_vec ? tv * V(adj.alpha_vec[c]) : tv;
+          gk = gk - st * ta * softmax_focal<true>(lp, a.gamma).G;
         } else {
           gk = gk - st * tv;
         }
@@ -265,7 +271,7 @@ void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl,
 // lane, with a_c = w_c (kClass) or 1 a broadcast per class.
 template <typename scalar_t, bool kGrad, bool kHard, bool kClass, bool kAdj>
 void softmax_smooth_tile(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm,
-                         const LogitAdjust<at::opmath_type<scalar_t>>& adj, Tile<scalar_t>& tl,
+                         const ClassOptions<at::opmath_type<scalar_t>>& adj, Tile<scalar_t>& tl,
                          at::opmath_type<scalar_t>* park, at::opmath_type<scalar_t>* loss_out) {
   using IO = PlaneIO<scalar_t>;
   using V = typename IO::V;
@@ -332,7 +338,8 @@ void softmax_smooth_tile(const RowArgs<scalar_t>& a, const Planes& pl, const Smo
 // Sigmoid cross-entropy and the paper's sigmoid focal loss over one tile (binary_term per
 // element, one position per lane; the rows' formulas).
 template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
-void binary_tile(const RowArgs<scalar_t>& a, const Planes& pl, Tile<scalar_t>& tl,
+void binary_tile(const RowArgs<scalar_t>& a, const Planes& pl,
+                 const ClassOptions<at::opmath_type<scalar_t>>& adj, Tile<scalar_t>& tl,
                  at::opmath_type<scalar_t>* loss_out) {
   using IO = PlaneIO<scalar_t>;
   using V = typename IO::V;
@@ -356,8 +363,8 @@ void binary_tile(const RowArgs<scalar_t>& a, const Planes& pl, Tile<scalar_t>& t
         kHard ? V(acc_t(1)) & (yv == V(static_cast<acc_t>(c))) : load_lanes<IO>(tl.t + c * pl.t_cstride, m);
     V lv, dv;
     binary_term<kFocal, kGrad>(xv, tv, gamma, lv, dv, pow_k);
-    if (alpha >= 0) {
-      const V at = alpha_t(tv, alpha);
+    if (alpha >= 0 || adj.alpha_vec) {
+      const V at = alpha >= 0 ? alpha_t(tv, alpha) : alpha_t_of(tv, V(adj.alpha_vec[c]));
       lv = lv * at;
       if constexpr (kGrad) dv = dv * at;
     }
@@ -413,9 +420,9 @@ std::pair<double, double> run_tiles(const RowArgs<scalar_t>& a, const Planes& pl
 template <typename scalar_t>
 std::pair<double, double> softmax_family_planes(const RowArgs<scalar_t>& a, const Planes& pl,
                                                 const Smoothing& sm,
-                                                const LogitAdjust<at::opmath_type<scalar_t>>& adj, bool focal,
-                                                bool grad, bool hard) {
-  return with_flag(adj.on(), [&](auto adj_c) {
+                                                const ClassOptions<at::opmath_type<scalar_t>>& adj,
+                                                bool focal, bool grad, bool hard) {
+  return with_flag(adj.adjusted(), [&](auto adj_c) {
     constexpr bool kA = decltype(adj_c)::value;
     if (!focal && sm.active(hard)) {
       return with_flags(sm.class_weighting, grad, hard, [&](auto class_c, auto grad_c, auto hard_c) {
@@ -439,13 +446,14 @@ std::pair<double, double> softmax_family_planes(const RowArgs<scalar_t>& a, cons
 }
 
 template <typename scalar_t>
-std::pair<double, double> binary_family_planes(const RowArgs<scalar_t>& a, const Planes& pl, bool focal,
+std::pair<double, double> binary_family_planes(const RowArgs<scalar_t>& a, const Planes& pl,
+                                               const ClassOptions<at::opmath_type<scalar_t>>& adj, bool focal,
                                                bool grad, bool hard) {
   return with_flags(focal, grad, hard, [&](auto focal_c, auto grad_c, auto hard_c) {
     constexpr bool kF = decltype(focal_c)::value, kG = decltype(grad_c)::value, kH = decltype(hard_c)::value;
     return run_tiles(a, pl, kG, [&](Tile<scalar_t>& tl, auto*, auto* loss) {
       tile_targets<scalar_t, kH>(a, pl, tl);
-      binary_tile<scalar_t, kF, kG, kH>(a, pl, tl, loss);
+      binary_tile<scalar_t, kF, kG, kH>(a, pl, adj, tl, loss);
     });
   });
 }

@@ -24,6 +24,13 @@ namespace {
 // The passes over one softmax row (max, sums, gradient), which softmax_rows runs per row
 // around the per-group vector math.
 
+// Float-target softmax focal with a per-class alpha (null: none): the target vector t of the
+// classes from k0 on, weighted t_c alpha_c.
+template <typename V, typename acc_t>
+CBF_HD V alpha_weighted(const V& tv, const acc_t* alpha_vec, int64_t k0, int64_t nv) {
+  return alpha_vec ? tv * V::loadu(alpha_vec + k0, nv) : tv;
+}
+
 // How the passes read a row's logits: as stored (kAdj = false), or adjusted (math.h,
 // adjusted_logit): z_c = s x_c + b_c, less s Delta_y at the target y (y < 0: no margin).
 // Every pass reads the same z, so the row's max, sums and gradient agree.
@@ -40,7 +47,7 @@ struct RowLogits {
   V mv[IO::kVecs] = {};  // that block's margin: s Delta_y at y's lane, 0 elsewhere
 
   RowLogits() = default;
-  RowLogits(const scalar_t* x_, const LogitAdjust<acc_t>& adj, int64_t y_) : x(x_) {
+  RowLogits(const scalar_t* x_, const ClassOptions<acc_t>& adj, int64_t y_) : x(x_) {
     if constexpr (kAdj) {
       b = adj.offset;
       s = adj.scale;
@@ -157,7 +164,8 @@ template <typename scalar_t, bool kFocal, bool kHard, bool kAdj>
 CBF_HD void softmax_row_grad(const RowLogits<scalar_t, kAdj>& X, const scalar_t* t,
                              const at::opmath_type<scalar_t>* park, scalar_t* g, int64_t C,
                              at::opmath_type<scalar_t> cpe, at::opmath_type<scalar_t> st,
-                             at::opmath_type<scalar_t> mx, at::opmath_type<scalar_t> log_sum, double gamma) {
+                             at::opmath_type<scalar_t> mx, at::opmath_type<scalar_t> log_sum, double gamma,
+                             const at::opmath_type<scalar_t>* alpha_vec) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   const V cpev(cpe), stv(st), mxv(mx), lsv(log_sum);
@@ -176,7 +184,8 @@ CBF_HD void softmax_row_grad(const RowLogits<scalar_t, kAdj>& X, const scalar_t*
       V gk = cpev * gv[v];
       if constexpr (!kHard) {
         if constexpr (kFocal) {
-          gk = gk - stv * tv[v] * softmax_focal<true>(log_softmax_of(xv[v], mxv, lsv), gamma).G;
+          const V ta = alpha_weighted(tv[v], alpha_vec, j + v * IO::kLanes, IO::lanes(n, v));
+          gk = gk - stv * ta * softmax_focal<true>(log_softmax_of(xv[v], mxv, lsv), gamma).G;
         } else {
           gk = gk - stv * tv[v];
         }
@@ -229,7 +238,7 @@ struct SoftmaxRowStart {
 };
 
 template <typename scalar_t, bool kHard, bool kGrad, bool kAdj>
-inline bool softmax_row_start(const Args<scalar_t>& a, const LogitAdjust<at::opmath_type<scalar_t>>& adj,
+inline bool softmax_row_start(const Args<scalar_t>& a, const ClassOptions<at::opmath_type<scalar_t>>& adj,
                               int64_t i, int64_t k, at::opmath_type<scalar_t>* scratch,
                               SoftmaxRowStart<scalar_t, kAdj>& r, int64_t& y, at::opmath_type<scalar_t>& s,
                               at::opmath_type<scalar_t>& T, at::opmath_type<scalar_t>& mx,
@@ -260,7 +269,7 @@ inline bool softmax_row_start(const Args<scalar_t>& a, const LogitAdjust<at::opm
 // calls) they were two thirds of softmax focal's time at C = 80. Then per row the float-
 // target focal sums (pass 3) and the gradient pass.
 template <typename scalar_t, bool kFocal, bool kGrad, bool kHard, bool kAdj>
-void softmax_rows(const Args<scalar_t>& a, const LogitAdjust<at::opmath_type<scalar_t>>& adj, int64_t i0,
+void softmax_rows(const Args<scalar_t>& a, const ClassOptions<at::opmath_type<scalar_t>>& adj, int64_t i0,
                   int64_t i1, RowOut<at::opmath_type<scalar_t>>* out) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
@@ -289,7 +298,13 @@ void softmax_rows(const Args<scalar_t>& a, const LogitAdjust<at::opmath_type<sca
   if constexpr (!kHard) ls.store(ls_k);
   V q;  // hard targets: 1 - p_y
   if constexpr (kHard) {
-    const SoftmaxRow<V> r = softmax_hard_row<kFocal>(sv, V::loadu(xy), V::loadu(mx), ls, a.gamma);
+    // a per-class alpha (softmax focal) scales the sample's loss and gradient by alpha_y
+    alignas(64) acc_t sa[L];
+    if (kFocal && adj.alpha_vec) {
+      for (int64_t k = 0; k < L; ++k) sa[k] = live[k] ? s[k] * adj.alpha_vec[y[k]] : acc_t(0);
+    }
+    const V sl = kFocal && adj.alpha_vec ? V::loadu(sa) : sv;
+    const SoftmaxRow<V> r = softmax_hard_row<kFocal>(sl, V::loadu(xy), V::loadu(mx), ls, a.gamma);
     r.loss.store(loss);
     r.cp.store(cp);
     q = r.q;
@@ -314,8 +329,9 @@ void softmax_rows(const Args<scalar_t>& a, const LogitAdjust<at::opmath_type<sca
           const int64_t nv = IO::lanes(n, v);
           if (nv == 0) break;
           const auto f = softmax_focal<true>(log_softmax_of(xv[v], mxv, lsv), a.gamma);
-          lv = lv + IO::keep(tv[v] * f.loss, nv, acc_t(0));
-          gsum = gsum + IO::keep(tv[v] * f.G, nv, acc_t(0));
+          const V ta = alpha_weighted(tv[v], adj.alpha_vec, j + v * IO::kLanes, nv);
+          lv = lv + IO::keep(ta * f.loss, nv, acc_t(0));
+          gsum = gsum + IO::keep(ta * f.G, nv, acc_t(0));
         }
       });
       loss[k] = s[k] * IO::hsum(lv);
@@ -339,7 +355,7 @@ void softmax_rows(const Args<scalar_t>& a, const LogitAdjust<at::opmath_type<sca
       const RowLogits<scalar_t, kAdj> X(a.x + i * a.x_stride, adj, -1);  // float focal: no margin
       const scalar_t* t = kHard ? nullptr : a.t + i * a.t_stride;
       softmax_row_grad<scalar_t, kFocal, kHard>(X, t, park_row(scratch, g, C, k), g, C, cpe[k], s[k] * pre,
-                                                mx[k], kHard ? acc_t(0) : ls_k[k], a.gamma);
+                                                mx[k], kHard ? acc_t(0) : ls_k[k], a.gamma, adj.alpha_vec);
       if constexpr (kHard) g[y[k]] = static_cast<scalar_t>(cy[k]);
     }
   }
@@ -442,7 +458,7 @@ CBF_HD void softmax_row_smooth_grad(const scalar_t* t, const at::opmath_type<sca
 //   loss = E log sum - tx,  grad_k = E p_k - a_k (P t_k + Q).
 template <typename scalar_t, bool kGrad, bool kHard, bool kClass, bool kAdj>
 void softmax_smooth_rows(const Args<scalar_t>& a, const Smoothing& sm,
-                         const LogitAdjust<at::opmath_type<scalar_t>>& adj, int64_t i0, int64_t i1,
+                         const ClassOptions<at::opmath_type<scalar_t>>& adj, int64_t i0, int64_t i1,
                          RowOut<at::opmath_type<scalar_t>>* out) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
@@ -516,11 +532,11 @@ constexpr int64_t kGroupElems = 1 << 12;
 
 template <typename scalar_t>
 std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, const Smoothing& sm,
-                                              const LogitAdjust<at::opmath_type<scalar_t>>& adj, bool focal,
+                                              const ClassOptions<at::opmath_type<scalar_t>>& adj, bool focal,
                                               bool grad, bool hard) {
   constexpr int64_t L = RowIO<scalar_t>::kLanes;
   const int64_t group = std::clamp<int64_t>(kGroupElems / std::max<int64_t>(a.C, 1), 1, L);
-  return with_flag(adj.on(), [&](auto adj_c) {
+  return with_flag(adj.adjusted(), [&](auto adj_c) {
     constexpr bool kA = decltype(adj_c)::value;
     if (!focal && sm.active(hard)) {
       return with_flags(sm.class_weighting, grad, hard, [&](auto class_c, auto grad_c, auto hard_c) {

@@ -26,15 +26,15 @@ namespace {
 // (kinds.h) pick the composition.
 template <typename scalar_t>
 std::pair<double, double> cb_rows(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm,
-                                  const LogitAdjust<at::opmath_type<scalar_t>>& adj, int64_t loss_type,
+                                  const ClassOptions<at::opmath_type<scalar_t>>& adj, int64_t loss_type,
                                   bool grad, bool hard) {
   if (pl.S > 0)
     return is_softmax_family(loss_type)
                ? softmax_family_planes<scalar_t>(a, pl, sm, adj, is_focal(loss_type), grad, hard)
-               : binary_family_planes<scalar_t>(a, pl, is_focal(loss_type), grad, hard);
+               : binary_family_planes<scalar_t>(a, pl, adj, is_focal(loss_type), grad, hard);
   return is_softmax_family(loss_type)
              ? softmax_family_rows<scalar_t>(a, sm, adj, is_focal(loss_type), grad, hard)
-             : binary_family_rows<scalar_t>(a, is_focal(loss_type), grad, hard);
+             : binary_family_rows<scalar_t>(a, adj, is_focal(loss_type), grad, hard);
 }
 
 template <typename scalar_t>
