@@ -326,14 +326,18 @@ def providers(case: Case) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
             x, y, weights=case.w64, loss_type=k, gamma=GAMMA
         )
     out["reference+compile"] = torch.compile(ref, dynamic=False)
+    # label smoothing (every kind) and PyTorch's class weighting (the softmax losses): their
+    # cost over plain "cbfused"
+    smoothings = [(OPT_SMOOTH, "sample")]
+    if k in ("softmax", "softmax_focal"):
+        smoothings.append((OPT_SMOOTH_CLASS, "class"))
+    for name, weighting in smoothings:
+        c_opt = cbfused.ClassBalancedLoss(
+            case.counts, beta=BETA, loss_type=k, gamma=GAMMA, label_smoothing=SMOOTHING, weighting=weighting
+        ).to(case.device)
+        out[name] = lambda x, c_opt=c_opt: c_opt(x, y)
     if k == "softmax":
         out["F.cross_entropy(weight)"] = lambda x: F.cross_entropy(x, y, weight=w_in)
-        # the label-smoothing options: their cost over plain "cbfused", and torch's own
-        for name, weighting in ((OPT_SMOOTH, "sample"), (OPT_SMOOTH_CLASS, "class")):
-            c_opt = cbfused.ClassBalancedLoss(
-                case.counts, beta=BETA, loss_type=k, label_smoothing=SMOOTHING, weighting=weighting
-            ).to(case.device)
-            out[name] = lambda x, c_opt=c_opt: c_opt(x, y)
         out["F.cross_entropy(weight, label_smoothing)"] = lambda x: F.cross_entropy(
             x, y, weight=w_in, label_smoothing=SMOOTHING
         )

@@ -84,10 +84,18 @@ def main() -> int:
                 for loss_type, smooth in (
                     ("softmax", {"label_smoothing": 0.1, "weighting": "class"}),
                     ("softmax_focal", {}),
+                    ("softmax_focal", {"label_smoothing": 0.1}),
+                    ("softmax_focal", {"label_smoothing": 0.1, "weighting": "class"}),
                 ):
                     check(x, target, w, loss_type=loss_type, gamma=2.0, **smooth)
                     check(x, target, w, loss_type=loss_type, gamma=2.0, **smooth, **adj, **extra)
                     n_checks += 2
+            # the sigmoid family with smoothing (the row kernel: never the flat one)
+            tb = (torch.rand(n, c, generator=g) < 0.2).to(dtype)
+            for target in (y, tb):
+                for loss_type in ("sigmoid", "focal"):
+                    check(x, target, w, loss_type=loss_type, gamma=2.0, alpha=0.25, label_smoothing=0.1)
+                    n_checks += 1
     x = torch.randn(2, 19, 13, 21, generator=g)
     y = torch.randint(0, 19, (2, 13, 21), generator=g)
     counts = torch.randint(1, 1000, (19,), generator=g)
@@ -102,7 +110,9 @@ def main() -> int:
             prior=counts / counts.sum(),
             margins=cbfused.ldam_margins(counts),
         )
-        n_checks += 1
+        for loss_type in ("softmax_focal", "focal"):  # smoothed planes
+            check(view, y, torch.ones(19, dtype=torch.float64), loss_type=loss_type, label_smoothing=0.2)
+        n_checks += 3
     # torchvision-semantics focal
     for dtype in DTYPES:
         x = torch.randn(7, 33, generator=g).to(dtype)

@@ -87,9 +87,9 @@ def check_gamma(gamma: float) -> float:
     return g
 
 
-# The options softmax cross-entropy alone takes so far (the kernels of the other loss types
-# do not apply them yet): label smoothing and PyTorch's class weighting.
-SMOOTHING_KINDS: tuple[str, ...] = ("softmax",)
+# PyTorch's class-weighting rule (weighting="class") weighs class term c by w_c: the
+# softmax losses' terms. Label smoothing applies to every class-balanced loss type.
+CLASS_WEIGHTING_KINDS: tuple[str, ...] = SOFTMAX_FAMILY
 
 
 def _check_smoothing(loss_type: str, label_smoothing, weighting) -> tuple[float, int]:
@@ -100,10 +100,10 @@ def _check_smoothing(loss_type: str, label_smoothing, weighting) -> tuple[float,
     eps = float(label_smoothing)
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if (eps != 0.0 or weighting != "sample") and loss_type not in SMOOTHING_KINDS:
+    if weighting != "sample" and loss_type not in CLASS_WEIGHTING_KINDS:
         raise ValueError(
-            f"label_smoothing and weighting='class' apply to loss_type in {list(SMOOTHING_KINDS)} only so far, "
-            f"got loss_type={loss_type!r} with label_smoothing={label_smoothing}, weighting={weighting!r}"
+            f"weighting='class' applies to loss_type in {list(CLASS_WEIGHTING_KINDS)} only, got "
+            f"loss_type={loss_type!r} (the sigmoid losses weigh each sample by s_i: weighting='sample')"
         )
     return eps, WEIGHTINGS[weighting]
 
@@ -293,6 +293,9 @@ def check_class_alpha(alpha: torch.Tensor, loss_type: str, device: torch.device)
         raise ValueError(f"a per-class alpha must be a 1-D [C] tensor, got shape {list(alpha.shape)}")
     a = alpha.detach().to(device=device, dtype=torch.float64)
     bad = ~((a >= 0) & (a <= 1))
+    if torch.compiler.is_compiling():  # no data-dependent branch in a graph: an assert op
+        torch._assert_async(~bad.any(), "cbfused: a per-class alpha must be in [0, 1]")
+        return a
     if bool(bad.any()):
         c = int(bad.nonzero()[0])
         raise ValueError(f"a per-class alpha must be in [0, 1], got {a[c].item()} for class {c}")
@@ -362,7 +365,9 @@ def cb_loss(
 
 
 @torch.library.register_fake("cbfused::sigmoid_focal")
-def _sigmoid_focal_fake(inputs, targets, weight, alpha, gamma, reduction, grad_mode, weight_dim=-1):
+def _sigmoid_focal_fake(
+    inputs, targets, weight, alpha, gamma, reduction, grad_mode, weight_dim=-1, class_alpha=None
+):
     loss = (
         torch.empty_like(inputs, memory_format=torch.contiguous_format)
         if reduction == _NONE
@@ -384,17 +389,19 @@ def sigmoid_focal(
     gamma: float,
     reduction: str,
     weight_dim: int = -1,
+    class_alpha: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """class_alpha: a validated per-class alpha (check_class_alpha), in place of alpha."""
     red = reduction_code(reduction, ("none", "sum", "mean"))
     g = check_gamma(gamma)
-    a = float(alpha)
+    a = -1.0 if class_alpha is not None else float(alpha)
     if not a <= 1.0:  # NaN too
         raise ValueError(f"alpha must be in [0, 1] (or negative to disable it), got {alpha}")
     _same_device(inputs, "inputs", (targets, "targets"), (weight, "weight"))
     if isinstance(weight_dim, bool) or not isinstance(weight_dim, numbers.Integral):
         raise TypeError(f"dim must be an int, got {weight_dim!r}")
     loss, _ = torch.ops.cbfused.sigmoid_focal.default(
-        inputs, targets, weight, a, g, red, _grad_mode(inputs), int(weight_dim)
+        inputs, targets, weight, a, g, red, _grad_mode(inputs), int(weight_dim), class_alpha
     )
     return loss
 

@@ -158,10 +158,12 @@ def class_balanced_loss(
             the authors' normalisation), ``"weighted_mean"`` (sum / sum of sample weights, as
             ``F.cross_entropy(weight=...)``), ``"sum"`` or ``"none"`` ([N, d1, ..., dk]).
         zero_count: policy for classes with no samples, see :func:`class_balanced_weights`.
-        label_smoothing: in [0, 1] (``"softmax"`` only): the targets become
-            ``(1 - eps) t + eps / C``, as ``F.cross_entropy(label_smoothing=eps)``.
+        label_smoothing: in [0, 1]: the softmax losses' targets become
+            ``(1 - eps) t + eps / C``, as ``F.cross_entropy(label_smoothing=eps)``; the sigmoid
+            losses' ``(1 - eps) t + eps / 2``. Sample weights and the mean's denominator keep
+            the unsmoothed targets'.
         weighting: how class weights apply to targets that are not one-hot (label smoothing,
-            soft labels; ``"softmax"`` only): ``"sample"`` (the paper's: the sample weight
+            soft labels; the softmax losses): ``"sample"`` (the paper's: the sample weight
             :math:`s_i` times its whole loss) or ``"class"`` (PyTorch's: class term c times
             :math:`w_c`; then the loss equals ``F.cross_entropy(weight=w, label_smoothing=eps)``
             with ``reduction="weighted_mean"`` for class indices). docs/losses.md has the formulas.
@@ -194,7 +196,7 @@ def class_balanced_loss(
 def sigmoid_focal_loss(
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    alpha: float = 0.25,
+    alpha: float | torch.Tensor = 0.25,
     gamma: float = 2,
     reduction: str = "none",
     weight: torch.Tensor | None = None,
@@ -204,6 +206,11 @@ def sigmoid_focal_loss(
     elementwise :math:`\alpha_t (1-p_t)^\gamma \mathrm{bce}(x, t)`, ``"mean"`` over all
     elements. ``weight`` (optional, [C]) multiplies each element by its class's weight, the
     classes running along dimension ``dim`` (default -1, the last; 1 for channels-first
-    [N, C, H, W] masks), e.g. class-balanced weights. ``alpha < 0`` disables alpha.
+    [N, C, H, W] masks), e.g. class-balanced weights. ``alpha < 0`` disables alpha; a [C]
+    tensor of alphas in [0, 1] along ``dim`` gives class c
+    :math:`\alpha_t = \alpha_c t + (1 - \alpha_c)(1 - t)`.
     """
-    return _ops.sigmoid_focal(inputs, targets, weight, alpha, gamma, reduction, dim)
+    alpha, class_alpha = _ops.split_alpha(alpha)
+    if class_alpha is not None:
+        class_alpha = resolve_class_alpha(inputs, class_alpha, "focal")
+    return _ops.sigmoid_focal(inputs, targets, weight, alpha, gamma, reduction, dim, class_alpha)

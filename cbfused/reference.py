@@ -68,9 +68,12 @@ def class_balanced_loss(
     """Reference class-balanced loss (see ``cbfused.class_balanced_loss``). Logits
     [N, C, d1, ..., dk] and [C] are computed as the rows of [N * d1 * ... * dk, C].
 
-    Label smoothing and the class-weighting rule (softmax): the row's target distribution is
-    ``t' = (1 - eps) t + eps / C`` (zero for an ignored sample), and its loss
-    ``-sum_c e_c log p_c`` with ``e = s t'`` ('sample') or ``e = w * t'`` ('class').
+    Label smoothing and the class-weighting rule (softmax family): the row's target
+    distribution is ``t' = (1 - eps) t + eps / C`` (zero for an ignored sample), and its loss
+    ``sum_c e_c f(p_c)`` with ``e = s t'`` ('sample') or ``e = w * t'`` ('class'),
+    ``f(p) = -log p`` (softmax) or ``-(1 - p)^gamma log p`` (softmax focal, ``e`` times a
+    per-class alpha). Sigmoid family: every target becomes ``(1 - eps) t + eps / 2``; the
+    sample weight and the mean's denominator keep the unsmoothed labels'.
 
     Adjusted logits (softmax family): the loss is taken on ``z = s x + b``, less ``s margins[y]``
     on the target class, with ``s = logit_scale`` and ``b = logit_offset``."""
@@ -107,15 +110,19 @@ def class_balanced_loss(
         if margins is not None:  # on the target class (one-hot t; zero for an ignored sample)
             x = x - logit_scale * t * margins.to(device=x.device, dtype=x.dtype)
     smoothed = label_smoothing != 0 or weighting != "sample"
-    if smoothed and loss_type != "softmax":
-        raise ValueError(f"label_smoothing / weighting apply to 'softmax' only, not {loss_type!r}")
+    if weighting != "sample" and loss_type not in SOFTMAX_FAMILY:
+        raise ValueError(f"weighting='class' applies to the softmax losses only, not {loss_type!r}")
     if loss_type in SOFTMAX_FAMILY:
         logp = F.log_softmax(x, dim=1)
         if smoothed:
             live = torch.ones_like(s) if valid is None else valid.to(x.dtype)
             t_s = (1 - label_smoothing) * t + label_smoothing / x.shape[1] * live.unsqueeze(1)
             e = w * t_s if weighting == "class" else s.unsqueeze(1) * t_s
-            per = -(e * logp).sum(1)
+            if loss_type == "softmax":
+                per = -(e * logp).sum(1)
+            else:  # softmax focal: the focal term of every class, weighted by e (and alpha_c)
+                ea = e * alpha if isinstance(alpha, torch.Tensor) else e
+                per = (ea * (-torch.expm1(logp)).pow(gamma) * -logp).sum(1)
             scale = torch.ones_like(s)  # e carries the weights
         elif loss_type == "softmax":
             per = -(t * logp).sum(1)
@@ -126,11 +133,12 @@ def class_balanced_loss(
             per = (ta * one_minus_p.pow(gamma) * -logp).sum(1)
             scale = s
     elif loss_type in BINARY_FAMILY:
-        bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+        tb = (1 - label_smoothing) * t + label_smoothing / 2  # smoothing; s and D keep t
+        bce = F.binary_cross_entropy_with_logits(x, tb, reduction="none")
         if loss_type == "focal":
-            bce = torch.exp(-gamma * t * x - gamma * _softplus(-x)) * bce
+            bce = torch.exp(-gamma * tb * x - gamma * _softplus(-x)) * bce
         if alpha is not None:
-            bce = (alpha * t + (1 - alpha) * (1 - t)) * bce
+            bce = (alpha * tb + (1 - alpha) * (1 - tb)) * bce
         per = bce.sum(1)
         scale = s
     else:
@@ -156,26 +164,29 @@ def class_balanced_loss(
 def sigmoid_focal_loss(
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    alpha: float = 0.25,
+    alpha: float | torch.Tensor = 0.25,
     gamma: float = 2,
     reduction: str = "none",
     weight: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float64,
     dim: int = -1,
 ) -> torch.Tensor:
-    """Reference for :func:`cbfused.sigmoid_focal_loss` (torchvision's formula)."""
+    """Reference for :func:`cbfused.sigmoid_focal_loss` (torchvision's formula; a tensor
+    alpha and the weight are per class along ``dim``)."""
     x = inputs.to(compute_dtype)
     t = targets.to(compute_dtype)
     p = torch.sigmoid(x)
     ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
     p_t = p * t + (1 - p) * (1 - t)
     loss = ce * ((1 - p_t) ** gamma)
-    if alpha >= 0:
+    shape = [1] * loss.dim()
+    if loss.dim():
+        shape[dim] = -1
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.to(compute_dtype).reshape(shape)
+    if isinstance(alpha, torch.Tensor) or alpha >= 0:
         loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
     if weight is not None:
-        shape = [1] * loss.dim()
-        if loss.dim():
-            shape[dim] = -1
         loss = loss * weight.to(compute_dtype).reshape(shape)
     if reduction == "mean":
         loss = loss.mean() if loss.numel() else loss.sum()

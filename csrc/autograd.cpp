@@ -183,17 +183,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cb_loss_autograd(
 
 using FocalFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                    const std::optional<at::Tensor>&, double, double, int64_t,
-                                                   int64_t, int64_t);
+                                                   int64_t, int64_t, const std::optional<at::Tensor>&);
 
 class SigmoidFocalFunction : public torch::autograd::Function<SigmoidFocalFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& inputs, const at::Tensor& targets,
                                const std::optional<at::Tensor>& weight, double alpha, double gamma,
-                               int64_t reduction, int64_t grad_mode, int64_t weight_dim) {
+                               int64_t reduction, int64_t grad_mode, int64_t weight_dim,
+                               const std::optional<at::Tensor>& class_alpha) {
     static auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow("cbfused::sigmoid_focal", "").typed<FocalFn>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, grad] = op.call(inputs, targets, weight, alpha, gamma, reduction, grad_mode, weight_dim);
+    auto [loss, grad] =
+        op.call(inputs, targets, weight, alpha, gamma, reduction, grad_mode, weight_dim, class_alpha);
     ctx->saved_data["grad_mode"] = grad_mode;
     ctx->save_for_backward({grad});
     ctx->mark_non_differentiable({grad});
@@ -202,7 +204,7 @@ class SigmoidFocalFunction : public torch::autograd::Function<SigmoidFocalFuncti
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(8);
+    variable_list out(9);
     const at::Tensor& g_loss = grads[0];
     if (!g_loss.defined()) return out;
     const int64_t grad_mode = ctx->saved_data["grad_mode"].toInt();
@@ -215,9 +217,10 @@ class SigmoidFocalFunction : public torch::autograd::Function<SigmoidFocalFuncti
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_autograd(const at::Tensor& inputs, const at::Tensor& targets,
                                                           const std::optional<at::Tensor>& weight,
                                                           double alpha, double gamma, int64_t reduction,
-                                                          int64_t grad_mode, int64_t weight_dim) {
-  auto r =
-      SigmoidFocalFunction::apply(inputs, targets, weight, alpha, gamma, reduction, grad_mode, weight_dim);
+                                                          int64_t grad_mode, int64_t weight_dim,
+                                                          const std::optional<at::Tensor>& class_alpha) {
+  auto r = SigmoidFocalFunction::apply(inputs, targets, weight, alpha, gamma, reduction, grad_mode,
+                                       weight_dim, class_alpha);
   return {r[0], r[1]};
 }
 

@@ -143,11 +143,9 @@ CbLossPlan check_cb_loss(const at::Tensor& logits, const at::Tensor& target, con
   TORCH_CHECK(valid_weighting(weighting), "cbfused: unknown weighting code ", weighting);
   TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1,
               "cbfused: label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK(
-      (label_smoothing == 0 && weighting == kSampleWeighting) || loss_type == kSoftmax,
-      "cbfused: label_smoothing and weighting='class' apply to loss_type 'softmax' only (not built for '",
-      loss_kind(loss_type).name, "' yet), got label_smoothing=", label_smoothing, " and weighting='",
-      kWeightings[weighting].name, "'");
+  TORCH_CHECK(weighting == kSampleWeighting || is_softmax_family(loss_type),
+              "cbfused: weighting='class' applies to the softmax losses only, got loss_type '",
+              loss_kind(loss_type).name, "'");
   check_common(gamma, reduction);
   TORCH_CHECK(std::isfinite(alpha) && alpha <= 1,
               "cbfused: alpha must be in [0, 1] (or negative to disable), got ", alpha);
@@ -249,7 +247,8 @@ CbLossOutputs alloc_cb_loss(const CbLossPlan& plan, int64_t reduction, bool comp
 
 FocalPlan check_sigmoid_focal(const at::Tensor& inputs, const at::Tensor& targets,
                               const std::optional<at::Tensor>& weight, double alpha, double gamma,
-                              int64_t reduction, int64_t weight_dim) {
+                              int64_t reduction, int64_t weight_dim,
+                              const std::optional<at::Tensor>& class_alpha) {
   check_common(gamma, reduction);
   TORCH_CHECK(!(alpha > 1) && alpha == alpha,
               "cbfused: alpha must be in [0, 1] (or negative to disable it), got ", alpha);
@@ -268,26 +267,34 @@ FocalPlan check_sigmoid_focal(const at::Tensor& inputs, const at::Tensor& target
   plan.row = inputs.dim() == 0 ? 1 : inputs.size(-1);
   plan.rows = plan.row == 0 ? 0 : inputs.numel() / plan.row;
   plan.K = plan.row;
-  if (weight.has_value() && weight->defined()) {
-    const auto& w = *weight;
-    const int64_t nd = std::max<int64_t>(inputs.dim(), 1);
-    TORCH_CHECK(weight_dim >= -nd && weight_dim < nd, "cbfused: weight dim ", weight_dim,
-                " is out of range for inputs of shape ", shape_str(inputs), " (expected in [", -nd, ", ",
-                nd - 1, "])");
-    if (inputs.dim() > 0) {
-      const int64_t d = weight_dim < 0 ? weight_dim + inputs.dim() : weight_dim;
-      plan.K = inputs.size(d);
-      plan.inner = 1;
-      for (int64_t k = d + 1; k < inputs.dim(); ++k) plan.inner *= inputs.size(k);
-    }
-    TORCH_CHECK(w.device() == inputs.device(), "cbfused: weight is on ", w.device(), " but inputs are on ",
-                inputs.device());
-    TORCH_CHECK(w.dim() == 1 && w.size(0) == plan.K, "cbfused: weight must have shape [", plan.K,
+  const bool has_weight = weight.has_value() && weight->defined();
+  const bool has_alpha = class_alpha.has_value() && class_alpha->defined();
+  if (!has_weight && !has_alpha) return plan;
+  const int64_t nd = std::max<int64_t>(inputs.dim(), 1);
+  TORCH_CHECK(weight_dim >= -nd && weight_dim < nd, "cbfused: weight dim ", weight_dim,
+              " is out of range for inputs of shape ", shape_str(inputs), " (expected in [", -nd, ", ",
+              nd - 1, "])");
+  if (inputs.dim() > 0) {
+    const int64_t d = weight_dim < 0 ? weight_dim + inputs.dim() : weight_dim;
+    plan.K = inputs.size(d);
+    plan.inner = 1;
+    for (int64_t k = d + 1; k < inputs.dim(); ++k) plan.inner *= inputs.size(k);
+  }
+  // a [K] tensor along weight_dim, in the accumulation type
+  auto per_class = [&](const at::Tensor& w, const char* name) {
+    TORCH_CHECK(w.device() == inputs.device(), "cbfused: ", name, " is on ", w.device(),
+                " but inputs are on ", inputs.device());
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == plan.K, "cbfused: ", name, " must have shape [", plan.K,
                 "] (one per class, the inputs' ",
                 weight_dim == -1 ? std::string("last dimension") : "dimension " + std::to_string(weight_dim),
                 "), got ", shape_str(w), " for inputs of shape ", shape_str(inputs));
-    TORCH_CHECK(w.is_floating_point(), "cbfused: weight must be floating point, got ", w.scalar_type());
-    plan.weight = weights_as(w, acc_type_of(inputs.scalar_type()));
+    TORCH_CHECK(w.is_floating_point(), "cbfused: ", name, " must be floating point, got ", w.scalar_type());
+    return weights_as(w, acc_type_of(inputs.scalar_type()));
+  };
+  if (has_weight) plan.weight = per_class(*weight, "weight");
+  if (has_alpha) {
+    TORCH_CHECK(alpha < 0, "cbfused: give alpha as a number or as a per-class tensor, not both");
+    plan.alpha_vec = per_class(*class_alpha, "class_alpha");
   }
   return plan;
 }

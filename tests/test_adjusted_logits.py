@@ -11,19 +11,18 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from testing import assert_bitwise_across_threads, assert_close_scaled, make_counts
+from testing import (
+    assert_bitwise_across_threads,
+    assert_close_scaled,
+    make_counts,
+    make_dense_inputs,
+    value_and_grad,
+)
 
 import cbfused
 from cbfused import reference
 
 C = 12
-
-
-def _value_and_grad(fn, x):
-    xi = x.detach().clone().requires_grad_()
-    out = fn(xi)
-    (g,) = torch.autograd.grad(out.sum(), xi)
-    return out.detach(), g
 
 
 def _prior(counts):
@@ -80,7 +79,7 @@ def test_equals_torch_cross_entropy_on_the_adjusted_logits(shape, layout, kw):
     eps = kw.get("label_smoothing", 0.0)
     yb = y if x.dim() > 1 else y.unsqueeze(0)
     for reduction, torch_reduction in [("weighted_mean", "mean"), ("sum", "sum"), ("none", "none")]:
-        lo, go = _value_and_grad(
+        lo, go = value_and_grad(
             lambda xi, reduction=reduction: cbfused.class_balanced_loss(
                 xi,
                 y,
@@ -105,7 +104,7 @@ def test_equals_torch_cross_entropy_on_the_adjusted_logits(shape, layout, kw):
             )
             return out if xi.dim() > 1 or torch_reduction != "none" else out.squeeze(0)
 
-        lt, gt = _value_and_grad(theirs, x)
+        lt, gt = value_and_grad(theirs, x)
         torch.testing.assert_close(lo, lt, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(go, gt, rtol=1e-11, atol=1e-12)
 
@@ -117,7 +116,7 @@ def test_balanced_softmax_from_the_class_counts():
     x = torch.randn(40, C, dtype=torch.float64)
     y = torch.randint(0, C, (40,))
     w = cbfused.class_balanced_weights(counts, 0.99)
-    lo, go = _value_and_grad(
+    lo, go = value_and_grad(
         lambda xi: cbfused.class_balanced_loss(
             xi,
             y,
@@ -129,7 +128,7 @@ def test_balanced_softmax_from_the_class_counts():
         ),
         x,
     )
-    lt, gt = _value_and_grad(lambda xi: F.cross_entropy(xi + _prior(counts).log(), y, weight=w), x)
+    lt, gt = value_and_grad(lambda xi: F.cross_entropy(xi + _prior(counts).log(), y, weight=w), x)
     torch.testing.assert_close(lo, lt, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(go, gt, rtol=1e-12, atol=1e-13)
 
@@ -154,15 +153,8 @@ def test_post_hoc_adjustment_inverts_the_training_offset():
 
 
 def _inputs(shape, dtype, kind, seed=0):
-    g = torch.Generator().manual_seed(seed)
     c = shape[1]
-    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 3).to(dtype)
-    if kind == "hard":
-        y = torch.randint(0, c, (shape[0], *shape[2:]), generator=g)
-        y.view(-1)[::5] = -100
-    else:
-        t = torch.rand(*shape, generator=g, dtype=torch.float64)
-        y = (t / t.sum(1, keepdim=True)).to(dtype)
+    x, y, _ = make_dense_inputs(shape, dtype, kind, "softmax", seed)
     counts = make_counts(c, seed=seed)
     return x, y, counts
 
@@ -189,7 +181,7 @@ def _reference(x, y, counts, loss_type, reduction, tau, margins, scale, eps=0.0,
 
 
 def _ours(x, y, counts, loss_type, reduction, tau, margins, scale, eps=0.0, weighting="sample"):
-    return _value_and_grad(
+    return value_and_grad(
         lambda xi: cbfused.class_balanced_loss(
             xi,
             y,
@@ -227,9 +219,9 @@ def test_matches_reference_every_dtype_and_layout(loss_type, shape, dtype, kind)
             lr, gr = _reference(xl, yl, counts, loss_type, reduction, 0.7, margins, 3.0)
             assert_close_scaled(lo, lr.to(dtype), dtype)
             assert_close_scaled(go, gr.to(dtype), dtype)
-        if loss_type == "softmax":  # with label smoothing and PyTorch's class weighting
-            lo, go = _ours(xl, yl, counts, loss_type, "sum", 1.0, margins, 2.0, 0.1, "class")
-            lr, gr = _reference(xl, yl, counts, loss_type, "sum", 1.0, margins, 2.0, 0.1, "class")
+        for weighting in ["class", "sample"]:  # with label smoothing, both weighting rules
+            lo, go = _ours(xl, yl, counts, loss_type, "sum", 1.0, margins, 2.0, 0.1, weighting)
+            lr, gr = _reference(xl, yl, counts, loss_type, "sum", 1.0, margins, 2.0, 0.1, weighting)
             assert_close_scaled(lo, lr.to(dtype), dtype)
             assert_close_scaled(go, gr.to(dtype), dtype)
 
@@ -243,11 +235,11 @@ def test_saturated_scaled_logits_stay_finite():
     x = torch.tensor([[20.0, -20.0, 0.0, 5.0], [-20.0, 20.0, 19.9, 0.0]], dtype=torch.float64)
     y = torch.tensor([0, 2])
     w = torch.ones(4, dtype=torch.float64)
-    want_l, want_g = _value_and_grad(
+    want_l, want_g = value_and_grad(
         lambda xi: F.cross_entropy(_torch_adjusted(xi, y, counts, 0.0, m, 30.0), y, reduction="sum"), x
     )
     for dtype in [torch.float64, torch.float32]:
-        lo, go = _value_and_grad(
+        lo, go = value_and_grad(
             lambda xi, dtype=dtype: cbfused.class_balanced_loss(
                 xi, y, weights=w.to(dtype), loss_type="softmax", reduction="sum", margins=m, logit_scale=30.0
             ),
@@ -298,8 +290,8 @@ def test_gradcheck_opcheck_and_compile():
     )
     xs = torch.randn(2, 5, 7, 3)
     ys = torch.randint(0, 5, (2, 7, 3))
-    eager = _value_and_grad(lambda v: crit(v * 2.0, ys), xs)
-    compiled = _value_and_grad(torch.compile(lambda v: crit(v * 2.0, ys), fullgraph=True), xs)
+    eager = value_and_grad(lambda v: crit(v * 2.0, ys), xs)
+    compiled = value_and_grad(torch.compile(lambda v: crit(v * 2.0, ys), fullgraph=True), xs)
     torch.testing.assert_close(compiled[0], eager[0])
     torch.testing.assert_close(compiled[1], eager[1])
 
@@ -434,7 +426,9 @@ def test_emulated_cuda_kernels_match_reference(loss_type, shape, dtype, kind):
     offset = 0.7 * _prior(counts).log()
     w = cbfused.class_balanced_weights(counts, 0.999)
     lt = cbfused._ops.LOSS_TYPES[loss_type]
-    smoothing = [(0.0, "sample")] + ([(0.1, "class")] if loss_type == "softmax" else [])
+    smoothing = [(0.0, "sample"), (0.1, "class")] + (
+        [(0.1, "sample")] if loss_type == "softmax_focal" else []
+    )
     for layout in ["plain", "channels_last"] if len(shape) == 4 else ["plain"]:
         xl = _layout(x, layout)
         yl = _layout(y, layout) if y.is_floating_point() else y

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from testing import assert_close_scaled, make_counts
+from testing import assert_close_scaled, assert_loss_close, make_counts, make_dense_inputs, value_and_grad
 
 import cbfused
 from cbfused import reference
@@ -17,37 +17,13 @@ from cbfused import reference
 KINDS = ["focal", "sigmoid", "softmax_focal"]
 
 
-def _value_and_grad(fn, x):
-    xi = x.detach().clone().requires_grad_()
-    out = fn(xi)
-    (g,) = torch.autograd.grad(out.sum(), xi)
-    return out.detach(), g
-
-
-def _assert_loss(actual, ref, dtype):
-    """As the reference, rounded to dtype: a float16 sum past 65504 is inf in both."""
-    ref = ref.to(dtype)
-    if torch.isfinite(ref).all():
-        assert_close_scaled(actual, ref, dtype)
-    else:
-        assert torch.equal(actual, ref)
-
-
 def _layout(x, layout):
     return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
 
 
 def _inputs(shape, dtype, kind, loss_type, seed=0):
-    g = torch.Generator().manual_seed(seed)
     c = shape[1]
-    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 3).to(dtype)
-    if kind == "hard":
-        y = torch.randint(0, c, (shape[0], *shape[2:]), generator=g)
-        y.view(-1)[::5] = -100
-    else:
-        t = torch.rand(*shape, generator=g, dtype=torch.float64)
-        t = t / t.sum(1, keepdim=True) if loss_type == "softmax_focal" else (t > 0.7).double()
-        y = t.to(dtype)
+    x, y, g = make_dense_inputs(shape, dtype, kind, loss_type, seed)
     w = cbfused.class_balanced_weights(make_counts(c, seed=seed), 0.999)
     alpha = torch.rand(c, generator=g, dtype=torch.float64)
     return x, y, w, alpha
@@ -76,7 +52,7 @@ def test_matches_reference(loss_type, shape, dtype, kind):
         xl = _layout(x, layout)
         yl = _layout(y, layout) if y.is_floating_point() else y
         for reduction in ["mean", "none"]:
-            lo, go = _value_and_grad(
+            lo, go = value_and_grad(
                 lambda xi, yl=yl, reduction=reduction: cbfused.class_balanced_loss(
                     xi,
                     yl,
@@ -89,7 +65,7 @@ def test_matches_reference(loss_type, shape, dtype, kind):
                 xl,
             )
             lr, gr = _reference(xl, yl, w.to(dtype), loss_type, alpha, reduction)
-            _assert_loss(lo, lr, dtype)
+            assert_loss_close(lo, lr, dtype)
             assert_close_scaled(go, gr.to(dtype), dtype)
 
 
@@ -99,13 +75,13 @@ def test_a_constant_vector_is_the_scalar_alpha(loss_type, kind):
     """The vector generalises torchvision's scalar alpha: [a, ..., a] gives the scalar's loss."""
     for shape in [(64, 10), (5, 300), (2, 6, 5, 7)]:
         x, y, w, _ = _inputs(shape, torch.float64, kind, loss_type)
-        vec = _value_and_grad(
+        vec = value_and_grad(
             lambda xi, y=y, w=w, c=shape[1]: cbfused.class_balanced_loss(
                 xi, y, weights=w, loss_type=loss_type, alpha=torch.full((c,), 0.3, dtype=torch.float64)
             ),
             x,
         )
-        sca = _value_and_grad(
+        sca = value_and_grad(
             lambda xi, y=y, w=w: cbfused.class_balanced_loss(
                 xi, y, weights=w, loss_type=loss_type, alpha=0.3
             ),
@@ -143,8 +119,8 @@ def test_gradcheck_opcheck_compile_and_module():
     assert crit.alpha is crit.class_alpha and "alpha=[per class]" in repr(crit)
     xs = torch.randn(2, 5, 7, 3)
     ys = torch.randint(0, 5, (2, 7, 3))
-    eager = _value_and_grad(lambda v: crit(v * 2.0, ys), xs)
-    compiled = _value_and_grad(torch.compile(lambda v: crit(v * 2.0, ys), fullgraph=True), xs)
+    eager = value_and_grad(lambda v: crit(v * 2.0, ys), xs)
+    compiled = value_and_grad(torch.compile(lambda v: crit(v * 2.0, ys), fullgraph=True), xs)
     torch.testing.assert_close(compiled[0], eager[0])
     torch.testing.assert_close(compiled[1], eager[1])
     crit.half()
@@ -228,5 +204,103 @@ def test_emulated_cuda_kernels_match_reference(loss_type, shape, dtype, kind):
             )
             g = (grad.double() * scale.double()).to(dtype)
             lr, gr = _reference(xl, yl, w.to(dtype), loss_type, alpha, reduction)
-            _assert_loss(loss, lr, dtype)
+            assert_loss_close(loss, lr, dtype)
             assert_close_scaled(g, gr.to(dtype), dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# sigmoid_focal_loss (the torchvision drop-in) with a per-class alpha along `dim`
+
+
+def _drop_in_inputs(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+    t = torch.rand(*shape, generator=g, dtype=torch.float64)
+    t = torch.where(t > 0.8, torch.ones_like(t), t * (t < 0.2)).to(dtype)  # mostly 0 / 1, some soft
+    return x, t
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "shape,dim", [((64, 10), -1), ((5, 300), -1), ((2, 7, 9, 11), 1), ((3, 4, 6), 1), ((6, 5), 0)], ids=str
+)
+def test_sigmoid_focal_loss_per_class_alpha_matches_reference(shape, dim, dtype, weighted):
+    x, t = _drop_in_inputs(shape, dtype)
+    k = shape[dim]
+    alpha = torch.rand(k, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    weight = torch.rand(k, dtype=torch.float64) + 0.5 if weighted else None
+    for reduction in ["none", "sum", "mean"]:
+        lo, go = value_and_grad(
+            lambda xi, reduction=reduction: cbfused.sigmoid_focal_loss(
+                xi, t, alpha=alpha, gamma=2.0, reduction=reduction, weight=weight, dim=dim
+            ),
+            x,
+        )
+        xr = x.detach().double().requires_grad_()
+        ref = reference.sigmoid_focal_loss(
+            xr, t.double(), alpha=alpha, gamma=2.0, reduction=reduction, weight=weight, dim=dim
+        )
+        (gr,) = torch.autograd.grad(ref.sum(), xr)
+        assert_loss_close(lo, ref.detach(), dtype)
+        assert_close_scaled(go, gr.to(dtype), dtype)
+
+
+def test_sigmoid_focal_loss_alpha_vector_is_torchvision_per_class():
+    """Class c's elements equal torchvision.ops.sigmoid_focal_loss with alpha = alpha_c; a
+    constant vector is the scalar alpha, bit for bit."""
+    torchvision = pytest.importorskip("torchvision")
+    x, t = _drop_in_inputs((40, 6), torch.float64, seed=3)
+    t = t.round()
+    alpha = torch.tensor([0.0, 0.1, 0.25, 0.5, 0.9, 1.0], dtype=torch.float64)
+    ours = cbfused.sigmoid_focal_loss(x, t, alpha=alpha, gamma=2.0)
+    for c in range(6):
+        theirs = torchvision.ops.sigmoid_focal_loss(x[:, c], t[:, c], alpha=float(alpha[c]), gamma=2.0)
+        torch.testing.assert_close(ours[:, c], theirs, rtol=1e-12, atol=1e-14)
+    for a in [0.0, 0.25, 1.0]:
+        vec = cbfused.sigmoid_focal_loss(
+            x, t, alpha=torch.full((6,), a, dtype=torch.float64), reduction="sum"
+        )
+        assert torch.equal(vec, cbfused.sigmoid_focal_loss(x, t, alpha=a, reduction="sum"))
+
+
+def test_sigmoid_focal_loss_alpha_vector_autograd_and_errors():
+    x, t = _drop_in_inputs((4, 3, 5), torch.float64)
+    alpha = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    f = lambda v: cbfused.sigmoid_focal_loss(v, t, alpha=alpha, reduction="sum", dim=1)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x.clone().requires_grad_(),))
+    args = (x.clone().requires_grad_(), t, None, -1.0, 2.0, 1, 2, 1, alpha)
+    torch.library.opcheck(torch.ops.cbfused.sigmoid_focal.default, args)
+    compiled = torch.compile(
+        lambda v, a: cbfused.sigmoid_focal_loss(v, t, alpha=a, reduction="sum", dim=1), fullgraph=True
+    )
+    torch.testing.assert_close(compiled(x, alpha), f(x))
+    with pytest.raises(
+        RuntimeError, match=r"a per-class alpha must be in \[0, 1\]"
+    ):  # checked in the graph too
+        compiled(x, torch.tensor([0.2, 1.5, 0.8], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"a per-class alpha must be in \[0, 1\], got 1.5 for class 2"):
+        cbfused.sigmoid_focal_loss(x, t, alpha=torch.tensor([0.1, 0.2, 1.5]), dim=1)
+    with pytest.raises(
+        RuntimeError, match=r"class_alpha must have shape \[5\] \(one per class, the inputs' last"
+    ):
+        cbfused.sigmoid_focal_loss(x, t, alpha=alpha)  # classes along the last dimension: 5
+    with pytest.raises(RuntimeError, match="not both"):
+        torch.ops.cbfused.sigmoid_focal(x, t, None, 0.25, 2.0, 1, 0, 1, alpha)
+
+
+@pytest.mark.skipif(not EMULATED, reason="the CUDA emulation is built by `make test`")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,dim", [((37, 10), -1), ((2, 7, 9, 11), 1), ((3, 1031), 0)], ids=str)
+def test_emulated_sigmoid_focal_per_class_alpha(shape, dim, dtype):
+    x, t = _drop_in_inputs(shape, dtype, seed=4)
+    k = shape[dim]
+    alpha = torch.rand(k, dtype=torch.float64)
+    weight = torch.rand(k, dtype=torch.float64) + 0.5
+    for w in [None, weight]:
+        loss, grad = torch.ops.cbfused_emu.sigmoid_focal(x, t, w, -1.0, 2.0, 0, 1, dim, alpha)
+        xr = x.detach().double().requires_grad_()
+        ref = reference.sigmoid_focal_loss(xr, t.double(), alpha=alpha, gamma=2.0, weight=w, dim=dim)
+        (gr,) = torch.autograd.grad(ref.sum(), xr)
+        assert_loss_close(loss, ref.detach(), dtype)
+        assert_close_scaled(grad, gr.to(dtype), dtype)

@@ -48,6 +48,24 @@ def assert_close_scaled(
     torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * scale + 1e-300)
 
 
+def assert_loss_close(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """A loss as the float64 reference rounded to dtype (assert_close_scaled); where the rounded
+    reference is inf (a float16 sum past 65504), the result must be the same inf."""
+    ref = ref.to(dtype)
+    if torch.isfinite(ref).all():
+        assert_close_scaled(actual, ref, dtype)
+    else:
+        assert torch.equal(actual, ref)
+
+
+def value_and_grad(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fn(x) and d sum(fn(x)) / dx, on a fresh leaf copy of x."""
+    xi = x.detach().clone().requires_grad_()
+    out = fn(xi)
+    (g,) = torch.autograd.grad(out.sum(), xi)
+    return out.detach(), g
+
+
 def assert_bitwise_across_threads(loss_fn, x: torch.Tensor, thread_counts=(1, 2, 4)) -> None:
     """loss_fn(x) and its gradient are bit for bit the same under each of thread_counts."""
     before = torch.get_num_threads()
@@ -91,3 +109,25 @@ def make_inputs(
             t = (t > 0.7).to(torch.float64)  # multi-hot
         y = t.to(dtype)
     return x.to(device), y.to(device)
+
+
+def make_dense_inputs(shape, dtype, kind="hard", loss_type="softmax", seed=0, mixup=False):
+    """Logits of `shape` ([N, C, d...], classes along dimension 1) and their target: class
+    indices (every fifth ignored, -100) or float targets (class probabilities for the softmax
+    family; multi-hot for the binary family, with `mixup` some soft entries too). Returns the
+    generator as well, to draw more from the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+    if kind == "hard":
+        y = torch.randint(0, c, (shape[0], *shape[2:]), generator=g)
+        y.view(-1)[::5] = -100
+        return x, y, g
+    t = torch.rand(*shape, generator=g, dtype=torch.float64)
+    if loss_type in SOFTMAX_FAMILY:
+        t = t / t.sum(1, keepdim=True)
+    elif mixup:
+        t = torch.where(t > 0.7, torch.ones_like(t), t * (t < 0.3))
+    else:
+        t = (t > 0.7).double()
+    return x, t.to(dtype), g

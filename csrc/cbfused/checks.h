@@ -62,11 +62,12 @@ struct CbLossOutputs {
 CbLossOutputs alloc_cb_loss(const CbLossPlan& plan, int64_t reduction, bool compute_grad);
 
 struct FocalPlan {
-  at::Tensor inputs;   // contiguous
-  at::Tensor targets;  // contiguous, same shape and dtype
-  at::Tensor weight;   // [K] in the accumulation type, or undefined
-  int64_t row = 1;     // the last dimension, 1 for a 0-d input: the CPU kernel's rows
-  int64_t rows = 0;    // numel / row
+  at::Tensor inputs;     // contiguous
+  at::Tensor targets;    // contiguous, same shape and dtype
+  at::Tensor weight;     // [K] in the accumulation type, or undefined
+  at::Tensor alpha_vec;  // [K] per-class alpha in the accumulation type, or undefined
+  int64_t row = 1;       // the last dimension, 1 for a 0-d input: the CPU kernel's rows
+  int64_t rows = 0;      // numel / row
   // The weight's dimension (weight_dim): K classes, `inner` elements apart (the product of
   // the sizes after it): element e has class (e / inner) % K. inner = 1: the last dimension.
   int64_t K = 1;
@@ -75,7 +76,8 @@ struct FocalPlan {
 
 FocalPlan check_sigmoid_focal(const at::Tensor& inputs, const at::Tensor& targets,
                               const std::optional<at::Tensor>& weight, double alpha, double gamma,
-                              int64_t reduction, int64_t weight_dim);
+                              int64_t reduction, int64_t weight_dim,
+                              const std::optional<at::Tensor>& class_alpha = std::nullopt);
 
 std::string shape_str(const at::Tensor& t);
 

@@ -225,7 +225,9 @@ CBF_HD T softmax_one_minus_p(T logp) {
 // 1 - p is -expm1(log p): exact as p -> 1, where 1 - p would cancel, and the
 // ratio log p / (1 - p) tends to -1 there; (1 - p)^gamma is exp(gamma log(1 - p))
 // with the limits 0^gamma = 0 (gamma > 0) and 0^0 = 1, so gamma < 1 never
-// produces the inf * 0 of d/dp (1 - p)^gamma.
+// produces the inf * 0 of d/dp (1 - p)^gamma. pow_k >= 0: gamma is that integer
+// (small_integer_gamma), and (1 - p)^gamma is a product (the same value to rounding, the same
+// limits), two transcendentals fewer: the soft rows take it for every class.
 template <typename T>
 struct SoftmaxFocal {
   T loss;  // (1 - p)^gamma * (-log p)
@@ -233,7 +235,7 @@ struct SoftmaxFocal {
 };
 
 template <bool kFocal, typename T, typename G>
-CBF_HD SoftmaxFocal<T> softmax_focal(T logp, G gamma) {
+CBF_HD SoftmaxFocal<T> softmax_focal(T logp, G gamma, int pow_k = -1) {
   using O = MathOps<T>;
   SoftmaxFocal<T> out;
   if constexpr (!kFocal) {
@@ -246,7 +248,8 @@ CBF_HD SoftmaxFocal<T> softmax_focal(T logp, G gamma) {
     const T p = O::exp_nonpos(logp);
     const auto q_pos = O::gt(q, zero);
     const T safe_q = O::select(q_pos, q, one);
-    const T pw = O::select(q_pos, O::exp_nonpos(g * O::log(safe_q)), gamma == G(0) ? one : zero);
+    const T pw = pow_k >= 0 ? integer_power(q, pow_k)
+                            : O::select(q_pos, O::exp_nonpos(g * O::log(safe_q)), gamma == G(0) ? one : zero);
     const T ratio = O::select(q_pos, logp / safe_q, -one);  // log p / (1 - p)
     out.loss = pw * (-logp);
     out.G = pw * (one - g * p * ratio);
@@ -306,6 +309,22 @@ CBF_HD SmoothCoef<T> smooth_coef(T s, A eps, A C, bool class_weighting) {
 template <typename T>
 CBF_HD T smooth_grad_y(const SmoothCoef<T>& k, T a_y, T A, T q) {
   return -k.P * a_y * q + k.Q * (A * (T(1) - q) - a_y);
+}
+
+// The effective target e_c = a_c (P t_c + Q) of one class (t_c: the float target, or 1 / 0
+// for a class index). Softmax focal takes its focal term of every class with it:
+//   loss = sum_c e_c F_c,  grad_k = p_k sum_c e_c G_c - e_k G_k  (softmax_focal's F and G).
+template <typename T>
+CBF_HD T smooth_target(const SmoothCoef<T>& k, T a, T t) {
+  return a * (k.P * t + k.Q);
+}
+
+// Label smoothing of the sigmoid family: every target moves towards 1/2,
+// t' = (1 - eps) t + eps / 2 (t' = t for eps = 0; the sample weight and the mean's
+// denominator keep the unsmoothed t).
+template <typename T, typename A>
+CBF_HD T smooth_binary_target(T t, A eps) {
+  return t * T(A(1) - eps) + T(eps * A(0.5));
 }
 
 // Logit adjustment (Menon et al., ICLR 2021; tau = 1 is Balanced Softmax), LDAM's target

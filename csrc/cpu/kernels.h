@@ -20,7 +20,7 @@ namespace cpu {
 
 // Bumped when the table's layout or a signature changes: _C refuses a table of another
 // version (a stale _cpu_<ISA> module next to a newer _C).
-constexpr int kKernelsAbi = 6;
+constexpr int kKernelsAbi = 7;
 constexpr const char* kKernelsCapsule = "cbfused.cpu_kernels";
 
 template <typename scalar_t>

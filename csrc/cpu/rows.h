@@ -29,14 +29,14 @@ namespace cpu {
 
 // The rows of one cb_loss call, per loss family (kernels/softmax_rows.cpp,
 // kernels/binary_rows.cpp): totals of loss and denominator, as run_row_groups returns them.
-// sm: label smoothing / class weighting (softmax cross-entropy only); adj: adjusted logits.
+// sm: label smoothing (both families) and the class-weighting rule (the softmax family);
+// adj: adjusted logits (the softmax family) and a per-class alpha.
 template <typename scalar_t>
 std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, const Smoothing& sm,
                                               const ClassOptions<at::opmath_type<scalar_t>>& adj, bool focal,
                                               bool grad, bool hard);
-// adj: a per-class alpha (alpha_vec) for the binary family.
 template <typename scalar_t>
-std::pair<double, double> binary_family_rows(const RowArgs<scalar_t>& a,
+std::pair<double, double> binary_family_rows(const RowArgs<scalar_t>& a, const Smoothing& sm,
                                              const ClassOptions<at::opmath_type<scalar_t>>& adj, bool focal,
                                              bool grad, bool hard);
 // The same families in the planes layout (kernels/planes.cpp; pl.S > 0).
@@ -47,6 +47,7 @@ std::pair<double, double> softmax_family_planes(const RowArgs<scalar_t>& a, cons
                                                 bool focal, bool grad, bool hard);
 template <typename scalar_t>
 std::pair<double, double> binary_family_planes(const RowArgs<scalar_t>& a, const Planes& pl,
+                                               const Smoothing& sm,
                                                const ClassOptions<at::opmath_type<scalar_t>>& adj, bool focal,
                                                bool grad, bool hard);
 // sigmoid_focal's elementwise rows (kernels/focal_elementwise.cpp).
@@ -56,17 +57,11 @@ double focal_elementwise_rows(const FocalPlan& p, double gamma, double alpha, do
 
 // Explicit instantiations for the four dtypes of a function template F with the signature
 // of macro M(F, T).
-#define CBFUSED_FAMILY_ROWS(F, T)                                                                           \
-  template std::pair<double, double> F<T>(const RowArgs<T>&, const ClassOptions<at::opmath_type<T>>&, bool, \
-                                          bool, bool);
-#define CBFUSED_SOFTMAX_ROWS(F, T)                                             \
+#define CBFUSED_FAMILY_ROWS(F, T)                                              \
   template std::pair<double, double> F<T>(const RowArgs<T>&, const Smoothing&, \
                                           const ClassOptions<at::opmath_type<T>>&, bool, bool, bool);
-#define CBFUSED_SOFTMAX_PLANES(F, T)                                                          \
+#define CBFUSED_FAMILY_PLANES(F, T)                                                           \
   template std::pair<double, double> F<T>(const RowArgs<T>&, const Planes&, const Smoothing&, \
-                                          const ClassOptions<at::opmath_type<T>>&, bool, bool, bool);
-#define CBFUSED_FAMILY_PLANES(F, T)                                         \
-  template std::pair<double, double> F<T>(const RowArgs<T>&, const Planes&, \
                                           const ClassOptions<at::opmath_type<T>>&, bool, bool, bool);
 #define CBFUSED_FOCAL_ROWS(F, T) template double F<T>(const FocalPlan&, double, double, double, T*, T*);
 #define CBFUSED_FOR_EACH_DTYPE(M, F) M(F, float) M(F, double) M(F, c10::Half) M(F, c10::BFloat16)
@@ -90,6 +85,15 @@ auto with_flags(bool focal, bool grad, bool hard, const F& f) {
 template <typename F>
 auto with_flag(bool flag, const F& f) {
   return flag ? f(std::true_type{}) : f(std::false_type{});
+}
+
+// The one-hot target vector of the kLanes elements from k0 (y outside them: zeros):
+// a lane compare, no memory round trip.
+template <typename IO>
+inline typename IO::V one_hot_vector(int64_t y, int64_t k0) {
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  return V(acc_t(1)) & (V::arange(acc_t(0), acc_t(1)) == V(static_cast<acc_t>(y - k0)));
 }
 
 // Rows per chunk: about kChunkElems logits, independent of the thread count.

@@ -17,9 +17,11 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_cpu(const at::Tensor& inputs, const at::Tensor& targets,
                                                      const std::optional<at::Tensor>& weight, double alpha,
                                                      double gamma, int64_t reduction, int64_t grad_mode,
-                                                     int64_t weight_dim) {
+                                                     int64_t weight_dim,
+                                                     const std::optional<at::Tensor>& class_alpha) {
   const bool compute_grad = check_grad_mode(grad_mode);
-  const FocalPlan plan = check_sigmoid_focal(inputs, targets, weight, alpha, gamma, reduction, weight_dim);
+  const FocalPlan plan =
+      check_sigmoid_focal(inputs, targets, weight, alpha, gamma, reduction, weight_dim, class_alpha);
   const auto opts = inputs.options();
   at::Tensor loss = reduction == kNone ? at::empty(inputs.sizes(), opts) : at::empty({}, opts);
   at::Tensor grad = compute_grad ? at::empty(inputs.sizes(), opts) : at::empty({0}, opts);

@@ -49,8 +49,10 @@ void launch_rows(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& 
     return;
   }
   if constexpr (kBinary && !kSmooth && !kAdj) {
-    // (a per-class alpha takes the row kernel: cb_flat_kernel reads the scalar alpha only)
-    if (!adj.alpha_vec && a.C <= kFlatMaxC && a.x_stride == a.C && (kHard || a.t_stride == a.C)) {
+    // (a per-class alpha and label smoothing take the row kernel: cb_flat_kernel reads the
+    // scalar alpha only, and its targets as they are)
+    if (!adj.alpha_vec && sm.eps == 0 && a.C <= kFlatMaxC && a.x_stride == a.C &&
+        (kHard || a.t_stride == a.C)) {
       const int rows = flat_rows_per_tile(a.C);
       const int64_t blocks = (a.N + rows - 1) / rows;
       TORCH_CHECK(blocks <= kMaxGrid, "cbfused: ", a.N, " rows exceed the CUDA grid limit");
@@ -87,9 +89,14 @@ void launch_with_adj(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothi
                      const ClassOptions<at::opmath_type<scalar_t>>& adj, int64_t loss_type, bool hard,
                      Stream stream) {
   if constexpr (kA == kSoftmax) {
-    if (loss_type == kA && sm.active(hard)) {
-      hard ? launch_rows<scalar_t, kA, true, true, kAdj>(a, pl, sm, adj, stream)
-           : launch_rows<scalar_t, kA, false, true, kAdj>(a, pl, sm, adj, stream);
+    if (sm.active(hard)) {  // smoothed softmax cross-entropy or softmax focal
+      if (loss_type == kA) {
+        hard ? launch_rows<scalar_t, kA, true, true, kAdj>(a, pl, sm, adj, stream)
+             : launch_rows<scalar_t, kA, false, true, kAdj>(a, pl, sm, adj, stream);
+      } else {
+        hard ? launch_rows<scalar_t, kB, true, true, kAdj>(a, pl, sm, adj, stream)
+             : launch_rows<scalar_t, kB, false, true, kAdj>(a, pl, sm, adj, stream);
+      }
       return;
     }
   }
@@ -103,8 +110,9 @@ void launch_with_adj(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothi
 }
 
 // One loss family (kA or kB, hard or float targets); instantiated in softmax.cu and sigmoid.cu.
-// Smoothed rows (sm.active) are softmax cross-entropy's only, adjusted logits (adj.on) the
-// softmax family's (checked by check_cb_loss).
+// Smoothed softmax-family rows (sm.active) take the kSmooth kernels; the binary family reads
+// sm.eps at run time. Adjusted logits (adj.adjusted()) are the softmax family's (checked by
+// check_cb_loss).
 template <typename scalar_t, int kA, int kB>
 void launch_family(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm,
                    const ClassOptions<at::opmath_type<scalar_t>>& adj, int64_t loss_type, bool hard,

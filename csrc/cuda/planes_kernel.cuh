@@ -18,7 +18,8 @@
 namespace cbfused {
 namespace cuda {
 
-// kSmooth (softmax cross-entropy): label smoothing / class weighting `sm` (math.h, smooth_coef).
+// kSmooth (the softmax family): label smoothing / class weighting `sm` (math.h, smooth_coef;
+// softmax focal takes the soft path then). The binary family reads sm.eps at run time.
 // kAdj (softmax family): adjusted logits `adj` (math.h, adjusted_logit).
 template <typename scalar_t, int kLoss, bool kHard, bool kSmooth = false, bool kAdj = false>
 __global__ void __launch_bounds__(kBlock, 2)
@@ -26,6 +27,7 @@ __global__ void __launch_bounds__(kBlock, 2)
                      ClassOptions<at::opmath_type<scalar_t>> adj = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kFoc = is_focal(kLoss);
+  constexpr bool kSmoothCE = kSmooth && !kFoc;  // smoothed softmax cross-entropy
   // blockIdx.y walks the samples (a 64-bit division per thread cost registers and a stack
   // frame), blockIdx.x the positions of one
   const int64_t p = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x;
@@ -71,11 +73,11 @@ __global__ void __launch_bounds__(kBlock, 2)
       acc_t m = X(0);
       for (int64_t c = 1; c < C; ++c) m = nan_max(m, X(c));
       acc_t sum = 0, tx = 0;
-      acc_t ad = 0, A = 0, atd = 0, at = 0;  // kSmooth: as in cb_row_kernel
+      acc_t ad = 0, A = 0, atd = 0, at = 0;  // kSmoothCE: as in cb_row_kernel
       for (int64_t c = 0; c < C; ++c) {
         const acc_t d = X(c) - m;
         sum += ::exp(d);
-        if constexpr (kSmooth) {
+        if constexpr (kSmoothCE) {
           const acc_t ac = sm.class_weighting ? a.w[c] : acc_t(1);
           A += ac;
           ad += ac * d;
@@ -88,21 +90,26 @@ __global__ void __launch_bounds__(kBlock, 2)
         }
       }
       const acc_t log_sum = ::log(sum);
-      acc_t cp = 0, cy = 0;
+      acc_t cp = 0, cy = 0, es = s;  // es: the soft focal rows' factor of e (s, or 1)
       SmoothCoef<acc_t> K{0, 0};
-      if constexpr (kSmooth) {
+      if constexpr (kSmooth)
+        K = smooth_coef(s, static_cast<acc_t>(sm.eps), static_cast<acc_t>(C), sm.class_weighting);
+      // soft focal: class c's weight e_c (float targets, or kSmooth's of either kind)
+      auto E = [&](int64_t c) {
+        return soft_target<kSmooth>(kHard ? acc_t(c == y) : Tc(c), sm, K, a.w, adj.alpha_vec, c);
+      };
+      if constexpr (kSmoothCE) {
         if constexpr (kHard) {
           at = sm.class_weighting ? s : acc_t(1);  // a_y
           atd = at * (X(y) - m);
         }
-        K = smooth_coef(s, static_cast<acc_t>(sm.eps), static_cast<acc_t>(C), sm.class_weighting);
         const SoftmaxRow<acc_t> r =
             softmax_soft_row(acc_t(1), K.P * at + K.Q * A, log_sum, K.P * atd + K.Q * ad);
         loss = r.loss;
         cp = r.cp;
         if constexpr (kHard)
           cy = smooth_grad_y(K, at, A, softmax_one_minus_p(log_softmax_of(X(y), m, log_sum)));
-      } else if constexpr (kHard) {
+      } else if constexpr (kHard && !kSmooth) {
         const acc_t sl = kFoc && adj.alpha_vec ? s * adj.alpha_vec[y] : s;  // a per-class alpha: alpha_y
         const SoftmaxRow<acc_t> r = softmax_hard_row<kFoc>(sl, X(y), m, log_sum, a.gamma);
         loss = r.loss;
@@ -115,29 +122,30 @@ __global__ void __launch_bounds__(kBlock, 2)
       } else {
         acc_t lf = 0, gsum = 0;
         for (int64_t c = 0; c < C; ++c) {
-          const auto f = softmax_focal<true>(log_softmax_of(X(c), m, log_sum), a.gamma);
-          const acc_t ta = alpha_weighted(Tc(c), adj.alpha_vec, c);
-          lf += ta * f.loss;
-          gsum += ta * f.G;
+          const auto f = softmax_focal<true>(log_softmax_of(X(c), m, log_sum), a.gamma, a.gamma_int);
+          const acc_t e = E(c);
+          lf += e * f.loss;
+          gsum += e * f.G;
         }
-        loss = s * lf;
-        cp = s * gsum;
+        es = kSmooth ? acc_t(1) : s;  // e carries the weights when smoothed
+        loss = es * lf;
+        cp = es * gsum;
       }
       if (g) {
         for (int64_t c = 0; c < C; ++c) {
           const acc_t lp = log_softmax_of(X(c), m, log_sum);
           acc_t gk = cp * ::exp(lp);
-          if constexpr (kSmooth) {  // E p_k - a_k (P t_k + Q)
+          if constexpr (kSmoothCE) {  // E p_k - a_k (P t_k + Q)
             const acc_t ac = sm.class_weighting ? a.w[c] : acc_t(1);
             if constexpr (kHard) {
-              gk = c == y ? cy : gk - ac * K.Q;
+              gk = c == y ? cy : gk - smooth_target(K, ac, acc_t(0));
             } else {
-              gk -= ac * (K.P * Tc(c) + K.Q);
+              gk -= smooth_target(K, ac, Tc(c));
             }
-          } else if constexpr (kHard) {
+          } else if constexpr (kHard && !kSmooth) {
             if (c == y) gk = cy;
           } else if constexpr (kFoc) {
-            gk -= s * alpha_weighted(Tc(c), adj.alpha_vec, c) * softmax_focal<true>(lp, a.gamma).G;
+            gk -= es * E(c) * softmax_focal<true>(lp, a.gamma, a.gamma_int).G;
           } else {
             gk -= s * Tc(c);
           }
@@ -145,10 +153,11 @@ __global__ void __launch_bounds__(kBlock, 2)
         }
       }
     } else {
-      const int pow_k = kHard ? a.gamma_int : -1;
+      const acc_t eps = static_cast<acc_t>(sm.eps);
+      const int pow_k = kHard && sm.eps == 0 ? a.gamma_int : -1;  // binary targets only
       acc_t part = 0;
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t tc = kHard ? acc_t(c == y) : Tc(c);
+        const acc_t tc = smooth_binary_target(kHard ? acc_t(c == y) : Tc(c), eps);
         acc_t l, d;
         binary_element<kFoc>(a, X(c), tc, pow_k, l, d, c, adj.alpha_vec);
         part += l;

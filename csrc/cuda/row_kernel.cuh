@@ -54,10 +54,16 @@ __device__ __forceinline__ void binary_element(const RowArgs<scalar_t>& a, at::o
   }
 }
 
-// Float-target softmax focal with a per-class alpha (null: none): t_c alpha_c.
-template <typename acc_t>
-__device__ __forceinline__ acc_t alpha_weighted(acc_t t, const acc_t* alpha_vec, int64_t c) {
-  return alpha_vec ? t * alpha_vec[c] : t;
+// The weight e_c a soft softmax focal row gives class c's focal term (the CPU rows'
+// SoftTargets), from its target t (float, or 1 / 0 for a class index): t alpha_c, or with
+// kSmooth alpha_c a_c (P t + Q) (math.h, smooth_target; a_c = w_c for 'class', else 1).
+// alpha_vec null: no per-class alpha.
+template <bool kSmooth, typename acc_t>
+__device__ __forceinline__ acc_t soft_target(acc_t t, const Smoothing& sm, const SmoothCoef<acc_t>& K,
+                                             const acc_t* w, const acc_t* alpha_vec, int64_t c) {
+  acc_t e = t;
+  if constexpr (kSmooth) e = smooth_target(K, sm.class_weighting ? w[c] : acc_t(1), t);
+  return alpha_vec ? e * alpha_vec[c] : e;
 }
 
 // The adjusted logits (math.h, adjusted_logit) of K classes from c on, in place: z = s x + b,
@@ -107,7 +113,9 @@ __device__ __forceinline__ void add_target_sums(const scalar_t* t, const acc_t* 
 
 // cache_stride > 0: the softmax row is parked in dynamic shared memory, cache_stride
 // elements per row slot (see launch.cuh); 0: the gradient pass reads the row again.
-// kSmooth (softmax cross-entropy): label smoothing / class weighting `sm` (math.h, smooth_coef).
+// kSmooth (the softmax family): label smoothing / class weighting `sm` (math.h, smooth_coef;
+// softmax focal takes the soft path then, for class indices too). The binary family reads
+// sm.eps at run time (math.h, smooth_binary_target; exact for eps = 0).
 // kAdj (softmax family): adjusted logits `adj` (math.h, adjusted_logit); the cache keeps the
 // stored logits, every pass adjusts what it reads.
 template <typename scalar_t, int kLoss, bool kHard, int kThreads, bool kSmooth = false, bool kAdj = false>
@@ -159,6 +167,7 @@ __global__ void __launch_bounds__(kBlock, 2)
 
   acc_t loss = 0;
   constexpr bool kFoc = is_focal(kLoss);
+  constexpr bool kSmoothCE = kSmooth && !kFoc;  // smoothed softmax cross-entropy
   if constexpr (!is_softmax_family(kLoss)) {
     if constexpr (!kHard) {  // s = sum_c t_c w_c is needed before the first gradient
       acc_t sw = 0, st = 0;
@@ -171,7 +180,8 @@ __global__ void __launch_bounds__(kBlock, 2)
       T = RR::sum(st, smem_b);
       denom = float_target_denom(s, T, a.weighted);
     }
-    const int pow_k = kHard ? a.gamma_int : -1;
+    const acc_t eps = static_cast<acc_t>(sm.eps);
+    const int pow_k = kHard && sm.eps == 0 ? a.gamma_int : -1;  // binary targets only
     acc_t part = 0;
     for_each_group<kThreads, scalar_t>(sp, C, lane, [&](auto w, int64_t c) {
       constexpr int K = decltype(w)::value;
@@ -180,7 +190,7 @@ __global__ void __launch_bounds__(kBlock, 2)
       if constexpr (!kHard) load<K>(t + c, tv);
 #pragma unroll
       for (int k = 0; k < K; ++k) {
-        const acc_t tc = kHard ? acc_t(c + k == y) : tv[k];
+        const acc_t tc = smooth_binary_target(kHard ? acc_t(c + k == y) : tv[k], eps);
         acc_t l, d;
         binary_element<kFoc>(a, xv[k], tc, pow_k, l, d, c + k, adj.alpha_vec);
         part += l;
@@ -201,7 +211,7 @@ __global__ void __launch_bounds__(kBlock, 2)
     // relative to this thread's running max m, re-based as m grows.
     MaxSum<acc_t> ms{acc_t(-INFINITY), acc_t(0)};
     acc_t sw = 0, st = 0, tx = 0;
-    // kSmooth: ad = sum a (x - m), A = sum a, and for float targets atd = sum a t (x - m),
+    // kSmoothCE: ad = sum a (x - m), A = sum a, and for float targets atd = sum a t (x - m),
     // at = sum a t, with a_c = w_c (class weighting) or 1, relative to m as tx is.
     acc_t ad = 0, A = 0, atd = 0, at = 0;
     for_each_group<kThreads, scalar_t>(sp, C, lane, [&](auto w, int64_t c) {
@@ -220,7 +230,7 @@ __global__ void __launch_bounds__(kBlock, 2)
         for (int k = 0; k < K; ++k) sum += ::exp(xv[k] - m);
         ms = {m, sum};
       }
-      if constexpr (kSmooth) {
+      if constexpr (kSmoothCE) {
         if (m_old != acc_t(-INFINITY)) {
           ad -= A * (m - m_old);
           atd -= at * (m - m_old);
@@ -236,7 +246,7 @@ __global__ void __launch_bounds__(kBlock, 2)
         acc_t tv[K];
         const acc_t st_old = st;
         add_target_sums<K>(t + c, a.w + c, tv, bad, sw, st);
-        if constexpr (kSmooth) {
+        if constexpr (kSmoothCE) {
 #pragma unroll
           for (int k = 0; k < K; ++k) {
             const acc_t atk = (sm.class_weighting ? a.w[c + k] : acc_t(1)) * tv[k];
@@ -258,7 +268,7 @@ __global__ void __launch_bounds__(kBlock, 2)
       T = RR::sum(st, smem_b);
       denom = float_target_denom(s, T, a.weighted);
     }
-    acc_t cp = 0, cy = 0;
+    acc_t cp = 0, cy = 0, es = s;  // es: the soft focal rows' factor of e (s, or 1)
     // hard targets: the target's (adjusted) logit
     acc_t x_y = 0;
     if constexpr (kHard) {
@@ -266,7 +276,9 @@ __global__ void __launch_bounds__(kBlock, 2)
       if constexpr (kAdj) x_y = adjusted_logit(x_y, adj.scale, adj.offset[y]) - adj.target_margin(y);
     }
     SmoothCoef<acc_t> sc{0, 0};  // kSmooth: P and Q
-    if constexpr (kSmooth) {
+    if constexpr (kSmooth)
+      sc = smooth_coef(s, static_cast<acc_t>(sm.eps), static_cast<acc_t>(C), sm.class_weighting);
+    if constexpr (kSmoothCE) {
       // the sums relative to the row's max (each thread summed them relative to its own)
       const acc_t shift = m_thread != acc_t(-INFINITY) ? ms.m - m_thread : acc_t(0);
       const acc_t ad_row = RR::sum(ad - A * shift, smem_a);
@@ -279,7 +291,6 @@ __global__ void __launch_bounds__(kBlock, 2)
         atd_row = RR::sum(atd - at * shift, smem_a);
         at_row = RR::sum(at, smem_b);
       }
-      sc = smooth_coef(s, static_cast<acc_t>(sm.eps), static_cast<acc_t>(C), sm.class_weighting);
       const SoftmaxRow<acc_t> r =
           softmax_soft_row(acc_t(1), sc.P * at_row + sc.Q * A_row, log_sum, sc.P * atd_row + sc.Q * ad_row);
       loss = r.loss;
@@ -288,7 +299,7 @@ __global__ void __launch_bounds__(kBlock, 2)
         const acc_t q = softmax_one_minus_p(log_softmax_of(x_y, ms.m, log_sum));
         cy = smooth_grad_y(sc, at_row, A_row, q);
       }
-    } else if constexpr (kHard) {
+    } else if constexpr (kHard && !kSmooth) {
       // a per-class alpha (softmax focal) scales the sample's loss and gradient by alpha_y
       const acc_t sl = kFoc && adj.alpha_vec ? s * adj.alpha_vec[y] : s;
       const SoftmaxRow<acc_t> r = softmax_hard_row<kFoc>(sl, x_y, ms.m, log_sum, a.gamma);
@@ -302,23 +313,26 @@ __global__ void __launch_bounds__(kBlock, 2)
       loss = r.loss;
       cp = r.cp;
     } else {
+      // soft focal: float targets, or (kSmooth) the smoothed targets of either kind
       acc_t lf = 0, gs = 0;
       for_each_group<kThreads, scalar_t>(sp, C, lane, [&](auto w, int64_t c) {
         constexpr int K = decltype(w)::value;
         acc_t xv[K], tv[K];
         load<K>(cache ? cache + c : x + c, xv);
         if constexpr (kAdj) adjust_logits<K>(adj, c, y, xv);
-        load<K>(t + c, tv);
+        if constexpr (!kHard) load<K>(t + c, tv);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          const auto f = softmax_focal<true>(log_softmax_of(xv[k], ms.m, log_sum), a.gamma);
-          const acc_t ta = alpha_weighted(tv[k], adj.alpha_vec, c + k);
-          lf += ta * f.loss;
-          gs += ta * f.G;
+          const auto f = softmax_focal<true>(log_softmax_of(xv[k], ms.m, log_sum), a.gamma, a.gamma_int);
+          const acc_t tc = kHard ? acc_t(c + k == y) : tv[k];
+          const acc_t e = soft_target<kSmooth>(tc, sm, sc, a.w, adj.alpha_vec, c + k);
+          lf += e * f.loss;
+          gs += e * f.G;
         }
       });
-      loss = s * RR::sum(lf, smem_a);
-      cp = s * RR::sum(gs, smem_b);
+      es = kSmooth ? acc_t(1) : s;  // e carries the weights when smoothed
+      loss = es * RR::sum(lf, smem_a);
+      cp = es * RR::sum(gs, smem_b);
     }
     if (g) {
       for_each_group<kThreads, scalar_t>(sp, C, lane, [&](auto w, int64_t c) {
@@ -331,17 +345,19 @@ __global__ void __launch_bounds__(kBlock, 2)
         for (int k = 0; k < K; ++k) {
           const acc_t lp = log_softmax_of(xv[k], ms.m, log_sum);
           acc_t gk = cp * ::exp(lp);
-          if constexpr (kSmooth) {  // E p_k - a_k (P t_k + Q)
+          if constexpr (kSmoothCE) {  // E p_k - a_k (P t_k + Q)
             const acc_t ac = sm.class_weighting ? a.w[c + k] : acc_t(1);
             if constexpr (kHard) {
-              gk = c + k == y ? cy : gk - ac * sc.Q;
+              gk = c + k == y ? cy : gk - smooth_target(sc, ac, acc_t(0));
             } else {
-              gk -= ac * (sc.P * tv[k] + sc.Q);
+              gk -= smooth_target(sc, ac, tv[k]);
             }
-          } else if constexpr (kHard) {
+          } else if constexpr (kHard && !kSmooth) {
             if (c + k == y) gk = cy;
           } else if constexpr (kFoc) {
-            gk -= s * alpha_weighted(tv[k], adj.alpha_vec, c + k) * softmax_focal<true>(lp, a.gamma).G;
+            const acc_t tc = kHard ? acc_t(c + k == y) : tv[k];
+            gk -= es * soft_target<kSmooth>(tc, sm, sc, a.w, adj.alpha_vec, c + k) *
+                  softmax_focal<true>(lp, a.gamma, a.gamma_int).G;
           } else {
             gk -= s * tv[k];
           }

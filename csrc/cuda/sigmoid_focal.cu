@@ -19,13 +19,15 @@ namespace {
 constexpr int64_t kMaxFocalBlocks = 1024;  // fixed: the reduction order does not depend on the GPU
 
 // torchvision.ops.sigmoid_focal_loss semantics, elementwise over the flattened input
-// (grid-stride, 128-bit packs where x, t and the outputs share their alignment).
+// (grid-stride, 128-bit packs where x, t and the outputs share their alignment). w: the
+// per-class weight, av: the per-class alpha (then alpha < 0), each [classes] or null.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlock, 2)
     focal_elementwise_kernel(const scalar_t* x, const scalar_t* t, const at::opmath_type<scalar_t>* w,
-                             int64_t classes, int64_t inner, int64_t numel, at::opmath_type<scalar_t> gamma,
-                             at::opmath_type<scalar_t> alpha, at::opmath_type<scalar_t> grad_scale,
-                             scalar_t* loss_out, scalar_t* grad, at::opmath_type<scalar_t>* block_part) {
+                             const at::opmath_type<scalar_t>* av, int64_t classes, int64_t inner,
+                             int64_t numel, at::opmath_type<scalar_t> gamma, at::opmath_type<scalar_t> alpha,
+                             at::opmath_type<scalar_t> grad_scale, scalar_t* loss_out, scalar_t* grad,
+                             at::opmath_type<scalar_t>* block_part) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t smem[kBlock / kWarp];
   acc_t part = 0;
@@ -38,15 +40,17 @@ __global__ void __launch_bounds__(kBlock, 2)
     load<K>(x + i, xv);
     load<K>(t + i, tv);
     // element i's class: (i / inner) % classes (inner = 1: the last dimension)
-    int64_t c = w ? (i / inner) % classes : 0;
+    const bool per_class = w || av;
+    int64_t c = per_class ? (i / inner) % classes : 0;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       acc_t l, d;
       torchvision_focal_term<true>(xv[k], tv[k], gamma, l, d);
       acc_t scale = alpha_t(tv[k], alpha);
-      if (w) {
+      if (per_class) {
         if (inner != 1) c = ((i + k) / inner) % classes;
-        scale *= w[c];
+        if (av) scale = alpha_t_of(tv[k], av[c]);
+        if (w) scale *= w[c];
         c = c + 1 == classes ? 0 : c + 1;
       }
       lv[k] = l * scale;
@@ -63,9 +67,11 @@ __global__ void __launch_bounds__(kBlock, 2)
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_cuda(const at::Tensor& inputs, const at::Tensor& targets,
                                                       const std::optional<at::Tensor>& weight, double alpha,
                                                       double gamma, int64_t reduction, int64_t grad_mode,
-                                                      int64_t weight_dim) {
+                                                      int64_t weight_dim,
+                                                      const std::optional<at::Tensor>& class_alpha) {
   const bool compute_grad = check_grad_mode(grad_mode);
-  const FocalPlan plan = check_sigmoid_focal(inputs, targets, weight, alpha, gamma, reduction, weight_dim);
+  const FocalPlan plan =
+      check_sigmoid_focal(inputs, targets, weight, alpha, gamma, reduction, weight_dim, class_alpha);
   const DeviceGuard guard(inputs.device());
   const auto opts = inputs.options();
   at::Tensor loss = reduction == kNone ? at::empty(inputs.sizes(), opts) : at::empty({}, opts);
@@ -81,8 +87,9 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_cuda(const at::Tensor& inputs, 
         launch_kernel(
             focal_elementwise_kernel<scalar_t>, dim3(static_cast<unsigned>(blocks)), dim3(kBlock), 0, stream,
             plan.inputs.const_data_ptr<scalar_t>(), plan.targets.const_data_ptr<scalar_t>(),
-            plan.weight.defined() ? plan.weight.const_data_ptr<acc_t>() : nullptr, plan.K, plan.inner, numel,
-            static_cast<acc_t>(gamma), static_cast<acc_t>(alpha),
+            plan.weight.defined() ? plan.weight.const_data_ptr<acc_t>() : nullptr,
+            plan.alpha_vec.defined() ? plan.alpha_vec.const_data_ptr<acc_t>() : nullptr, plan.K, plan.inner,
+            numel, static_cast<acc_t>(gamma), static_cast<acc_t>(alpha),
             static_cast<acc_t>(reduction == kNone ? 1.0 : scale),
             reduction == kNone ? loss.mutable_data_ptr<scalar_t>() : nullptr,
             compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr, part.mutable_data_ptr<acc_t>());

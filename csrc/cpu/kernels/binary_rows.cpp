@@ -29,27 +29,21 @@ namespace cbfused {
 namespace cpu {
 namespace {
 
-// The one-hot target vector of the kLanes elements from k0 (which hold the row's class y):
-// a lane compare, no memory round trip.
-template <typename IO>
-inline typename IO::V one_hot_vector(int64_t y, int64_t k0) {
-  using V = typename IO::V;
-  using acc_t = typename IO::acc_t;
-  return V(acc_t(1)) & (V::arange(acc_t(0), acc_t(1)) == V(static_cast<acc_t>(y - k0)));
-}
-
 // pow_k of a sigmoid row as a template constant: kAnyPow reads a.gamma_int at run time.
 constexpr int kAnyPow = -2;
 
 // Sigmoid cross-entropy and the paper's sigmoid focal loss, one row:
 //   l = s * sum_c alpha_t * m * bce(x_c, t_c),  grad_c = s * d/dx_c(...)
+// kSmooth: label smoothing eps, every t_c taken as math.h's smooth_binary_target (a hard
+// target's t = 0 blocks are no longer 0 then: kPow = -1 and no kZeroT blocks).
 // kAlpha (0: no alpha, 1: the scalar alpha, 2: a per-class alpha vector) and kPow (the focal power for hard
 // targets: -1 none, k >= 0 an integer gamma, kAnyPow read at run time) are template parameters, chosen once
 // per call (run_sigmoid), not tested per vector: the power's loop with a run-time trip count alone cost 5 to
 // 8% of the focal kernel at gamma = 2.
-template <typename scalar_t, bool kFocal, bool kGrad, bool kHard, int kAlpha, int kPow>
+template <typename scalar_t, bool kFocal, bool kGrad, bool kHard, int kAlpha, int kPow, bool kSmooth>
 RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a,
-                                              const at::opmath_type<scalar_t>* alpha_vec, int64_t i) {
+                                              const at::opmath_type<scalar_t>* alpha_vec,
+                                              at::opmath_type<scalar_t> eps, int64_t i) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
@@ -66,6 +60,7 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a,
   // vector.
   const acc_t gamma = a.gamma, alpha = a.alpha;
   // Hard targets are exactly 0 / 1: an integer gamma needs no second exp.
+  static_assert(!kSmooth || kPow == -1, "smoothed targets are not 0 / 1");
   const int pow_k = !kHard ? -1 : kPow == kAnyPow ? a.gamma_int : kPow;
   const V sv(s * a.grad_prescale);
   // A vector of t = 0 (hard targets, away from the class) has the row constant alpha_t0:
@@ -130,19 +125,21 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a,
         gv[v] = vec(std::true_type{}, xv[v], V(0), nv, av);
       } else if constexpr (kHard) {
         // the class block: only the vector that holds y takes the one-hot path
-        if (y >= k0 && y < k0 + IO::kLanes) {
-          gv[v] = vec(std::false_type{}, xv[v], one_hot_vector<IO>(y, k0), nv, av);
+        const bool has_y = y >= k0 && y < k0 + IO::kLanes;
+        if (kSmooth || has_y) {
+          const V oh = has_y ? one_hot_vector<IO>(y, k0) : V(0);
+          gv[v] = vec(std::false_type{}, xv[v], kSmooth ? smooth_binary_target(oh, eps) : oh, nv, av);
         } else {
           gv[v] = vec(std::true_type{}, xv[v], V(0), nv, av);
         }
       } else {
-        gv[v] = vec(std::false_type{}, xv[v], tv[v], nv, av);
+        gv[v] = vec(std::false_type{}, xv[v], kSmooth ? smooth_binary_target(tv[v], eps) : tv[v], nv, av);
       }
     }
     if constexpr (kGrad) IO::store(g + j, n, gv);
   };
   auto run = [&](auto full_t, int64_t j) {
-    if (kHard && (y < j || y >= j + IO::kStep)) {
+    if (kHard && !kSmooth && (y < j || y >= j + IO::kStep)) {
       block(std::true_type{}, full_t, j);
     } else {
       block(std::false_type{}, full_t, j);
@@ -157,13 +154,25 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a,
 
 // The sigmoid / focal rows of one call, with alpha on or off and, for the focal loss with
 // hard targets, the power of a common integer gamma (1, 2) or of none as a constant.
+// eps > 0: label smoothing (kSmooth rows, no power shortcut).
 template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
 std::pair<double, double> run_sigmoid(const Args<scalar_t>& a, const at::opmath_type<scalar_t>* alpha_vec,
-                                      int64_t N, scalar_t* per_row) {
+                                      double eps, int64_t N, scalar_t* per_row) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t e = static_cast<acc_t>(eps);
   auto with_alpha = [&](auto alpha_c, auto pow_c) {
+    constexpr int kP = decltype(pow_c)::value;
+    if (eps > 0) {
+      if constexpr (kP == -1) {
+        return run_rows<scalar_t>(N, a.C, per_row, [&](int64_t i) {
+          return sigmoid_row<scalar_t, kFocal, kGrad, kHard, decltype(alpha_c)::value, -1, true>(a, alpha_vec,
+                                                                                                 e, i);
+        });
+      }
+    }
     return run_rows<scalar_t>(N, a.C, per_row, [&](int64_t i) {
-      return sigmoid_row<scalar_t, kFocal, kGrad, kHard, decltype(alpha_c)::value, decltype(pow_c)::value>(
-          a, alpha_vec, i);
+      return sigmoid_row<scalar_t, kFocal, kGrad, kHard, decltype(alpha_c)::value, kP, false>(a, alpha_vec, e,
+                                                                                              i);
     });
   };
   auto with_pow = [&](auto pow_c) {
@@ -174,6 +183,7 @@ std::pair<double, double> run_sigmoid(const Args<scalar_t>& a, const at::opmath_
   if constexpr (!kFocal || !kHard) {
     return with_pow(std::integral_constant<int, -1>{});
   } else {
+    if (eps > 0) return with_pow(std::integral_constant<int, -1>{});
     switch (a.gamma_int) {
       case -1:
         return with_pow(std::integral_constant<int, -1>{});
@@ -190,12 +200,12 @@ std::pair<double, double> run_sigmoid(const Args<scalar_t>& a, const at::opmath_
 }  // namespace
 
 template <typename scalar_t>
-std::pair<double, double> binary_family_rows(const RowArgs<scalar_t>& a,
+std::pair<double, double> binary_family_rows(const RowArgs<scalar_t>& a, const Smoothing& sm,
                                              const ClassOptions<at::opmath_type<scalar_t>>& adj, bool focal,
                                              bool grad, bool hard) {
   return with_flags(focal, grad, hard, [&](auto focal_c, auto grad_c, auto hard_c) {
     return run_sigmoid<scalar_t, decltype(focal_c)::value, decltype(grad_c)::value, decltype(hard_c)::value>(
-        a, adj.alpha_vec, a.N, a.per_row_out);
+        a, adj.alpha_vec, sm.eps, a.N, a.per_row_out);
   });
 }
 

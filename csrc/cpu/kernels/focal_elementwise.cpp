@@ -16,9 +16,10 @@ namespace cbfused {
 namespace cpu {
 namespace {
 
-// torchvision.ops.sigmoid_focal_loss semantics, elementwise, with an optional weight per
-// class: along the last dimension (per element of a row), or along an earlier one (one
-// weight per row: plan.inner is then a multiple of the row).
+// torchvision.ops.sigmoid_focal_loss semantics, elementwise, with an optional weight and an
+// optional alpha per class (in place of the scalar alpha): along the last dimension (per
+// element of a row), or along an earlier one (one class per row: plan.inner is then a
+// multiple of the row).
 template <typename scalar_t, bool kGrad>
 double focal_elementwise(const FocalPlan& p, double gamma, double alpha, double grad_scale,
                          scalar_t* loss_out, scalar_t* grad) {
@@ -28,8 +29,9 @@ double focal_elementwise(const FocalPlan& p, double gamma, double alpha, double 
   const scalar_t* x = p.inputs.const_data_ptr<scalar_t>();
   const scalar_t* t = p.targets.const_data_ptr<scalar_t>();
   const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* av = p.alpha_vec.defined() ? p.alpha_vec.const_data_ptr<acc_t>() : nullptr;
   const int64_t K = p.row;
-  const bool per_element = w && p.inner == 1;
+  const bool per_element = (w || av) && p.inner == 1;
   const acc_t g = static_cast<acc_t>(gamma), al = static_cast<acc_t>(alpha);
   const int pow_k = small_integer_gamma(gamma);
   const bool has_alpha = al >= acc_t(0);
@@ -39,7 +41,9 @@ double focal_elementwise(const FocalPlan& p, double gamma, double alpha, double 
     RowOut<acc_t> out;
     V lacc(0);
     const int64_t base = i * K;
-    const V wrow(w && !per_element ? w[(base / p.inner) % p.K] : acc_t(1));
+    const int64_t c_row = (w || av) && !per_element ? (base / p.inner) % p.K : 0;  // the row's class
+    const V wrow(w && !per_element ? w[c_row] : acc_t(1));
+    const V arow(av && !per_element ? av[c_row] : acc_t(0));
     for (int64_t j = 0; j < K; j += IO::kStep) {
       const int64_t n = std::min(IO::kStep, K - j);
       V xv[IO::kVecs], tv[IO::kVecs], lv[IO::kVecs], gv[IO::kVecs];
@@ -52,8 +56,10 @@ double focal_elementwise(const FocalPlan& p, double gamma, double alpha, double 
         if (nv == 0) break;
         V l, d;
         torchvision_focal_term<kGrad>(xv[v], tv[v], g, l, d, pow_k);
-        if (has_alpha) {
-          const V at = alpha_t(tv[v], al);
+        if (has_alpha || av) {
+          const V at = has_alpha     ? alpha_t(tv[v], al)
+                       : per_element ? alpha_t_of(tv[v], V::loadu(av + j + v * IO::kLanes, nv))
+                                     : alpha_t_of(tv[v], arow);
           l = l * at;
           if constexpr (kGrad) d = d * at;
         }

@@ -178,14 +178,16 @@ inline typename PlaneIO<scalar_t>::V tile_max_park(const RowArgs<scalar_t>& a, c
 }
 
 // Softmax cross-entropy and softmax focal loss over one tile (the formulas of softmax_rows,
-// one position per lane); writes the tile's per-lane loss.
-template <typename scalar_t, bool kFocal, bool kGrad, bool kHard, bool kAdj>
-void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl,
+// one position per lane, kSmooth too); writes the tile's per-lane loss.
+template <typename scalar_t, bool kFocal, bool kGrad, bool kHard, bool kAdj, int kSmooth = 0>
+void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm,
                   const ClassOptions<at::opmath_type<scalar_t>>& adj, Tile<scalar_t>& tl,
                   at::opmath_type<scalar_t>* park, at::opmath_type<scalar_t>* loss_out) {
   using IO = PlaneIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
+  static_assert(kSmooth == 0 || kFocal, "smoothed cross-entropy: softmax_smooth_tile");
+  constexpr bool kSoft = !kHard || kSmooth != 0;
   constexpr int64_t L = IO::kLanes;
   const int64_t C = a.C, m = tl.m;
   const V live_mask = V::loadu(tl.live) > V(acc_t(0));
@@ -207,7 +209,24 @@ void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl,
   const V sv = V::loadu(tl.s);
   const V ls = MathOps<V>::log(sumv);
   V loss, cp, q;
-  if constexpr (kHard) {
+  // The soft targets e_c of every lane (softmax_rows' SoftTargets): t_c alpha_c, or
+  // alpha_c a_c (P t_c + Q) (kSmooth; t one-hot at y for class indices); st: their factor.
+  SmoothCoef<V> K{V(0), V(0)};
+  if constexpr (kSmooth != 0)
+    K = smooth_coef(sv, static_cast<acc_t>(sm.eps), static_cast<acc_t>(C), kSmooth == 2);
+  const V st = kSmooth != 0 ? V(acc_t(1)) : sv;
+  V yv(-1);  // class indices: the lanes' targets as numbers
+  if constexpr (kHard && kSmooth != 0) {
+    alignas(64) acc_t yf[L];
+    for (int64_t k = 0; k < L; ++k) yf[k] = static_cast<acc_t>(tl.y[k]);
+    yv = V::loadu(yf);
+  }
+  auto targets = [&](int64_t c) {
+    V e = kHard ? V(acc_t(1)) & (yv == V(static_cast<acc_t>(c))) : load_lanes<IO>(tl.t + c * pl.t_cstride, m);
+    if constexpr (kSmooth != 0) e = smooth_target(K, V(kSmooth == 2 ? a.w[c] : acc_t(1)), e);
+    return adj.alpha_vec ? e * V(adj.alpha_vec[c]) : e;
+  };
+  if constexpr (!kSoft) {
     alignas(64) acc_t xy[L] = {};
     for (int64_t k = 0; k < m; ++k)
       if (tl.y[k] >= 0) xy[k] = X.at(k, tl.y[k]);  // in cache
@@ -224,40 +243,37 @@ void softmax_tile(const RowArgs<scalar_t>& a, const Planes& pl,
     loss = r.loss;
     cp = r.cp;
   } else {
-    // Pass 3 (float-target focal): sum_c t_c * focal loss, sum_c t_c G_c.
+    // Pass 3 (soft focal): sum_c e_c * focal loss, sum_c e_c G_c.
     V lv(0), gsum(0);
     for (int64_t c = 0; c < C; ++c) {
-      const V tv = load_lanes<IO>(tl.t + c * pl.t_cstride, m);
-      const auto f = softmax_focal<true>(log_softmax_of(X.load(c), mx, ls), a.gamma);
-      const V ta = adj.alpha_vec ? tv * V(adj.alpha_vec[c]) : tv;  // a per-class alpha
-      lv = at::vec::fmadd(ta, f.loss, lv);
-      gsum = at::vec::fmadd(ta, f.G, gsum);
+      const auto f = softmax_focal<true>(log_softmax_of(X.load(c), mx, ls), a.gamma, a.gamma_int);
+      const V e = targets(c);
+      lv = at::vec::fmadd(e, f.loss, lv);
+      gsum = at::vec::fmadd(e, f.G, gsum);
     }
-    loss = sv * lv;
-    cp = sv * gsum;
+    loss = st * lv;
+    cp = st * gsum;
   }
   V::blendv(V(0), loss, live_mask).store(loss_out);
   if constexpr (kGrad) {
     const V pre(a.grad_prescale * (kAdj ? adj.scale : acc_t(1)));  // d / dx = s d / dz
     const V cpv = cp * pre;
     const V cpe = cpv / sumv;  // cp p_k = cpe e_k
-    const V st = sv * pre;
+    const V stp = st * pre;
     for (int64_t c = 0; c < C; ++c) {
       if (more) __builtin_prefetch(tl.g + c * pl.S + L, 1);
       V gk = cpe * V::loadu(park + c * L);
-      if constexpr (!kHard) {
-        const V tv = load_lanes<IO>(tl.t + c * pl.t_cstride, m);
+      if constexpr (kSoft) {
         if constexpr (kFocal) {
           const V lp = log_softmax_of(X.load(c), mx, ls);
-          const V ta = adj.alpha_vec ? tv * V(adj.alpha_vec[c]) : tv;
-          gk = gk - st * ta * softmax_focal<true>(lp, a.gamma).G;
+          gk = gk - stp * targets(c) * softmax_focal<true>(lp, a.gamma, a.gamma_int).G;
         } else {
-          gk = gk - st * tv;
+          gk = gk - stp * load_lanes<IO>(tl.t + c * pl.t_cstride, m);
         }
       }
       store_lanes<IO>(tl.g + c * pl.S, m, V::blendv(V(0), gk, live_mask));
     }
-    if constexpr (kHard) {
+    if constexpr (!kSoft) {
       alignas(64) acc_t cy[L];
       (-cpv * q).store(cy);  // grad_y = cp * (p_y - 1)
       for (int64_t k = 0; k < m; ++k)
@@ -320,9 +336,8 @@ void softmax_smooth_tile(const RowArgs<scalar_t>& a, const Planes& pl, const Smo
     const V cpe = row.cp * pre / sumv;
     for (int64_t c = 0; c < C; ++c) {
       if (more) __builtin_prefetch(tl.g + c * pl.S + L, 1);
-      V coef = kHard ? Kp.Q : at::vec::fmadd(Kp.P, load_lanes<IO>(tl.t + c * pl.t_cstride, m), Kp.Q);
-      if constexpr (kClass) coef = coef * V(a.w[c]);
-      const V gk = cpe * V::loadu(park + c * L) - coef;
+      const V tc = kHard ? V(0) : load_lanes<IO>(tl.t + c * pl.t_cstride, m);  // the caller writes grad_y
+      const V gk = cpe * V::loadu(park + c * L) - smooth_target(Kp, V(kClass ? a.w[c] : acc_t(1)), tc);
       store_lanes<IO>(tl.g + c * pl.S, m, V::blendv(V(0), gk, live_mask));
     }
     if constexpr (kHard) {
@@ -336,11 +351,11 @@ void softmax_smooth_tile(const RowArgs<scalar_t>& a, const Planes& pl, const Smo
 }
 
 // Sigmoid cross-entropy and the paper's sigmoid focal loss over one tile (binary_term per
-// element, one position per lane; the rows' formulas).
+// element, one position per lane; the rows' formulas), label smoothing `eps` included.
 template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
 void binary_tile(const RowArgs<scalar_t>& a, const Planes& pl,
-                 const ClassOptions<at::opmath_type<scalar_t>>& adj, Tile<scalar_t>& tl,
-                 at::opmath_type<scalar_t>* loss_out) {
+                 const ClassOptions<at::opmath_type<scalar_t>>& adj, at::opmath_type<scalar_t> eps,
+                 Tile<scalar_t>& tl, at::opmath_type<scalar_t>* loss_out) {
   using IO = PlaneIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
@@ -349,7 +364,8 @@ void binary_tile(const RowArgs<scalar_t>& a, const Planes& pl,
   const V live_mask = V::loadu(tl.live) > V(acc_t(0));
   const V sv = V::loadu(tl.s);
   const V gs = sv * V(a.grad_prescale);
-  const int pow_k = kHard ? a.gamma_int : -1;
+  const bool smooth = eps > acc_t(0);
+  const int pow_k = kHard && !smooth ? a.gamma_int : -1;  // binary t only
   const acc_t gamma = a.gamma, alpha = a.alpha;
   alignas(64) acc_t yf[L];
   for (int64_t k = 0; k < L; ++k) yf[k] = static_cast<acc_t>(tl.y[k]);
@@ -359,8 +375,9 @@ void binary_tile(const RowArgs<scalar_t>& a, const Planes& pl,
   for (int64_t c = 0; c < C; ++c) {
     if (more) __builtin_prefetch(tl.x + c * pl.x_cstride + L);
     const V xv = load_lanes<IO>(tl.x + c * pl.x_cstride, m);
-    const V tv =
+    V tv =
         kHard ? V(acc_t(1)) & (yv == V(static_cast<acc_t>(c))) : load_lanes<IO>(tl.t + c * pl.t_cstride, m);
+    if (smooth) tv = smooth_binary_target(tv, eps);
     V lv, dv;
     binary_term<kFocal, kGrad>(xv, tv, gamma, lv, dv, pow_k);
     if (alpha >= 0 || adj.alpha_vec) {
@@ -434,12 +451,22 @@ std::pair<double, double> softmax_family_planes(const RowArgs<scalar_t>& a, cons
         });
       });
     }
+    if (focal && sm.active(hard)) {  // smoothed softmax focal: soft tiles of either target kind
+      return with_flags(sm.class_weighting, grad, hard, [&](auto class_c, auto grad_c, auto hard_c) {
+        constexpr bool kG = decltype(grad_c)::value, kH = decltype(hard_c)::value;
+        constexpr int kS = decltype(class_c)::value ? 2 : 1;
+        return run_tiles(a, pl, kG, [&](Tile<scalar_t>& tl, auto* park, auto* loss) {
+          tile_targets<scalar_t, kH>(a, pl, tl);
+          softmax_tile<scalar_t, true, kG, kH, kA, kS>(a, pl, sm, adj, tl, park, loss);
+        });
+      });
+    }
     return with_flags(focal, grad, hard, [&](auto focal_c, auto grad_c, auto hard_c) {
       constexpr bool kF = decltype(focal_c)::value, kG = decltype(grad_c)::value,
                      kH = decltype(hard_c)::value;
       return run_tiles(a, pl, kG, [&](Tile<scalar_t>& tl, auto* park, auto* loss) {
         tile_targets<scalar_t, kH>(a, pl, tl);
-        softmax_tile<scalar_t, kF, kG, kH, kA>(a, pl, adj, tl, park, loss);
+        softmax_tile<scalar_t, kF, kG, kH, kA>(a, pl, sm, adj, tl, park, loss);
       });
     });
   });
@@ -447,18 +474,20 @@ std::pair<double, double> softmax_family_planes(const RowArgs<scalar_t>& a, cons
 
 template <typename scalar_t>
 std::pair<double, double> binary_family_planes(const RowArgs<scalar_t>& a, const Planes& pl,
+                                               const Smoothing& sm,
                                                const ClassOptions<at::opmath_type<scalar_t>>& adj, bool focal,
                                                bool grad, bool hard) {
+  const auto eps = static_cast<at::opmath_type<scalar_t>>(sm.eps);
   return with_flags(focal, grad, hard, [&](auto focal_c, auto grad_c, auto hard_c) {
     constexpr bool kF = decltype(focal_c)::value, kG = decltype(grad_c)::value, kH = decltype(hard_c)::value;
     return run_tiles(a, pl, kG, [&](Tile<scalar_t>& tl, auto*, auto* loss) {
       tile_targets<scalar_t, kH>(a, pl, tl);
-      binary_tile<scalar_t, kF, kG, kH>(a, pl, adj, tl, loss);
+      binary_tile<scalar_t, kF, kG, kH>(a, pl, adj, eps, tl, loss);
     });
   });
 }
 
-CBFUSED_FOR_EACH_DTYPE(CBFUSED_SOFTMAX_PLANES, softmax_family_planes)
+CBFUSED_FOR_EACH_DTYPE(CBFUSED_FAMILY_PLANES, softmax_family_planes)
 CBFUSED_FOR_EACH_DTYPE(CBFUSED_FAMILY_PLANES, binary_family_planes)
 
 }  // namespace cpu

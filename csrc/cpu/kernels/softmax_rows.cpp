@@ -24,12 +24,50 @@ namespace {
 // The passes over one softmax row (max, sums, gradient), which softmax_rows runs per row
 // around the per-group vector math.
 
-// Float-target softmax focal with a per-class alpha (null: none): the target vector t of the
-// classes from k0 on, weighted t_c alpha_c.
-template <typename V, typename acc_t>
-CBF_HD V alpha_weighted(const V& tv, const acc_t* alpha_vec, int64_t k0, int64_t nv) {
-  return alpha_vec ? tv * V::loadu(alpha_vec + k0, nv) : tv;
-}
+// The weights e_c a soft softmax row gives its classes' terms (pass 3 and the gradient):
+//   float targets:  e_c = t_c alpha_c (alpha_c = 1 without a per-class alpha; the row's s
+//                   multiplies after);
+//   kSmooth (softmax focal; 1: 'sample', 2: 'class'): e_c = alpha_c a_c (P t_c + Q) (math.h,
+//                   smooth_target; s is inside P and Q for 'sample'), t_c the float target or,
+//                   for class indices, one-hot at y.
+template <typename scalar_t, bool kHard, int kSmooth>
+struct SoftTargets {
+  using IO = RowIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  const scalar_t* t = nullptr;
+  int64_t y = -1;
+  const acc_t* w = nullptr;
+  const acc_t* alpha_vec = nullptr;
+  SmoothCoef<acc_t> K{0, 0};
+
+  // e of the block [j, j + n) (n <= kStep; lanes past n are not defined)
+  CBF_HD void load(int64_t j, int64_t n, V* ev) const {
+    V tv[IO::kVecs];
+    if constexpr (!kHard) IO::load(t + j, n, tv);
+    CBF_UNROLL_VECS
+    for (int v = 0; v < IO::kVecs; ++v) {
+      const int64_t nv = IO::lanes(n, v);
+      if (nv == 0) {
+        ev[v] = V(0);
+        continue;
+      }
+      const int64_t k0 = j + v * IO::kLanes;
+      V e;
+      if constexpr (kHard) {
+        static_assert(kSmooth != 0, "class-index rows are soft only when smoothed");
+        e = one_hot_vector<IO>(y, k0);
+      } else {
+        e = tv[v];
+      }
+      if constexpr (kSmooth != 0) {
+        const V av = kSmooth == 2 ? V::loadu(w + k0, nv) : V(acc_t(1));
+        e = smooth_target(SmoothCoef<V>{V(K.P), V(K.Q)}, av, e);
+      }
+      ev[v] = alpha_vec ? e * V::loadu(alpha_vec + k0, nv) : e;
+    }
+  }
+};
 
 // How the passes read a row's logits: as stored (kAdj = false), or adjusted (math.h,
 // adjusted_logit): z_c = s x_c + b_c, less s Delta_y at the target y (y < 0: no margin).
@@ -53,11 +91,9 @@ struct RowLogits {
       s = adj.scale;
       y = y_;
       margin_y = adj.target_margin(y_);
-      if (y_ >= 0) {
+      if (y_ >= 0) {  // lane compares: no store-to-load round trip per row
         jy = y_ - y_ % IO::kStep;
-        alignas(64) acc_t lanes[IO::kStep] = {};
-        lanes[y_ - jy] = margin_y;
-        for (int v = 0; v < IO::kVecs; ++v) mv[v] = V::loadu(lanes + v * IO::kLanes);
+        for (int v = 0; v < IO::kVecs; ++v) mv[v] = one_hot_vector<IO>(y_, jy + v * IO::kLanes) * V(margin_y);
       }
     }
   }
@@ -158,36 +194,36 @@ CBF_HD void softmax_row_sums(const RowLogits<scalar_t, kAdj>& X_, const scalar_t
 }
 
 // The gradient pass, from the parked e_k = exp(x_k - max): grad_k = cpe e_k (= cp p_k),
-// less, for float targets, st t_k (cross-entropy) or st t_k G_k (focal, G of log p_k =
-// (x_k - max) - log sum). For float32 / float64 `park` is the gradient row itself.
-template <typename scalar_t, bool kFocal, bool kHard, bool kAdj>
-CBF_HD void softmax_row_grad(const RowLogits<scalar_t, kAdj>& X, const scalar_t* t,
+// less, for soft rows (kSoft), st e_k (cross-entropy) or st e_k G_k (focal, G of log p_k =
+// (x_k - max) - log sum), e from SoftTargets. For float32 / float64 `park` is the gradient
+// row itself.
+template <typename scalar_t, bool kFocal, bool kSoft, bool kAdj, typename Targets>
+CBF_HD void softmax_row_grad(const RowLogits<scalar_t, kAdj>& X, const Targets& E,
                              const at::opmath_type<scalar_t>* park, scalar_t* g, int64_t C,
                              at::opmath_type<scalar_t> cpe, at::opmath_type<scalar_t> st,
                              at::opmath_type<scalar_t> mx, at::opmath_type<scalar_t> log_sum, double gamma,
-                             const at::opmath_type<scalar_t>* alpha_vec) {
+                             int pow_k) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   const V cpev(cpe), stv(st), mxv(mx), lsv(log_sum);
   row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
-    V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
+    V xv[IO::kVecs], ev[IO::kVecs], gv[IO::kVecs];
     CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
       const int64_t nv = IO::lanes(n, v);
       gv[v] = nv > 0 ? V::loadu(park + j + v * IO::kLanes, nv) : V(0);
     }
-    if constexpr (!kHard && kFocal) X.load(j, n, xv);
-    if constexpr (!kHard) IO::load(t + j, n, tv);
+    if constexpr (kSoft && kFocal) X.load(j, n, xv);
+    if constexpr (kSoft) E.load(j, n, ev);
     CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
       if (IO::lanes(n, v) == 0) break;  // padding: gv[v] is 0 already
       V gk = cpev * gv[v];
-      if constexpr (!kHard) {
+      if constexpr (kSoft) {
         if constexpr (kFocal) {
-          const V ta = alpha_weighted(tv[v], alpha_vec, j + v * IO::kLanes, IO::lanes(n, v));
-          gk = gk - stv * ta * softmax_focal<true>(log_softmax_of(xv[v], mxv, lsv), gamma).G;
+          gk = gk - stv * ev[v] * softmax_focal<true>(log_softmax_of(xv[v], mxv, lsv), gamma, pow_k).G;
         } else {
-          gk = gk - stv * tv[v];
+          gk = gk - stv * ev[v];
         }
       }
       gv[v] = gk;
@@ -261,19 +297,24 @@ inline bool softmax_row_start(const Args<scalar_t>& a, const ClassOptions<at::op
 // Softmax cross-entropy and softmax focal loss, rows [i0, i1) (at most one vector's lanes
 // of them):
 //   hard:  l = s * (1 - p_y)^gamma * (-log p_y),  grad_k = s * G * (p_k - [k == y])
-//   float: l = s * sum_c t_c (1 - p_c)^gamma (-log p_c),
-//          grad_k = s * (p_k * sum_c t_c G_c - t_k G_k)
+//   soft:  l = s * sum_c e_c (1 - p_c)^gamma (-log p_c),
+//          grad_k = s * (p_k * sum_c e_c G_c - e_k G_k)
+// with e of SoftTargets: float targets, or (kSmooth, softmax focal) the smoothed targets of
+// either kind, s = 1 then (it is inside e).
 // Per row the max and sum passes (exps parked); then the per-row math (log of the sum and,
 // for hard targets, the focal factors and 1 - p_y) for all rows at once, one row per lane:
 // as scalars per row (libm's logf, expf, expm1f and the register spills around their
-// calls) they were two thirds of softmax focal's time at C = 80. Then per row the float-
-// target focal sums (pass 3) and the gradient pass.
-template <typename scalar_t, bool kFocal, bool kGrad, bool kHard, bool kAdj>
-void softmax_rows(const Args<scalar_t>& a, const ClassOptions<at::opmath_type<scalar_t>>& adj, int64_t i0,
-                  int64_t i1, RowOut<at::opmath_type<scalar_t>>* out) {
+// calls) they were two thirds of softmax focal's time at C = 80. Then per row the soft
+// focal sums (pass 3) and the gradient pass.
+template <typename scalar_t, bool kFocal, bool kGrad, bool kHard, bool kAdj, int kSmooth = 0>
+void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
+                  const ClassOptions<at::opmath_type<scalar_t>>& adj, int64_t i0, int64_t i1,
+                  RowOut<at::opmath_type<scalar_t>>* out) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
+  static_assert(kSmooth == 0 || kFocal, "smoothed cross-entropy: softmax_smooth_rows");
+  constexpr bool kSoft = !kHard || kSmooth != 0;
   constexpr int64_t L = IO::kLanes;
   const int64_t C = a.C, R = i1 - i0;
   // Unused and ignored lanes: s = 0, sum = 1, the rest 0 (finite math, zero loss).
@@ -290,14 +331,26 @@ void softmax_rows(const Args<scalar_t>& a, const ClassOptions<at::opmath_type<sc
       continue;
     live[k] = true;
     softmax_row_sums<scalar_t, !kHard && !kFocal, kGrad>(r.X, r.t, C, mx[k], r.park, sum[k], tx[k], r.next);
-    if constexpr (kHard) xy[k] = r.X.at(y[k]);
+    if constexpr (!kSoft) xy[k] = r.X.at(y[k]);
   }
+  // Row k's soft targets (its logits: margin at a class index y)
+  auto targets = [&](int64_t k) {
+    SoftTargets<scalar_t, kHard, kSmooth> E;
+    E.t = kHard ? nullptr : a.t + (i0 + k) * a.t_stride;
+    E.y = kHard ? y[k] : -1;
+    E.w = a.w;
+    E.alpha_vec = kFocal ? adj.alpha_vec : nullptr;
+    if constexpr (kSmooth != 0)
+      E.K = smooth_coef(s[k], static_cast<acc_t>(sm.eps), static_cast<acc_t>(C), kSmooth == 2);
+    return E;
+  };
   const V sumv = V::loadu(sum), sv = V::loadu(s);
   const V ls = MathOps<V>::log(sumv);
-  alignas(64) acc_t loss[L], cp[L], ls_k[L];
-  if constexpr (!kHard) ls.store(ls_k);
+  alignas(64) acc_t loss[L], cp[L], ls_k[L], st[L];  // st: the soft rows' factor of e (s, or 1)
+  for (int64_t k = 0; k < L; ++k) st[k] = kSmooth != 0 ? acc_t(1) : s[k];
+  if constexpr (kSoft) ls.store(ls_k);
   V q;  // hard targets: 1 - p_y
-  if constexpr (kHard) {
+  if constexpr (!kSoft) {
     // a per-class alpha (softmax focal) scales the sample's loss and gradient by alpha_y
     alignas(64) acc_t sa[L];
     if (kFocal && adj.alpha_vec) {
@@ -313,29 +366,28 @@ void softmax_rows(const Args<scalar_t>& a, const ClassOptions<at::opmath_type<sc
     r.loss.store(loss);
     r.cp.store(cp);
   } else {
-    // Pass 3 (float-target focal), per row: sum_c t_c * focal loss, sum_c t_c G_c.
+    // Pass 3 (soft focal), per row: sum_c e_c * focal loss, sum_c e_c G_c.
     for (int64_t k = 0; k < R; ++k) {
       if (!live[k]) continue;
-      const RowLogits<scalar_t, kAdj> X(a.x + (i0 + k) * a.x_stride, adj, -1);
-      const scalar_t* t = a.t + (i0 + k) * a.t_stride;
+      const RowLogits<scalar_t, kAdj> X(a.x + (i0 + k) * a.x_stride, adj, kHard ? y[k] : -1);
+      const auto E = targets(k);
       const V mxv(mx[k]), lsv(ls_k[k]);
       V lv(0), gsum(0);
       row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
-        V xv[IO::kVecs], tv[IO::kVecs];
+        V xv[IO::kVecs], ev[IO::kVecs];
         X.load(j, n, xv);
-        IO::load(t + j, n, tv);
+        E.load(j, n, ev);
         CBF_UNROLL_VECS
         for (int v = 0; v < IO::kVecs; ++v) {
           const int64_t nv = IO::lanes(n, v);
           if (nv == 0) break;
-          const auto f = softmax_focal<true>(log_softmax_of(xv[v], mxv, lsv), a.gamma);
-          const V ta = alpha_weighted(tv[v], adj.alpha_vec, j + v * IO::kLanes, nv);
-          lv = lv + IO::keep(ta * f.loss, nv, acc_t(0));
-          gsum = gsum + IO::keep(ta * f.G, nv, acc_t(0));
+          const auto f = softmax_focal<true>(log_softmax_of(xv[v], mxv, lsv), a.gamma, a.gamma_int);
+          lv = lv + IO::keep(ev[v] * f.loss, nv, acc_t(0));
+          gsum = gsum + IO::keep(ev[v] * f.G, nv, acc_t(0));
         }
       });
-      loss[k] = s[k] * IO::hsum(lv);
-      cp[k] = s[k] * IO::hsum(gsum);
+      loss[k] = st[k] * IO::hsum(lv);
+      cp[k] = st[k] * IO::hsum(gsum);
     }
   }
   for (int64_t k = 0; k < R; ++k)
@@ -346,17 +398,18 @@ void softmax_rows(const Args<scalar_t>& a, const ClassOptions<at::opmath_type<sc
     const acc_t pre = a.grad_prescale * (kAdj ? adj.scale : acc_t(1));
     const V cpv = V::loadu(cp) * V(pre);
     alignas(64) acc_t cpe[L], cy[L];
-    (cpv / sumv).store(cpe);                    // cp p_k = cpe e_k
-    if constexpr (kHard) (-cpv * q).store(cy);  // grad_y = cp * (p_y - 1) = -cp * (1 - p_y)
+    (cpv / sumv).store(cpe);                     // cp p_k = cpe e_k
+    if constexpr (!kSoft) (-cpv * q).store(cy);  // grad_y = cp * (p_y - 1) = -cp * (1 - p_y)
     for (int64_t k = 0; k < R; ++k) {
       if (!live[k]) continue;
       const int64_t i = i0 + k;
       scalar_t* g = a.grad + i * C;
-      const RowLogits<scalar_t, kAdj> X(a.x + i * a.x_stride, adj, -1);  // float focal: no margin
-      const scalar_t* t = kHard ? nullptr : a.t + i * a.t_stride;
-      softmax_row_grad<scalar_t, kFocal, kHard>(X, t, park_row(scratch, g, C, k), g, C, cpe[k], s[k] * pre,
-                                                mx[k], kHard ? acc_t(0) : ls_k[k], a.gamma, adj.alpha_vec);
-      if constexpr (kHard) g[y[k]] = static_cast<scalar_t>(cy[k]);
+      // (hard rows' gradient does not read the logits: no margin to set up)
+      const RowLogits<scalar_t, kAdj> X(a.x + i * a.x_stride, adj, kSoft && kHard ? y[k] : -1);
+      softmax_row_grad<scalar_t, kFocal, kSoft>(X, targets(k), park_row(scratch, g, C, k), g, C, cpe[k],
+                                                st[k] * pre, mx[k], kSoft ? ls_k[k] : acc_t(0), a.gamma,
+                                                a.gamma_int);
+      if constexpr (!kSoft) g[y[k]] = static_cast<scalar_t>(cy[k]);
     }
   }
 }
@@ -426,28 +479,22 @@ CBF_HD void softmax_row_smooth_sums(const RowLogits<scalar_t, kAdj>& X, const sc
 }
 
 // The gradient pass of a smoothed row from the parked e_k: grad_k = cpe e_k - a_k (P t_k + Q)
-// (E p_k - e_k of math.h, smooth_coef; hard targets: t = 0 here, the caller writes grad_y).
-template <typename scalar_t, bool kHard, bool kClass>
-CBF_HD void softmax_row_smooth_grad(const scalar_t* t, const at::opmath_type<scalar_t>* w,
+// (E p_k - e_k of math.h, smooth_coef; e from SoftTargets; for a class index the caller
+// writes grad_y).
+template <typename scalar_t, bool kHard, int kSmooth>
+CBF_HD void softmax_row_smooth_grad(const SoftTargets<scalar_t, kHard, kSmooth>& E,
                                     const at::opmath_type<scalar_t>* park, scalar_t* g, int64_t C,
-                                    at::opmath_type<scalar_t> cpe, at::opmath_type<scalar_t> P,
-                                    at::opmath_type<scalar_t> Q) {
+                                    at::opmath_type<scalar_t> cpe) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
-  const V cpev(cpe), Pv(P), Qv(Q);
+  const V cpev(cpe);
   row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
-    V tv[IO::kVecs], gv[IO::kVecs];
-    if constexpr (!kHard) IO::load(t + j, n, tv);
+    V ev[IO::kVecs], gv[IO::kVecs];
+    E.load(j, n, ev);
     CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
       const int64_t nv = IO::lanes(n, v);
-      if (nv == 0) {
-        gv[v] = V(0);
-        continue;
-      }
-      V coef = kHard ? Qv : at::vec::fmadd(Pv, tv[v], Qv);  // P t_k + Q
-      if constexpr (kClass) coef = coef * V::loadu(w + j + v * IO::kLanes, nv);
-      gv[v] = cpev * V::loadu(park + j + v * IO::kLanes, nv) - coef;
+      gv[v] = nv > 0 ? cpev * V::loadu(park + j + v * IO::kLanes, nv) - ev[v] : V(0);
     }
     IO::store(g + j, n, gv);
   });
@@ -516,9 +563,12 @@ void softmax_smooth_rows(const Args<scalar_t>& a, const Smoothing& sm,
       if (!live[k]) continue;
       const int64_t i = i0 + k;
       scalar_t* g = a.grad + i * C;
-      const scalar_t* t = kHard ? nullptr : a.t + i * a.t_stride;
-      softmax_row_smooth_grad<scalar_t, kHard, kClass>(t, a.w, park_row(scratch, g, C, k), g, C, cpe[k], P[k],
-                                                       Q[k]);
+      SoftTargets<scalar_t, kHard, kClass ? 2 : 1> E;  // a_k (P t_k + Q), prescaled
+      E.t = kHard ? nullptr : a.t + i * a.t_stride;
+      E.y = kHard ? y[k] : -1;
+      E.w = a.w;
+      E.K = {P[k], Q[k]};
+      softmax_row_smooth_grad(E, park_row(scratch, g, C, k), g, C, cpe[k]);
       if constexpr (kHard) g[y[k]] = static_cast<scalar_t>(cy[k]);
     }
   }
@@ -547,17 +597,27 @@ std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, const 
             });
       });
     }
+    if (focal && sm.active(hard)) {  // smoothed softmax focal: soft rows of either target kind
+      return with_flags(sm.class_weighting, grad, hard, [&](auto class_c, auto grad_c, auto hard_c) {
+        constexpr int kS = decltype(class_c)::value ? 2 : 1;
+        return run_row_groups<scalar_t, L>(
+            a.N, a.C, group, a.per_row_out, [&](int64_t i0, int64_t i1, auto* out) {
+              softmax_rows<scalar_t, true, decltype(grad_c)::value, decltype(hard_c)::value, kA, kS>(
+                  a, sm, adj, i0, i1, out);
+            });
+      });
+    }
     return with_flags(focal, grad, hard, [&](auto focal_c, auto grad_c, auto hard_c) {
       return run_row_groups<scalar_t, L>(
           a.N, a.C, group, a.per_row_out, [&](int64_t i0, int64_t i1, auto* out) {
             softmax_rows<scalar_t, decltype(focal_c)::value, decltype(grad_c)::value, decltype(hard_c)::value,
-                         kA>(a, adj, i0, i1, out);
+                         kA>(a, sm, adj, i0, i1, out);
           });
     });
   });
 }
 
-CBFUSED_FOR_EACH_DTYPE(CBFUSED_SOFTMAX_ROWS, softmax_family_rows)
+CBFUSED_FOR_EACH_DTYPE(CBFUSED_FAMILY_ROWS, softmax_family_rows)
 
 }  // namespace cpu
 }  // namespace cbfused

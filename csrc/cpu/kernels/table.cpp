@@ -31,10 +31,10 @@ std::pair<double, double> cb_rows(const RowArgs<scalar_t>& a, const Planes& pl, 
   if (pl.S > 0)
     return is_softmax_family(loss_type)
                ? softmax_family_planes<scalar_t>(a, pl, sm, adj, is_focal(loss_type), grad, hard)
-               : binary_family_planes<scalar_t>(a, pl, adj, is_focal(loss_type), grad, hard);
+               : binary_family_planes<scalar_t>(a, pl, sm, adj, is_focal(loss_type), grad, hard);
   return is_softmax_family(loss_type)
              ? softmax_family_rows<scalar_t>(a, sm, adj, is_focal(loss_type), grad, hard)
-             : binary_family_rows<scalar_t>(a, adj, is_focal(loss_type), grad, hard);
+             : binary_family_rows<scalar_t>(a, sm, adj, is_focal(loss_type), grad, hard);
 }
 
 template <typename scalar_t>
