@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -92,6 +93,10 @@ class Row:
     speedup_vs_ref: float = float("nan")
     peak_extra_bytes: float = float("nan")
     peak_extra_x_nc: float = float("nan")
+    # fused linear + loss (CPU): peak extra resident memory of one call in a fresh process
+    # (benchmarks/linear_memory.py) and the floor of the returned gradients
+    peak_resident_bytes: float = float("nan")
+    floor_bytes: float = float("nan")
     compile_s: float = float("nan")
     H: int = 0
     thp: str = ""
@@ -256,26 +261,34 @@ def peak_extra_bytes(fn: Callable[[], None], device: str) -> float:
     # before the call. (Summing each op's *self* memory instead, as this benchmark once did,
     # misses transient buffers that an op frees inside a parent op, such as the chunks of
     # the fused linear path: its frees are booked at the parent's start.)
+    with _quiet_stderr():
+        mem = cpu_memory_events(fn)
+    if not mem:
+        return 0.0
+    base = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    return float(max(0, max(e["args"]["Total Allocated"] for e in mem) - base))
+
+
+def cpu_memory_events(fn: Callable[[], None]) -> list[dict]:
+    """The CPU allocator's allocations and frees during fn() as the profiler records them,
+    in time order (chrome-trace "[memory]" events: args Bytes, negative for a free, and
+    Total Allocated)."""
     import json
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    mem = sorted(
+    return sorted(
         (e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
         key=lambda e: e["ts"],
     )
-    if not mem:
-        return 0.0
-    base = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
-    return float(max(0, max(e["args"]["Total Allocated"] for e in mem) - base))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,6 +553,25 @@ def run_cells(entries: dict, mode: str, quick: bool) -> dict:
     return out
 
 
+def _linear_row(kernel: str, name: str, dname: str, nhc, times, peak: float, f0, meta: dict, **extra) -> Row:
+    """A fused linear cell's Row: forward+backward times and the allocator's peak."""
+    n, h, c = nhc
+    return timing_row(
+        kernel,
+        name,
+        "fwd+bwd",
+        dname,
+        n,
+        c,
+        times,
+        peak_extra_bytes=peak,
+        peak_extra_x_nc=peak / (n * c * f0.element_size()),
+        H=h,
+        **extra,
+        **meta,
+    )
+
+
 def linear_cell(
     n: int, h: int, c: int, dtype: torch.dtype, device: str, quick: bool, meta: dict
 ) -> list[Row]:
@@ -574,26 +606,74 @@ def linear_cell(
     for name, step in steps.items():
         peak = peak_extra_bytes(step, device)
         med = statistics.median(times[name])
-        rows.append(
-            timing_row(
-                "linear+focal",
-                name,
-                "fwd+bwd",
-                dname,
-                n,
-                c,
-                times[name],
-                peak_extra_bytes=peak,
-                peak_extra_x_nc=peak / (n * c * f0.element_size()),
-                H=h,
-                **meta,
-            )
-        )
+        rows.append(_linear_row("linear+focal", name, dname, (n, h, c), times[name], peak, f0, meta))
         print(
             f"  linear+focal  {name:26s} fwd+bwd {dname:8s} {n}x{h}x{c} {med * 1e3:10.1f} ms  "
             f"peak {peak / 2**20:.0f} MiB",
             flush=True,
         )
+    return rows
+
+
+def linear_softmax_cell(
+    n: int, h: int, c: int, dtype: torch.dtype, device: str, quick: bool, meta: dict
+) -> list[Row]:
+    """Fused linear + softmax cross-entropy with class weights (a weighted mean, the one
+    semantics cbfused and torch share): cbfused against torch's F.linear_cross_entropy
+    (chunked, default options and aspect_ratio:4) and the unfused F.linear +
+    F.cross_entropy, fwd+bwd. Time interleaved in this process; memory twice: the
+    profiler's allocator peak (here) and the peak resident set of a fresh process per
+    provider (linear_memory.py; CPU only)."""
+    import linear_memory
+
+    from cbfused.linear import floor_bytes
+
+    dname = str(dtype).replace("torch.", "")
+    names = {
+        "cbfused linear (chunked)": "cbfused softmax (weighted_mean)",
+        "torch linear_cross_entropy (chunked)": "torch linear_cross_entropy (chunked)",
+        "torch linear_cross_entropy (aspect_ratio:4)": "torch linear_cross_entropy (aspect_ratio:4)",
+        "torch linear + cross_entropy": "torch linear + cross_entropy (unfused)",
+    }
+    fns = linear_memory.providers()
+    f0, w0, b0, y, cw = (t.to(device) for t in linear_memory._inputs(n, h, c, dtype))
+    f0, w0, b0 = (t.detach().requires_grad_() for t in (f0, w0, b0))
+    steps = {}
+    for name, key in names.items():
+
+        def step(fn=fns[key]):
+            fn(f0, w0, b0, y, cw).backward()
+            f0.grad = w0.grad = b0.grad = None
+
+        steps[name] = step
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's chunked path warns that it is a prototype
+        times = interleaved(steps, device, 3 if quick else 5, 0.0, rounds=3 if quick else 5, warmup=1)
+        floor = floor_bytes(n, h, c, dtype)
+        rows = []
+        for name, step in steps.items():
+            peak = peak_extra_bytes(step, device)
+            resident = linear_memory.measure(names[name], n, h, c, dname) if device == "cpu" else float("nan")
+            rows.append(
+                _linear_row(
+                    "linear+softmax",
+                    name,
+                    dname,
+                    (n, h, c),
+                    times[name],
+                    peak,
+                    f0,
+                    meta,
+                    peak_resident_bytes=resident,
+                    floor_bytes=floor,
+                )
+            )
+            print(
+                f"  linear+softmax {name:44s} {dname:8s} {n}x{h}x{c} "
+                f"{statistics.median(times[name]) * 1e3:10.1f} ms  peak {peak / 2**20:.0f} MiB  "
+                f"resident {resident / 2**20:.0f} MiB (floor {floor / 2**20:.0f})",
+                flush=True,
+            )
     return rows
 
 
@@ -634,6 +714,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-linear", action="store_true", help="skip the fused linear + loss cells")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense [N, C, H, W] cells")
     ap.add_argument("--dense-only", action="store_true", help="only the dense [N, C, H, W] cells")
+    ap.add_argument(
+        "--linear-only",
+        action="store_true",
+        help="only the fused linear + loss cells (with --full: both shapes)",
+    )
     ap.add_argument("--system-malloc", action="store_true", help="measure with glibc malloc, not jemalloc")
     ap.add_argument("--thp", action="store_true", help="set THP_MEM_ALLOC_ENABLE=1 (PyTorch's huge pages)")
     ap.add_argument("--run-index", type=int, default=0, help=argparse.SUPPRESS)
@@ -702,6 +787,7 @@ def finish(args, path: str) -> int:
     print(report.markdown_table(rows))
     print()
     print(report.linear_table(rows))
+    print(report.linear_softmax_table(rows))
     print()
     if report.dense_table(rows):
         print(report.dense_table(rows))
@@ -731,6 +817,8 @@ def measure(args, path: str) -> None:
     combos = [(s, torch.float32) for s in shapes] + [(s, torch.bfloat16) for s in bf16_shapes]
     if args.dense_only:
         combos, args.no_linear, args.no_dense = [], True, False
+    if args.linear_only:
+        combos, args.no_linear, args.no_dense = [], False, True
     losses = args.losses.split(",")
     meta = dict(
         thp=os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
@@ -837,6 +925,7 @@ def measure(args, path: str) -> None:
         lin_shapes = FULL_LINEAR if args.full else QUICK_LINEAR
         for (n, h, c), dtype in itertools.product(lin_shapes, [torch.float32, torch.bfloat16]):
             rows += linear_cell(n, h, c, dtype, device, not args.full, meta)
+            rows += linear_softmax_cell(n, h, c, dtype, device, not args.full, meta)
     write_csv(rows, path)
     print(f"measured in {time.time() - t_start:.0f} s", flush=True)
 

@@ -298,6 +298,31 @@ def linear_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def linear_softmax_table(rows: list[dict]) -> str:
+    """Fused linear + softmax with class weights: cbfused against torch's chunked and unfused
+    paths, time relative to torch's chunked path, memory as the profiler's allocator peak
+    and as the peak resident set of a fresh process (relative to the floor)."""
+    lin = [r for r in rows if r["kernel"] == "linear+softmax"]
+    if not lin:
+        return ""
+    lines = [
+        "| N x H x C | dtype | provider | ms | time / torch chunked | allocator peak MiB | "
+        "resident peak MiB | resident / floor |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    idx = {(r["provider"], r["dtype"], r["N"], r["H"], r["C"]): r for r in lin}
+    for n, h, c, d in sorted({(r["N"], r["H"], r["C"], r["dtype"]) for r in lin}):
+        ref = idx.get(("torch linear_cross_entropy (chunked)", d, n, h, c))
+        for r in (x for x in lin if (x["N"], x["H"], x["C"], x["dtype"]) == (n, h, c, d)):
+            rel = f"{r['median_ms'] / ref['median_ms']:.2f}" if ref else "-"
+            res, fl = float(r.get("peak_resident_bytes", "nan")), float(r.get("floor_bytes", "nan"))
+            lines.append(
+                f"| {n} x {h} x {c} | {d} | {r['provider']} | {r['median_ms']:.0f} | {rel} | "
+                f"{r['peak_extra_bytes'] / 2**20:.0f} | {res / 2**20:.0f} | {res / fl:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     """The project's speed and memory targets: (what, met (None: not measured), numbers).
     With several runs a ratio target is met when the median over the runs meets it."""
@@ -424,6 +449,52 @@ def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                 "fused linear + loss: time at most 1.15x nn.Linear + the loss",
                 all(v <= 1.15 for _, v in tim),
                 ", ".join(f"{k}: {v:.2f}x" for k, v in tim),
+            )
+        )
+    lin = {
+        (r["provider"], r["dtype"], r["N"], r["H"], r["C"]): r
+        for r in rows
+        if r["kernel"] == "linear+softmax"
+    }
+    mem, vs = [], []
+    for (p, d, n, h, c), a in lin.items():
+        t = lin.get(("torch linear_cross_entropy (chunked)", d, n, h, c))
+        u = lin.get(("torch linear + cross_entropy", d, n, h, c))
+        res, fl = float(a.get("peak_resident_bytes", "nan")), float(a.get("floor_bytes", "nan"))
+        if p != "cbfused linear (chunked)" or not (t and u) or res != res:
+            continue
+        key = f"{n}x{h}x{c} {d}"
+        mem.append((key, res / fl, 1.5 if d in ("bfloat16", "float16") else 1.3))
+        vs.append(
+            (
+                key,
+                res / float(t["peak_resident_bytes"]),
+                a["median_ms"] / t["median_ms"],
+                a["median_ms"] / u["median_ms"],
+            )
+        )
+    if mem:
+        out.append(
+            (
+                "fused linear softmax: peak resident memory at most 1.3x the floor of the returned "
+                "gradients (1.5x in bfloat16, the floor with the float32 accumulator)",
+                all(v <= lim for _, v, lim in mem),
+                ", ".join(f"{k}: {v:.2f}x" for k, v, _ in mem),
+            )
+        )
+        out.append(
+            (
+                "fused linear softmax: at most 50% of torch linear_cross_entropy's (chunked) peak "
+                "resident memory, at most 1.1x its time",
+                all(m <= 0.5 and t <= 1.1 for _, m, t, _ in vs),
+                ", ".join(f"{k}: {100 * m:.0f}% at {t:.2f}x" for k, m, t, _ in vs),
+            )
+        )
+        out.append(
+            (
+                "fused linear softmax: time at most 1.1x the unfused path",
+                all(u <= 1.1 for *_, u in vs),
+                ", ".join(f"{k}: {u:.2f}x" for k, *_, u in vs),
             )
         )
     by = defaultdict(dict)
@@ -553,6 +624,14 @@ def perf_block(rows: list[dict], csv_path: str) -> str:
         ]
     if lin:
         parts += ["Fused linear + loss (first run):", lin]
+    lsm = linear_softmax_table(rows)
+    if lsm:
+        parts += [
+            "Fused linear + softmax cross-entropy with class weights against torch's "
+            "`F.linear_cross_entropy` (first run; resident: a fresh process each, "
+            "`benchmarks/linear_memory.py`):",
+            lsm,
+        ]
     parts += ["Targets, checked on this run:", targets_text(rows), PERF_END]
     return "\n\n".join(parts)
 
@@ -584,6 +663,7 @@ if __name__ == "__main__":
     print(markdown_table(rows))
     print()
     print(linear_table(rows))
+    print(linear_softmax_table(rows))
     print()
     print(dense_table(rows))
     print()

@@ -271,6 +271,17 @@ def _cb_loss_fake(
     return loss, grad, grad_scale
 
 
+@torch.library.register_fake("cbfused::cb_loss_")
+def _cb_loss_inplace_fake(logits, target, class_weight, loss_type, gamma, alpha, reduction, *args):
+    """cb_loss_ (CPU): cb_loss with the gradient written over the [N, C] logits."""
+    torch._check(
+        logits.dim() in (1, 2),
+        lambda: f"cbfused: cb_loss_ takes [N, C] logits, got shape {list(logits.shape)}",
+    )
+    loss = logits.new_empty((logits.shape[0],) if reduction == _NONE and logits.dim() == 2 else ())
+    return loss, logits.new_empty((), dtype=_acc_dtype(logits.dtype))
+
+
 # The loss kinds a per-class alpha vector applies to: the sigmoid-based (alpha_c for t = 1,
 # 1 - alpha_c for t = 0) and softmax focal (alpha_y on the sample).
 CLASS_ALPHA_KINDS: tuple[str, ...] = tuple(n for n, k in LOSS_KINDS.items() if k.alpha) + ("softmax_focal",)

@@ -2,9 +2,10 @@
 materialised whole.
 
 The batch is processed in chunks of rows. For each chunk: logits = features @ weight.T +
-bias (one matmul), the fused kernel computes the chunk's loss and its logit-gradient in one
-pass, and the gradients of features, weight and bias are accumulated with matmuls. Only
-one chunk of logits (and its gradient) exists at a time.
+bias (one matmul into a chunk buffer reused for every chunk), the fused kernel computes the
+chunk's loss and its logit-gradient in one pass (on the CPU the gradient is written over the
+chunk's logits), and the gradients of features, weight and bias are accumulated with matmuls.
+Only one chunk of logits exists at a time (and, on CUDA, one chunk of their gradient).
 
 Use it where C is large (thousands of classes and up: iNaturalist, LVIS, product
 catalogues), where the logits and their gradient dominate memory. With a few hundred
@@ -37,42 +38,57 @@ def _cb_loss_op(*args):
     return torch.ops.cbfused.cb_loss.default(*args)
 
 
-def _chunk_op(f, weight, bias, target, class_weight, op: tuple, reduction: int, grad_mode: int):
-    """The fused kernel on one chunk's logits f @ weight.T + bias (freed on return);
-    op = (loss type, gamma, alpha, ignore_index, label_smoothing, weighting code, logit offset,
-    margins, logit scale, per-class alpha)."""
-    logits = torch.addmm(bias, f, weight.t()) if bias is not None else f @ weight.t()
+# Devices whose chunks take cbfused::cb_loss_ (the gradient written over the chunk's
+# logits: one chunk-sized buffer, not two). CUDA takes cb_loss, a new gradient buffer
+# (the CUDA kernels do not take the gradient over their logits).
+_IN_PLACE_DEVICES: tuple[str, ...] = ("cpu",)
+
+
+def _chunk_op(f, weight, bias, target, class_weight, op: tuple, reduction: int, grad_mode: int, buf):
+    """The fused kernel on one chunk's logits f @ weight.T + bias, computed into buf (the
+    chunk buffer, reused for every chunk); op = (loss type, gamma, alpha, ignore_index,
+    label_smoothing, weighting code, logit offset, margins, logit scale, per-class alpha).
+    Returns (loss, gradient): with grad_mode on the CPU the gradient is buf itself."""
+    logits = buf[: f.shape[0]]
+    if bias is not None:
+        torch.addmm(bias, f, weight.t(), out=logits)
+    else:
+        torch.mm(f, weight.t(), out=logits)
     lt, gamma, alpha, ignore_index, eps, wcode, offset, margins, scale, class_alpha = op
-    return _cb_loss_op(
-        logits,
-        target,
-        class_weight,
-        lt,
-        gamma,
-        alpha,
-        reduction,
-        ignore_index,
-        grad_mode,
-        eps,
-        wcode,
-        offset,
-        margins,
-        scale,
-        class_alpha,
+    opts = (eps, wcode, offset, margins, scale, class_alpha)
+    if grad_mode and logits.device.type in _IN_PLACE_DEVICES:
+        loss, _ = torch.ops.cbfused.cb_loss_.default(
+            logits, target, class_weight, lt, gamma, alpha, reduction, ignore_index, *opts
+        )
+        return loss, logits
+    loss, g, _ = _cb_loss_op(
+        logits, target, class_weight, lt, gamma, alpha, reduction, ignore_index, grad_mode, *opts
     )
+    return loss, g
 
 
-# Chunk size: at least 8 MiB of logits (2^21 float32 / 2^22 bfloat16 elements) and at least
-# _MIN_CHUNK_ROWS rows. Every chunk streams the C x H float32 grad_weight accumulator once
-# (and, for bf16 on the CPU, a bf16 C x H product: torch has no bf16 x bf16 -> fp32 matmul
-# there), so a chunk needs enough rows to amortise it. Measured fwd+bwd, one run each:
-#   8192 x 1024 x 32000 float32: 72 rows 10723 ms, 256 rows 9499, 512 rows 8847 (unfused 8725)
-#   8192 x 1024 x 32000 bf16:   136 rows 3219 ms, 512 rows 2524, 1024 rows 2434 (unfused 2281)
-#   4096 x 2048 x 8142 bf16:    264 rows 708 ms, 512 rows 614, 1024 rows 595 (unfused 565)
-# 512 rows of 32000 float32 logits are 65 MiB, 3% of the unfused path's 2 GiB.
+def _chunk_buffer(features: torch.Tensor, c: int, rows: int) -> torch.Tensor:
+    """One chunk's [rows, C] logits (and, on the CPU, its gradient), allocated once per pass:
+    reused chunk after chunk, so that the allocator has no chunk-sized block to hold on to
+    between chunks (glibc's heap kept 50-100 MiB of freed chunks at 4096 x 2048 x 8142)."""
+    return features.new_empty((min(rows, features.shape[0]), c))
+
+
+# Chunk size, for time: at least 8 MiB of logits (2^21 float32 / 2^22 bfloat16 elements)
+# and at least _MIN_CHUNK_ROWS rows. Every chunk streams the C x H float32 grad_weight
+# accumulator once (and, for bf16 on the CPU, a bf16 C x H product: torch has no bf16 x bf16
+# -> fp32 matmul there), so a chunk needs enough rows to amortise it. For memory: the chunk
+# buffer at most 1/_FLOOR_SHARE of the returned gradients (floor_bytes), so that the
+# path's peak stays near that floor (docs/performance.md, fused linear + loss). Measured
+# fwd+bwd, one interleaved run each (benchmarks/linear_memory.py's providers, 2 threads):
+#   8192 x 1024 x 32000 float32: 256 rows 0.88x the unfused time, 384 rows 0.83x, 512 rows 0.81x
+#   4096 x 2048 x 8142 float32: 256 rows 1.10x, 512 rows 1.01x, 1024 rows 1.00x
+#   4096 x 2048 x 8142 bf16: 256 rows 1.02x, 512 rows 1.05x, 1024 rows 0.97x
 _CHUNK_BYTES = 8 << 20
 _PRODUCT_BLOCK_BYTES = 4 << 20
 _MIN_CHUNK_ROWS = 512
+_FLOOR_SHARE = 5
+_MIN_MEMORY_ROWS = 64
 # addmm with out_dtype (CUDA, torch >= 2.8): a bfloat16 / float16 product accumulated by
 # cuBLAS straight into the float32 grad_weight. Without it, on an H100 the bf16 weight
 # gradient of 4096 x 2048 x 8142 went through 64 class-block products and their bf16 ->
@@ -82,14 +98,25 @@ _ADDMM_OUT_DTYPE = "out_dtype" in "".join(
 )
 
 
+def floor_bytes(n: int, h: int, c: int, dtype: torch.dtype = torch.float32) -> int:
+    """The memory any linear + loss method has resident at the end of its backward: the
+    returned gradients of features, weight and bias, and for float16 / bfloat16 the float32
+    weight-gradient accumulator of an accurate method."""
+    acc = c * h * 4 if dtype.itemsize < 4 else 0
+    return (n * h + c * h + c) * dtype.itemsize + acc
+
+
 def auto_chunk_rows(n: int, h: int, c: int, dtype: torch.dtype = torch.float32) -> int:
-    """Rows per chunk: enough for 8 MiB of logits and at least 512 rows (never more than N),
-    rounded up to a multiple of 8 rows for the matmuls."""
+    """Rows per chunk: enough for 8 MiB of logits and at least 512 rows, but a chunk of
+    logits at most a fifth of :func:`floor_bytes` (and at least 64 rows); never more than N.
+    A multiple of 8 rows for the matmuls."""
     if n == 0:
         return 1
     elems = _CHUNK_BYTES // max(dtype.itemsize, 2)
     rows = max(_MIN_CHUNK_ROWS, elems // max(c, 1))
     rows = int(math.ceil(rows / 8) * 8)
+    mem_rows = floor_bytes(n, h, c, dtype) // (_FLOOR_SHARE * max(c, 1) * dtype.itemsize) // 8 * 8
+    rows = min(rows, max(_MIN_MEMORY_ROWS, mem_rows))
     return max(1, min(n, rows))
 
 
@@ -109,7 +136,27 @@ def _denominator(target, class_weight, reduction: str, ignore_index: int) -> tor
     return (w[y] * valid).sum()
 
 
-def _accumulate(gw: torch.Tensor | None, gb: torch.Tensor | None, g: torch.Tensor, f: torch.Tensor) -> None:
+def _product_step(h: int, itemsize: int) -> int:
+    """Classes per block product of _accumulate's reduced-precision path (about 4 MiB)."""
+    return max(64, _PRODUCT_BLOCK_BYTES // (h * itemsize))
+
+
+def _product_buffer(gw: torch.Tensor | None, features: torch.Tensor) -> torch.Tensor | None:
+    """The buffer of _accumulate's block products, allocated once per pass like the chunk
+    buffer; None where the matmul accumulates straight into gw."""
+    if gw is None or features.dtype == gw.dtype or (gw.is_cuda and _ADDMM_OUT_DTYPE):
+        return None
+    c, h = gw.shape
+    return features.new_empty((min(c, _product_step(h, features.element_size())), h))
+
+
+def _accumulate(
+    gw: torch.Tensor | None,
+    gb: torch.Tensor | None,
+    g: torch.Tensor,
+    f: torch.Tensor,
+    prod_buf: torch.Tensor | None,
+) -> None:
     """grad_weight += g^T f, grad_bias += sum_rows g, into float32 / float64 accumulators."""
     if gw is not None:
         if g.dtype == gw.dtype:
@@ -118,21 +165,21 @@ def _accumulate(gw: torch.Tensor | None, gb: torch.Tensor | None, g: torch.Tenso
             torch.addmm(gw, g.t(), f, out_dtype=gw.dtype, out=gw)  # float32 accumulation, no temporary
         else:
             # reduced precision: the matmul in the input dtype (CPU has no bf16 x bf16 -> fp32
-            # addmm), added into the float32 accumulator by blocks of classes so that the
-            # product's temporary stays small (a whole C x H one in bf16 was a quarter of
-            # the unfused path's memory at 4096 x 2048 x 8142). On the CPU by
+            # addmm), added into the float32 accumulator by blocks of classes (prod_buf) so
+            # that the product's temporary stays small (a whole C x H one in bf16 was a
+            # quarter of the unfused path's memory at 4096 x 2048 x 8142). On the CPU by
             # cbfused::accumulate_, which widens as it adds: add_ would first copy the block
             # to float32.
-            c, h = gw.shape
-            step = max(64, _PRODUCT_BLOCK_BYTES // (h * g.element_size()))
+            c = gw.shape[0]
+            step = prod_buf.shape[0]
             cpu = gw.device.type == "cpu"
             for c0 in range(0, c, step):
-                prod = g[:, c0 : c0 + step].t() @ f
+                c1 = min(c, c0 + step)
+                prod = torch.mm(g[:, c0:c1].t(), f, out=prod_buf[: c1 - c0])
                 if cpu:
-                    torch.ops.cbfused.accumulate_.default(gw[c0 : c0 + step], prod)
+                    torch.ops.cbfused.accumulate_.default(gw[c0:c1], prod)
                 else:
-                    gw[c0 : c0 + step].add_(prod)
-                del prod
+                    gw[c0:c1].add_(prod)
     if gb is not None:
         gb += g.sum(0, dtype=gb.dtype)
 
@@ -197,11 +244,21 @@ class _LinearCBLoss(torch.autograd.Function):
         if reduction == "none":
             # the per-sample gradient needs grad_output: computed (chunk by chunk) in backward
             out = features.new_empty((n,))
+            buf = _chunk_buffer(features, c, rows)
             for i in range(0, n, rows):
                 j = min(n, i + rows)
                 out[i:j] = _chunk_op(
-                    features[i:j], weight, bias, target[i:j], class_weight, op, _ops.REDUCTIONS["none"], 0
+                    features[i:j],
+                    weight,
+                    bias,
+                    target[i:j],
+                    class_weight,
+                    op,
+                    _ops.REDUCTIONS["none"],
+                    0,
+                    buf,
                 )[0]
+            del buf
             ctx.save_for_backward(features, weight, bias, target, class_weight)
             ctx.args = (op, rows)
             return out
@@ -219,18 +276,20 @@ class _LinearCBLoss(torch.autograd.Function):
             else None
         )
         grad_mode = 1 if (gf is not None or gw is not None or gb is not None) else 0
+        buf, prod_buf = _chunk_buffer(features, c, rows), _product_buffer(gw, features)
         for i in range(0, n, rows):
             j = min(n, i + rows)
             f = features[i:j]
-            loss, g, _ = _chunk_op(f, weight, bias, target[i:j], class_weight, op, _SUM, grad_mode)
+            loss, g = _chunk_op(f, weight, bias, target[i:j], class_weight, op, _SUM, grad_mode, buf)
             total += loss.to(acc)
             if grad_mode:
                 if inv is not None:
                     g.mul_(inv.to(g.dtype))
                 if gf is not None:
                     torch.mm(g, weight, out=gf[i:j])
-                _accumulate(gw, gb, g, f)
-            del g  # before the next chunk's logits: one chunk's buffers at a time
+                _accumulate(gw, gb, g, f, prod_buf)
+            del g  # CUDA: the chunk's gradient, before the next chunk's
+        del buf, prod_buf
         loss = total * inv if inv is not None else total
         # The gradients are finished here. They are kept on ctx (not save_for_backward: they
         # are neither inputs nor outputs) so that backward can hand the buffers themselves
@@ -261,14 +320,16 @@ class _LinearCBLoss(torch.autograd.Function):
             if bias is not None and need[2]
             else None
         )
+        buf, prod_buf = _chunk_buffer(features, weight.shape[0], rows), _product_buffer(gw, features)
         for i in range(0, n, rows):
             j = min(n, i + rows)
             f = features[i:j]
-            _, g, _ = _chunk_op(f, weight, bias, target[i:j], class_weight, op, _ops.REDUCTIONS["none"], 1)
+            _, g = _chunk_op(f, weight, bias, target[i:j], class_weight, op, _ops.REDUCTIONS["none"], 1, buf)
             g.mul_(go[i:j].unsqueeze(1).to(g.dtype))
             if gf is not None:
                 torch.mm(g, weight, out=gf[i:j])
-            _accumulate(gw, gb, g, f)
+            _accumulate(gw, gb, g, f, prod_buf)
+        del buf, prod_buf
         grads = (gf, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype))
         return (*grads, *[None] * 5)
 

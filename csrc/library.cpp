@@ -20,6 +20,7 @@
 
 TORCH_LIBRARY(cbfused, m) {
   m.def(cbfused::kCbLossSchema);
+  m.def(cbfused::kCbLossInplaceSchema);
   m.def(cbfused::kSigmoidFocalSchema);
   m.def(cbfused::kAccumulateSchema);
 }

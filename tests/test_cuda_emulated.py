@@ -302,6 +302,7 @@ def test_fused_linear_chunks_on_the_emulated_kernels(loss_type, reduction, kind,
         return out
 
     monkeypatch.setattr(L, "_cb_loss_op", emulated)
+    monkeypatch.setattr(L, "_IN_PLACE_DEVICES", ())  # every chunk through _cb_loss_op, as on CUDA
     n, h, c = 20, 6, 9
     _, y = make_inputs(n, c, torch.float64, kind=kind, loss_type=loss_type, seed=c)
     g = torch.Generator().manual_seed(1)

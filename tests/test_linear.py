@@ -4,9 +4,12 @@ chunks that never hold the whole [N, C] logits; gradcheck in float64."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
-from testing import LOSS_TYPES, REDUCTIONS, assert_close_scaled, make_counts, make_inputs
+from testing import LOSS_TYPES, REDUCTIONS, SOFTMAX_FAMILY, assert_close_scaled, make_counts, make_inputs
 
 import cbfused
 
@@ -84,7 +87,10 @@ def test_module_and_chunking():
     assert m.weight.grad is not None and f.grad is not None
     assert cbfused.auto_chunk_rows(4096, 2048, 8142) == 512  # the row minimum
     assert cbfused.auto_chunk_rows(4096, 2048, 8142, torch.bfloat16) == 520  # 8 MiB of logits
-    assert cbfused.auto_chunk_rows(8192, 1024, 32000) == 512
+    # the chunk of logits at most a fifth of the returned gradients (32000 x 1024 float32: 125 MiB)
+    assert cbfused.auto_chunk_rows(8192, 1024, 32000) == 256
+    assert cbfused.auto_chunk_rows(8192, 1024, 32000, torch.bfloat16) == 512  # + the float32 accumulator
+    assert cbfused.auto_chunk_rows(64, 16, 100000) == 64  # the memory rule's row minimum
     assert cbfused.auto_chunk_rows(65536, 512, 100) == 20976  # 8 MiB of float32 logits
     assert cbfused.auto_chunk_rows(65536, 512, 100, torch.float64) == 10488
     assert cbfused.auto_chunk_rows(10, 64, 8142) == 10
@@ -102,6 +108,46 @@ def test_errors():
         cbfused.linear_class_balanced_loss(f, w, None, y, weights=torch.ones(4))
     with pytest.raises(RuntimeError, match=r"target 7 is out of range for 5 classes"):
         cbfused.linear_class_balanced_loss(f, w, None, torch.tensor([0, 7, 1, 1]), weights=torch.ones(5))
+
+
+def _allocations(fn) -> list[int]:
+    """The sizes of the CPU allocator's allocations during fn(), in order (the profiler's
+    memory records, as the benchmark reads them)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from bench import cpu_memory_events
+
+    return [e["args"]["Bytes"] for e in cpu_memory_events(fn) if e["args"]["Bytes"] > 0]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "weighted_mean", "none"])
+@pytest.mark.parametrize("kind", ["hard", "float"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_chunks_share_one_buffer(loss_type, kind, reduction):
+    """On the CPU the chunks of a pass reuse one [rows, C] buffer, and each chunk's gradient
+    is written over its logits: one chunk-sized allocation per pass over the batch (the
+    forward, and for 'none' the backward), however many chunks. A chunk-sized allocation per
+    chunk would leave the C library's heap holding freed chunks (docs/performance.md)."""
+    n, h, c, rows = 64, 8, 300, 16
+    g = torch.Generator().manual_seed(5)
+    f = torch.randn(n, h, generator=g, requires_grad=True)
+    w = torch.randn(c, h, generator=g, requires_grad=True)
+    b = torch.randn(c, generator=g, requires_grad=True)
+    _, y = make_inputs(n, c, torch.float32, kind=kind, loss_type=loss_type, seed=5)
+    cw = torch.rand(c, generator=g) + 0.5
+    kw = dict(weights=cw, loss_type=loss_type, gamma=2.0, reduction=reduction, chunk_rows=rows)
+    if reduction == "weighted_mean" and kind == "float" and loss_type not in SOFTMAX_FAMILY:
+        kw["reduction"] = "mean"
+
+    def step():
+        cbfused.linear_class_balanced_loss(f, w, b, y, **kw).sum().backward()
+
+    sizes = _allocations(step)
+    chunk = rows * c * 4
+    assert sizes.count(chunk) == (2 if reduction == "none" else 1), sizes
+    opts = {k: v for k, v in kw.items() if k not in ("chunk_rows", "weights")}
+    want = torch.autograd.grad(_unfused(f, w, b, y, cw, **opts).sum(), (f, w, b))
+    for got, e in zip((f.grad, w.grad, b.grad), want, strict=True):
+        torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scale", [1.0, 3.0])
@@ -229,7 +275,8 @@ def test_compile_traces_the_chunks(dtype):
         else:
             assert_close_scaled(a, e, dtype, 2.0)
     # the ops dynamo put in the graph (the autograd.Function's forward and backward are
-    # subgraphs): the chunks' kernel, and for bfloat16 accumulate_
+    # subgraphs): the chunks' kernel (on the CPU cb_loss_, the gradient over the logits), and
+    # for bfloat16 accumulate_
     ex = torch._dynamo.explain(fn)(f0.clone().requires_grad_(), w0.clone().requires_grad_())
     assert ex.graph_break_count == 0
     ops = {
@@ -240,5 +287,5 @@ def test_compile_traces_the_chunks(dtype):
         for n in m.graph.nodes
         if n.op == "call_function"
     }
-    assert torch.ops.cbfused.cb_loss.default in ops
+    assert torch.ops.cbfused.cb_loss_.default in ops
     assert (torch.ops.cbfused.accumulate_.default in ops) == (dtype == torch.bfloat16)

@@ -18,6 +18,15 @@ constexpr const char* kCbLossSchema =
     "int weighting=0, Tensor? logit_offset=None, Tensor? margins=None, float logit_scale=1., "
     "Tensor? class_alpha=None) -> (Tensor, Tensor, Tensor)";
 
+// cb_loss with the gradient written over the logits, which must be a contiguous [N, C]
+// tensor: the fused linear path's chunk of logits becomes its gradient, with no second
+// chunk-sized buffer. Returns (loss, grad_scale) as cb_loss (grad_mode 1). CPU only.
+constexpr const char* kCbLossInplaceSchema =
+    "cb_loss_(Tensor(a!) logits, Tensor target, Tensor class_weight, int loss_type, float gamma, "
+    "float alpha, int reduction, int ignore_index, float label_smoothing=0., int weighting=0, "
+    "Tensor? logit_offset=None, Tensor? margins=None, float logit_scale=1., Tensor? class_alpha=None) "
+    "-> (Tensor, Tensor)";
+
 // torchvision.ops.sigmoid_focal_loss semantics with an optional per-class weight.
 // weight_dim: the inputs' dimension the weight (and class_alpha) runs along (-1: the last).
 // class_alpha [K]: a per-class alpha (math.h, alpha_t_of) in place of the scalar alpha.

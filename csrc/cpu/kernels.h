@@ -29,7 +29,10 @@ struct KernelSet {
   // without the gradient). Writes a.grad and a.per_row_out where given; returns the totals
   // of loss and denominator (sums in fixed chunks: the bits do not depend on the thread count).
   // pl.S > 0: the planes layout; sm: label smoothing / class weighting; adj: adjusted logits
-  // (row_args.h).
+  // (row_args.h). In the rows layout a.grad may be a.x itself (x_stride = C; cb_loss_, the
+  // gradient over the logits): every row kernel reads a block of logits before it stores
+  // that block's gradient, and no logit of a row once it has stored any of the row's gradient
+  // (the softmax rows park their exps elsewhere when they read the logits again).
   std::pair<double, double> (*cb_rows)(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm,
                                        const ClassOptions<at::opmath_type<scalar_t>>& adj, int64_t loss_type,
                                        bool grad, bool hard);

@@ -196,7 +196,7 @@ CBF_HD void softmax_row_sums(const RowLogits<scalar_t, kAdj>& X_, const scalar_t
 // The gradient pass, from the parked e_k = exp(x_k - max): grad_k = cpe e_k (= cp p_k),
 // less, for soft rows (kSoft), st e_k (cross-entropy) or st e_k G_k (focal, G of log p_k =
 // (x_k - max) - log sum), e from SoftTargets. For float32 / float64 `park` is the gradient
-// row itself.
+// row itself (but for soft focal rows: park_scratch).
 template <typename scalar_t, bool kFocal, bool kSoft, bool kAdj, typename Targets>
 CBF_HD void softmax_row_grad(const RowLogits<scalar_t, kAdj>& X, const Targets& E,
                              const at::opmath_type<scalar_t>* park, scalar_t* g, int64_t C,
@@ -233,14 +233,16 @@ CBF_HD void softmax_row_grad(const RowLogits<scalar_t, kAdj>& X, const Targets& 
 }
 
 // Where the exps of a group's rows are parked: in each row's gradient row in full
-// precision (nullptr here), in `rows` per-thread float rows for float16 / bfloat16.
-// Looked up once per group: a thread_local in a shared library costs a __tls_get_addr
-// call, which per row was 2% of bfloat16 softmax at C = 80.
-template <typename scalar_t>
+// precision (nullptr here), in `rows` per-thread float rows for float16 / bfloat16 and
+// (kScratch) for rows that read their logits again after pass 2 (soft softmax focal:
+// pass 3 and the gradient), so that the gradient may be written over the logits
+// (kernels.h). Looked up once per group: a thread_local in a shared library costs a
+// __tls_get_addr call, which per row was 2% of bfloat16 softmax at C = 80.
+template <typename scalar_t, bool kScratch>
 inline at::opmath_type<scalar_t>* park_scratch(int64_t C, int64_t rows) {
   using IO = RowIO<scalar_t>;
   using acc_t = typename IO::acc_t;
-  if constexpr (IO::kReduced) {
+  if constexpr (kScratch) {
     thread_local std::vector<acc_t> scratch;
     const int64_t need = rows * (C + IO::kStep);
     if (static_cast<int64_t>(scratch.size()) < need) scratch.resize(need);
@@ -251,11 +253,11 @@ inline at::opmath_type<scalar_t>* park_scratch(int64_t C, int64_t rows) {
 }
 
 // Row r's parking place: its gradient row g, or row r of the group's scratch.
-template <typename scalar_t>
+template <typename scalar_t, bool kScratch>
 inline at::opmath_type<scalar_t>* park_row(at::opmath_type<scalar_t>* scratch, scalar_t* g, int64_t C,
                                            int64_t r) {
   using IO = RowIO<scalar_t>;
-  if constexpr (IO::kReduced) {
+  if constexpr (kScratch) {
     return scratch + r * (C + IO::kStep);
   } else {
     return reinterpret_cast<at::opmath_type<scalar_t>*>(g);
@@ -273,7 +275,7 @@ struct SoftmaxRowStart {
   const scalar_t* next = nullptr;             // the next row, for pass 2 to prefetch
 };
 
-template <typename scalar_t, bool kHard, bool kGrad, bool kAdj>
+template <typename scalar_t, bool kHard, bool kGrad, bool kAdj, bool kScratch>
 inline bool softmax_row_start(const Args<scalar_t>& a, const ClassOptions<at::opmath_type<scalar_t>>& adj,
                               int64_t i, int64_t k, at::opmath_type<scalar_t>* scratch,
                               SoftmaxRowStart<scalar_t, kAdj>& r, int64_t& y, at::opmath_type<scalar_t>& s,
@@ -286,7 +288,7 @@ inline bool softmax_row_start(const Args<scalar_t>& a, const ClassOptions<at::op
   if (!row_target<scalar_t, kHard, kGrad>(a, i, r.t, r.g, y, s, T, out)) return false;
   r.X = RowLogits<scalar_t, kAdj>(x, adj, kHard ? y : -1);
   mx = softmax_row_max(r.X, a.C);
-  r.park = kGrad ? park_row(scratch, r.g, a.C, k) : nullptr;
+  r.park = kGrad ? park_row<scalar_t, kScratch>(scratch, r.g, a.C, k) : nullptr;
   // Pass 2 prefetches the next row, which pass 1 of that row would otherwise wait for
   // (the passes over a cached row interrupt the hardware prefetcher's stream): at
   // 16384 x 1000 float32, 7.1 -> 5.6 ms a call on one thread.
@@ -323,15 +325,17 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
   int64_t y[L];
   bool live[L] = {};
   for (int64_t k = 0; k < L; ++k) sum[k] = acc_t(1);
-  acc_t* const scratch = kGrad ? park_scratch<scalar_t>(C, R) : nullptr;
+  // Soft focal rows read their logits after pass 2: their exps are parked apart.
+  constexpr bool kScratch = IO::kReduced || (kFocal && kSoft);
+  acc_t* const scratch = kGrad ? park_scratch<scalar_t, kScratch>(C, R) : nullptr;
   for (int64_t k = 0; k < R; ++k) {
     SoftmaxRowStart<scalar_t, kAdj> r;
-    if (!softmax_row_start<scalar_t, kHard, kGrad>(a, adj, i0 + k, k, scratch, r, y[k], s[k], T[k], mx[k],
-                                                   out[k]))
+    if (!softmax_row_start<scalar_t, kHard, kGrad, kAdj, kScratch>(a, adj, i0 + k, k, scratch, r, y[k], s[k],
+                                                                   T[k], mx[k], out[k]))
       continue;
     live[k] = true;
+    if constexpr (!kSoft) xy[k] = r.X.at(y[k]);  // before pass 2 parks over it
     softmax_row_sums<scalar_t, !kHard && !kFocal, kGrad>(r.X, r.t, C, mx[k], r.park, sum[k], tx[k], r.next);
-    if constexpr (!kSoft) xy[k] = r.X.at(y[k]);
   }
   // Row k's soft targets (its logits: margin at a class index y)
   auto targets = [&](int64_t k) {
@@ -406,9 +410,9 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
       scalar_t* g = a.grad + i * C;
       // (hard rows' gradient does not read the logits: no margin to set up)
       const RowLogits<scalar_t, kAdj> X(a.x + i * a.x_stride, adj, kSoft && kHard ? y[k] : -1);
-      softmax_row_grad<scalar_t, kFocal, kSoft>(X, targets(k), park_row(scratch, g, C, k), g, C, cpe[k],
-                                                st[k] * pre, mx[k], kSoft ? ls_k[k] : acc_t(0), a.gamma,
-                                                a.gamma_int);
+      softmax_row_grad<scalar_t, kFocal, kSoft>(X, targets(k), park_row<scalar_t, kScratch>(scratch, g, C, k),
+                                                g, C, cpe[k], st[k] * pre, mx[k], kSoft ? ls_k[k] : acc_t(0),
+                                                a.gamma, a.gamma_int);
       if constexpr (!kSoft) g[y[k]] = static_cast<scalar_t>(cy[k]);
     }
   }
@@ -518,20 +522,21 @@ void softmax_smooth_rows(const Args<scalar_t>& a, const Smoothing& sm,
   int64_t y[L];
   bool live[L] = {};
   for (int64_t k = 0; k < L; ++k) sum[k] = acc_t(1);
-  acc_t* const scratch = kGrad ? park_scratch<scalar_t>(C, R) : nullptr;
+  constexpr bool kScratch = IO::kReduced;
+  acc_t* const scratch = kGrad ? park_scratch<scalar_t, kScratch>(C, R) : nullptr;
   for (int64_t k = 0; k < R; ++k) {
     SoftmaxRowStart<scalar_t, kAdj> rs;
-    if (!softmax_row_start<scalar_t, kHard, kGrad>(a, adj, i0 + k, k, scratch, rs, y[k], s[k], T[k], mx[k],
-                                                   out[k]))
+    if (!softmax_row_start<scalar_t, kHard, kGrad, kAdj, kScratch>(a, adj, i0 + k, k, scratch, rs, y[k], s[k],
+                                                                   T[k], mx[k], out[k]))
       continue;
     live[k] = true;
+    if constexpr (kHard) xy[k] = rs.X.at(y[k]);  // before pass 2 parks over it
     acc_t r[5];
     softmax_row_smooth_sums<scalar_t, kHard, kClass>(rs.X, rs.t, a.w, C, mx[k], rs.park, r, rs.next);
     sum[k] = r[0];
     ad[k] = r[1];
     A[k] = r[2];
     if constexpr (kHard) {
-      xy[k] = rs.X.at(y[k]);
       at_[k] = kClass ? s[k] : acc_t(1);  // a_y
       atd[k] = at_[k] * (xy[k] - mx[k]);
     } else {
@@ -568,7 +573,7 @@ void softmax_smooth_rows(const Args<scalar_t>& a, const Smoothing& sm,
       E.y = kHard ? y[k] : -1;
       E.w = a.w;
       E.K = {P[k], Q[k]};
-      softmax_row_smooth_grad(E, park_row(scratch, g, C, k), g, C, cpe[k]);
+      softmax_row_smooth_grad(E, park_row<scalar_t, kScratch>(scratch, g, C, k), g, C, cpe[k]);
       if constexpr (kHard) g[y[k]] = static_cast<scalar_t>(cy[k]);
     }
   }
