@@ -194,26 +194,24 @@ CBF_HD void softmax_row_sums(const RowLogits<scalar_t, kAdj>& X_, const scalar_t
 }
 
 // The gradient pass, from the parked e_k = exp(x_k - max): grad_k = cpe e_k (= cp p_k),
-// less, for soft rows (kSoft), st e_k (cross-entropy) or st e_k G_k (focal, G of log p_k =
-// (x_k - max) - log sum), e from SoftTargets. For float32 / float64 `park` is the gradient
-// row itself (but for soft focal rows: park_scratch).
-template <typename scalar_t, bool kFocal, bool kSoft, bool kAdj, typename Targets>
-CBF_HD void softmax_row_grad(const RowLogits<scalar_t, kAdj>& X, const Targets& E,
-                             const at::opmath_type<scalar_t>* park, scalar_t* g, int64_t C,
-                             at::opmath_type<scalar_t> cpe, at::opmath_type<scalar_t> st,
-                             at::opmath_type<scalar_t> mx, at::opmath_type<scalar_t> log_sum, double gamma,
-                             int pow_k) {
+// less, for soft rows (kSoft), st e_k (cross-entropy) or st e_k G_k (focal: G_k as pass 3
+// parked it in `Gk`), e from SoftTargets. For float32 / float64 `park` is the gradient row
+// itself (but for soft focal rows: park_scratch).
+template <typename scalar_t, bool kFocal, bool kSoft, typename Targets>
+CBF_HD void softmax_row_grad(const Targets& E, const at::opmath_type<scalar_t>* park,
+                             const at::opmath_type<scalar_t>* Gk, scalar_t* g, int64_t C,
+                             at::opmath_type<scalar_t> cpe, at::opmath_type<scalar_t> st) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
-  const V cpev(cpe), stv(st), mxv(mx), lsv(log_sum);
+  const V cpev(cpe), stv(st);
   row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
-    V xv[IO::kVecs], ev[IO::kVecs], gv[IO::kVecs];
+    V ev[IO::kVecs], gv[IO::kVecs], Gv[IO::kVecs];
     CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
       const int64_t nv = IO::lanes(n, v);
       gv[v] = nv > 0 ? V::loadu(park + j + v * IO::kLanes, nv) : V(0);
+      if constexpr (kSoft && kFocal) Gv[v] = nv > 0 ? V::loadu(Gk + j + v * IO::kLanes, nv) : V(0);
     }
-    if constexpr (kSoft && kFocal) X.load(j, n, xv);
     if constexpr (kSoft) E.load(j, n, ev);
     CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
@@ -221,7 +219,7 @@ CBF_HD void softmax_row_grad(const RowLogits<scalar_t, kAdj>& X, const Targets& 
       V gk = cpev * gv[v];
       if constexpr (kSoft) {
         if constexpr (kFocal) {
-          gk = gk - stv * ev[v] * softmax_focal<true>(log_softmax_of(xv[v], mxv, lsv), gamma, pow_k).G;
+          gk = gk - stv * ev[v] * Gv[v];
         } else {
           gk = gk - stv * ev[v];
         }
@@ -327,7 +325,8 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
   for (int64_t k = 0; k < L; ++k) sum[k] = acc_t(1);
   // Soft focal rows read their logits after pass 2: their exps are parked apart.
   constexpr bool kScratch = IO::kReduced || (kFocal && kSoft);
-  acc_t* const scratch = kGrad ? park_scratch<scalar_t, kScratch>(C, R) : nullptr;
+  // soft focal rows: R rows of parked exps, then R rows of pass 3's G_k for the gradient
+  acc_t* const scratch = kGrad ? park_scratch<scalar_t, kScratch>(C, kFocal && kSoft ? 2 * R : R) : nullptr;
   for (int64_t k = 0; k < R; ++k) {
     SoftmaxRowStart<scalar_t, kAdj> r;
     if (!softmax_row_start<scalar_t, kHard, kGrad, kAdj, kScratch>(a, adj, i0 + k, k, scratch, r, y[k], s[k],
@@ -376,6 +375,7 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
       const RowLogits<scalar_t, kAdj> X(a.x + (i0 + k) * a.x_stride, adj, kHard ? y[k] : -1);
       const auto E = targets(k);
       const V mxv(mx[k]), lsv(ls_k[k]);
+      acc_t* const Gk = kGrad ? park_row<scalar_t, kScratch>(scratch, nullptr, C, R + k) : nullptr;
       V lv(0), gsum(0);
       row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
         V xv[IO::kVecs], ev[IO::kVecs];
@@ -388,6 +388,7 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
           const auto f = softmax_focal<true>(log_softmax_of(xv[v], mxv, lsv), a.gamma, a.gamma_int);
           lv = lv + IO::keep(ev[v] * f.loss, nv, acc_t(0));
           gsum = gsum + IO::keep(ev[v] * f.G, nv, acc_t(0));
+          if constexpr (kGrad) f.G.store(Gk + j + v * IO::kLanes, nv);  // for the gradient pass
         }
       });
       loss[k] = st[k] * IO::hsum(lv);
@@ -408,11 +409,9 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
       if (!live[k]) continue;
       const int64_t i = i0 + k;
       scalar_t* g = a.grad + i * C;
-      // (hard rows' gradient does not read the logits: no margin to set up)
-      const RowLogits<scalar_t, kAdj> X(a.x + i * a.x_stride, adj, kSoft && kHard ? y[k] : -1);
-      softmax_row_grad<scalar_t, kFocal, kSoft>(X, targets(k), park_row<scalar_t, kScratch>(scratch, g, C, k),
-                                                g, C, cpe[k], st[k] * pre, mx[k], kSoft ? ls_k[k] : acc_t(0),
-                                                a.gamma, a.gamma_int);
+      const acc_t* Gk = kFocal && kSoft ? park_row<scalar_t, kScratch>(scratch, g, C, R + k) : nullptr;
+      softmax_row_grad<scalar_t, kFocal, kSoft>(targets(k), park_row<scalar_t, kScratch>(scratch, g, C, k),
+                                                Gk, g, C, cpe[k], st[k] * pre);
       if constexpr (!kSoft) g[y[k]] = static_cast<scalar_t>(cy[k]);
     }
   }
