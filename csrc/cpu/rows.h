@@ -116,7 +116,7 @@ inline void target_row_sums(const Args<scalar_t>& a, const scalar_t* t, int64_t 
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
   V sv(0), Tv(0), lo(0), hi(0);
-  row_blocks<IO, 1>(a.C, [&](int64_t j, int64_t n, auto) {
+  row_blocks<IO, 1>(a.C, [&](int64_t j, int64_t n, auto) CBF_BLOCK {
     V tv[IO::kVecs];
     IO::load(t + j, n, tv);
     CBF_UNROLL_VECS

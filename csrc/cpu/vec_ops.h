@@ -322,6 +322,11 @@ struct RowIO {
   }
 };
 
+// A block body of row_blocks, forced inline (`[&](int64_t j, int64_t n, auto u) CBF_BLOCK {`):
+// GCC otherwise leaves the larger bodies (adjusted logits, bfloat16 sums) out of line at
+// the tail's call, and the caller's accumulators then go through memory every block.
+#define CBF_BLOCK __attribute__((always_inline))
+
 // Runs body(j, n, u) over the blocks of a row of C elements: the whole blocks U at a time
 // with u = 0 .. U-1 as compile-time constants (so a reduction can keep U independent
 // accumulators in registers: one chain would be bound by its add / max latency), then the

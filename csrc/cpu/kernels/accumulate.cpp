@@ -16,7 +16,7 @@ void accumulate_rows(float* acc, const scalar_t* src, int64_t begin, int64_t end
   using V = typename IO::V;
   acc += begin;
   src += begin;
-  row_blocks<IO, 1>(end - begin, [&](int64_t j, int64_t n, auto) {
+  row_blocks<IO, 1>(end - begin, [&](int64_t j, int64_t n, auto) CBF_BLOCK {
     V sv[IO::kVecs];
     IO::load(src + j, n, sv);
     CBF_UNROLL_VECS

@@ -69,10 +69,14 @@ struct SoftTargets {
   }
 };
 
-// How the passes read a row's logits: as stored (kAdj = false), or adjusted (math.h,
-// adjusted_logit): z_c = s x_c + b_c, less s Delta_y at the target y (y < 0: no margin).
-// Every pass reads the same z, so the row's max, sums and gradient agree.
-template <typename scalar_t, bool kAdj>
+// How the passes read a row's logits: as stored (kAdj = kStoredLogits), or adjusted
+// (math.h, adjusted_logit): z_c = s x_c + b_c, less s Delta_y at the target y (y < 0: no
+// margin). Every pass reads the same z, so the row's max, sums and gradient agree. Without
+// a logit adjustment (margins or a logit scale only: b = 0) kScaledLogits reads no b:
+// s x_c + 0 is s x_c to the bit, one load and one add fewer per logit and pass.
+constexpr int kStoredLogits = 0, kScaledLogits = 1, kOffsetLogits = 2;
+
+template <typename scalar_t, int kAdj>
 struct RowLogits {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
@@ -81,9 +85,11 @@ struct RowLogits {
   const acc_t* b = nullptr;
   acc_t s = 1, margin_y = 0;
   int64_t y = -1;
-  int64_t jy = -1;       // the start of the block (a multiple of kStep) that holds y
-  V mv[IO::kVecs] = {};  // that block's margin: s Delta_y at y's lane, 0 elsewhere
+  int64_t jy = -1;  // the start of the block (a multiple of kStep) that holds y
 
+  // Scalars only: the passes copy the row's reader, and a vector member (the target
+  // block's margin) cost a 64-byte store and reload per row and pass, a visible share of
+  // an 80-class row.
   RowLogits() = default;
   RowLogits(const scalar_t* x_, const ClassOptions<acc_t>& adj, int64_t y_) : x(x_) {
     if constexpr (kAdj) {
@@ -91,10 +97,7 @@ struct RowLogits {
       s = adj.scale;
       y = y_;
       margin_y = adj.target_margin(y_);
-      if (y_ >= 0) {  // lane compares: no store-to-load round trip per row
-        jy = y_ - y_ % IO::kStep;
-        for (int v = 0; v < IO::kVecs; ++v) mv[v] = one_hot_vector<IO>(y_, jy + v * IO::kLanes) * V(margin_y);
-      }
+      if (y_ >= 0) jy = y_ - y_ % IO::kStep;
     }
   }
 
@@ -106,8 +109,13 @@ struct RowLogits {
       for (int v = 0; v < IO::kVecs; ++v) {
         const int64_t nv = IO::lanes(n, v);
         if (nv == 0) break;
-        xv[v] = adjusted_logit(xv[v], V(s), V::loadu(b + j + v * IO::kLanes, nv));
-        if (j == jy) xv[v] = xv[v] - mv[v];  // the target's block
+        xv[v] = kAdj == kOffsetLogits ? adjusted_logit(xv[v], V(s), V::loadu(b + j + v * IO::kLanes, nv))
+                                      : xv[v] * V(s);
+      }
+      if (j == jy) {  // the target's block, once per row and pass: its margin by a lane compare
+        CBF_UNROLL_VECS
+        for (int v = 0; v < IO::kVecs; ++v)
+          xv[v] = xv[v] - one_hot_vector<IO>(y, j + v * IO::kLanes) * V(margin_y);
       }
     }
   }
@@ -115,14 +123,15 @@ struct RowLogits {
   // z_c of one class
   acc_t at(int64_t c) const {
     const acc_t xc = static_cast<acc_t>(x[c]);
-    if constexpr (kAdj) return adjusted_logit(xc, s, b[c]) - (c == y ? margin_y : acc_t(0));
+    if constexpr (kAdj != kStoredLogits)
+      return (kAdj == kOffsetLogits ? adjusted_logit(xc, s, b[c]) : xc * s) - (c == y ? margin_y : acc_t(0));
     return xc;
   }
 };
 
 // Pass 1: the row's max (padding lanes hold -inf). The hardware max may drop a NaN logit
 // here; pass 2 takes it into the sum all the same.
-template <typename scalar_t, bool kAdj>
+template <typename scalar_t, int kAdj>
 CBF_HD at::opmath_type<scalar_t> softmax_row_max(const RowLogits<scalar_t, kAdj>& X_, int64_t C) {
   const RowLogits<scalar_t, kAdj> X = X_;  // a local copy: no store can alias its members
   using IO = RowIO<scalar_t>;
@@ -132,7 +141,7 @@ CBF_HD at::opmath_type<scalar_t> softmax_row_max(const RowLogits<scalar_t, kAdj>
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   V mv[kU];
   for (auto& m : mv) m = V(kNegInf);
-  row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) {
+  row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) CBF_BLOCK {
     V xv[IO::kVecs];
     X.load(j, n, xv);
     CBF_UNROLL_VECS
@@ -151,7 +160,7 @@ CBF_HD at::opmath_type<scalar_t> softmax_row_max(const RowLogits<scalar_t, kAdj>
 // sign, and neither depends on the logits' offset). With kPark the exps are parked in
 // `park` (in the accumulation type) so the gradient pass needs none. `next`: a row to
 // prefetch, one 64-byte line per block.
-template <typename scalar_t, bool kTX, bool kPark, bool kAdj>
+template <typename scalar_t, bool kTX, bool kPark, int kAdj>
 CBF_HD void softmax_row_sums(const RowLogits<scalar_t, kAdj>& X_, const scalar_t* t, int64_t C,
                              at::opmath_type<scalar_t> mx, at::opmath_type<scalar_t>* park,
                              at::opmath_type<scalar_t>& sum_exp, at::opmath_type<scalar_t>& sum_tx,
@@ -163,7 +172,7 @@ CBF_HD void softmax_row_sums(const RowLogits<scalar_t, kAdj>& X_, const scalar_t
   const V mxv(mx);
   V ev[kU], txv[kU];
   for (int u = 0; u < kU; ++u) ev[u] = txv[u] = V(0);
-  row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) {
+  row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) CBF_BLOCK {
     V xv[IO::kVecs], tv[IO::kVecs], e[IO::kVecs];
     if (next) __builtin_prefetch(next + j);
     X.load(j, n, xv);
@@ -204,7 +213,7 @@ CBF_HD void softmax_row_grad(const Targets& E, const at::opmath_type<scalar_t>* 
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   const V cpev(cpe), stv(st);
-  row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
+  row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) CBF_BLOCK {
     V ev[IO::kVecs], gv[IO::kVecs], Gv[IO::kVecs];
     CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
@@ -264,7 +273,7 @@ inline at::opmath_type<scalar_t>* park_row(at::opmath_type<scalar_t>* scratch, s
 
 // The start of softmax row i (lane k of its group): its pointers, target (y, s, T and the
 // row's share of the denominator, in out) and max; false for an ignored row.
-template <typename scalar_t, bool kAdj>
+template <typename scalar_t, int kAdj>
 struct SoftmaxRowStart {
   RowLogits<scalar_t, kAdj> X;
   const scalar_t* t = nullptr;
@@ -273,8 +282,8 @@ struct SoftmaxRowStart {
   const scalar_t* next = nullptr;             // the next row, for pass 2 to prefetch
 };
 
-template <typename scalar_t, bool kHard, bool kGrad, bool kAdj, bool kScratch>
-inline bool softmax_row_start(const Args<scalar_t>& a, const ClassOptions<at::opmath_type<scalar_t>>& adj,
+template <typename scalar_t, bool kHard, bool kGrad, int kAdj, bool kScratch>
+CBF_HD bool softmax_row_start(const Args<scalar_t>& a, const ClassOptions<at::opmath_type<scalar_t>>& adj,
                               int64_t i, int64_t k, at::opmath_type<scalar_t>* scratch,
                               SoftmaxRowStart<scalar_t, kAdj>& r, int64_t& y, at::opmath_type<scalar_t>& s,
                               at::opmath_type<scalar_t>& T, at::opmath_type<scalar_t>& mx,
@@ -306,7 +315,7 @@ inline bool softmax_row_start(const Args<scalar_t>& a, const ClassOptions<at::op
 // as scalars per row (libm's logf, expf, expm1f and the register spills around their
 // calls) they were two thirds of softmax focal's time at C = 80. Then per row the soft
 // focal sums (pass 3) and the gradient pass.
-template <typename scalar_t, bool kFocal, bool kGrad, bool kHard, bool kAdj, int kSmooth = 0>
+template <typename scalar_t, bool kFocal, bool kGrad, bool kHard, int kAdj, int kSmooth = 0>
 void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
                   const ClassOptions<at::opmath_type<scalar_t>>& adj, int64_t i0, int64_t i1,
                   RowOut<at::opmath_type<scalar_t>>* out) {
@@ -377,7 +386,7 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
       const V mxv(mx[k]), lsv(ls_k[k]);
       acc_t* const Gk = kGrad ? park_row<scalar_t, kScratch>(scratch, nullptr, C, R + k) : nullptr;
       V lv(0), gsum(0);
-      row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
+      row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) CBF_BLOCK {
         V xv[IO::kVecs], ev[IO::kVecs];
         X.load(j, n, xv);
         E.load(j, n, ev);
@@ -400,7 +409,7 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
   if constexpr (kGrad) {
     // cp: the coefficient of p_k, times the mean's 1/D when known up front (and the logit
     // scale s: d / dx = s d / dz).
-    const acc_t pre = a.grad_prescale * (kAdj ? adj.scale : acc_t(1));
+    const acc_t pre = a.grad_prescale * (kAdj != kStoredLogits ? adj.scale : acc_t(1));
     const V cpv = V::loadu(cp) * V(pre);
     alignas(64) acc_t cpe[L], cy[L];
     (cpv / sumv).store(cpe);                     // cp p_k = cpe e_k
@@ -421,7 +430,7 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
 // math.h, smooth_coef), after the max pass: sum_exp = sum e_c, e_c = exp(x_c - max) (parked
 // in `park` when given), ad = sum a_c (x_c - max), A = sum a_c and, for float targets,
 // atd = sum a_c t_c (x_c - max) and at = sum a_c t_c, with a = w (kClass) or 1 (A = C then).
-template <typename scalar_t, bool kHard, bool kClass, bool kAdj>
+template <typename scalar_t, bool kHard, bool kClass, int kAdj>
 CBF_HD void softmax_row_smooth_sums(const RowLogits<scalar_t, kAdj>& X, const scalar_t* t,
                                     const at::opmath_type<scalar_t>* w, int64_t C,
                                     at::opmath_type<scalar_t> mx, at::opmath_type<scalar_t>* park,
@@ -433,7 +442,7 @@ CBF_HD void softmax_row_smooth_sums(const RowLogits<scalar_t, kAdj>& X, const sc
   const V mxv(mx);
   V ev[kU], adv[kU], Av[kU], atdv[kU], atv[kU];
   for (int u = 0; u < kU; ++u) ev[u] = adv[u] = Av[u] = atdv[u] = atv[u] = V(0);
-  row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) {
+  row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) CBF_BLOCK {
     V xv[IO::kVecs], tv[IO::kVecs], e[IO::kVecs];
     if (next) __builtin_prefetch(next + j);
     X.load(j, n, xv);
@@ -491,7 +500,7 @@ CBF_HD void softmax_row_smooth_grad(const SoftTargets<scalar_t, kHard, kSmooth>&
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   const V cpev(cpe);
-  row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) {
+  row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) CBF_BLOCK {
     V ev[IO::kVecs], gv[IO::kVecs];
     E.load(j, n, ev);
     CBF_UNROLL_VECS
@@ -506,7 +515,7 @@ CBF_HD void softmax_row_smooth_grad(const SoftTargets<scalar_t, kHard, kSmooth>&
 // Smoothed softmax cross-entropy, rows [i0, i1) (one vector's lanes at most): the passes of
 // softmax_rows with the effective target of math.h's smooth_coef,
 //   loss = E log sum - tx,  grad_k = E p_k - a_k (P t_k + Q).
-template <typename scalar_t, bool kGrad, bool kHard, bool kClass, bool kAdj>
+template <typename scalar_t, bool kGrad, bool kHard, bool kClass, int kAdj>
 void softmax_smooth_rows(const Args<scalar_t>& a, const Smoothing& sm,
                          const ClassOptions<at::opmath_type<scalar_t>>& adj, int64_t i0, int64_t i1,
                          RowOut<at::opmath_type<scalar_t>>* out) {
@@ -553,7 +562,7 @@ void softmax_smooth_rows(const Args<scalar_t>& a, const Smoothing& sm,
   for (int64_t k = 0; k < R; ++k)
     if (live[k]) out[k].loss = loss[k];
   if constexpr (kGrad) {
-    const V pre(a.grad_prescale * (kAdj ? adj.scale : acc_t(1)));  // d / dx = s d / dz
+    const V pre(a.grad_prescale * (kAdj != kStoredLogits ? adj.scale : acc_t(1)));  // d / dx = s d / dz
     const SmoothCoef<V> Kp{K.P * pre, K.Q * pre};
     alignas(64) acc_t cpe[L], P[L], Q[L], cy[L];
     (row.cp * pre / sumv).store(cpe);  // E p_k = cpe e_k
@@ -578,6 +587,16 @@ void softmax_smooth_rows(const Args<scalar_t>& a, const Smoothing& sm,
   }
 }
 
+// Calls f(std::integral_constant<int, kAdj>) with how the rows read their logits
+// (RowLogits): kScaledLogits where every offset is 0 (margins or a logit scale only).
+template <typename acc_t, typename F>
+auto with_adjusted_logits(const ClassOptions<acc_t>& adj, int64_t C, const F& f) {
+  if (!adj.adjusted()) return f(std::integral_constant<int, kStoredLogits>{});
+  if (std::all_of(adj.offset, adj.offset + C, [](acc_t b) { return b == acc_t(0); }))
+    return f(std::integral_constant<int, kScaledLogits>{});
+  return f(std::integral_constant<int, kOffsetLogits>{});
+}
+
 // Softmax rows per group: about kGroupElems logits, so that a group's rows and parked exps
 // are still in cache for the gradient pass; one vector's lanes at most.
 constexpr int64_t kGroupElems = 1 << 12;
@@ -590,8 +609,8 @@ std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, const 
                                               bool grad, bool hard) {
   constexpr int64_t L = RowIO<scalar_t>::kLanes;
   const int64_t group = std::clamp<int64_t>(kGroupElems / std::max<int64_t>(a.C, 1), 1, L);
-  return with_flag(adj.adjusted(), [&](auto adj_c) {
-    constexpr bool kA = decltype(adj_c)::value;
+  return with_adjusted_logits(adj, a.C, [&](auto adj_c) {
+    constexpr int kA = decltype(adj_c)::value;
     if (!focal && sm.active(hard)) {
       return with_flags(sm.class_weighting, grad, hard, [&](auto class_c, auto grad_c, auto hard_c) {
         return run_row_groups<scalar_t, L>(
