@@ -428,20 +428,20 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
 
 // Pass 2 of a smoothed row (label smoothing, or PyTorch's class weighting of float targets;
 // math.h, smooth_coef), after the max pass: sum_exp = sum e_c, e_c = exp(x_c - max) (parked
-// in `park` when given), ad = sum a_c (x_c - max), A = sum a_c and, for float targets,
-// atd = sum a_c t_c (x_c - max) and at = sum a_c t_c, with a = w (kClass) or 1 (A = C then).
+// in `park` when given), ad = sum a_c (x_c - max) and, for float targets,
+// atd = sum a_c t_c (x_c - max) and at = sum a_c t_c, with a = w (kClass) or 1.
 template <typename scalar_t, bool kHard, bool kClass, int kAdj>
 CBF_HD void softmax_row_smooth_sums(const RowLogits<scalar_t, kAdj>& X, const scalar_t* t,
                                     const at::opmath_type<scalar_t>* w, int64_t C,
                                     at::opmath_type<scalar_t> mx, at::opmath_type<scalar_t>* park,
-                                    at::opmath_type<scalar_t> (&acc)[5], const scalar_t* next) {
+                                    at::opmath_type<scalar_t> (&acc)[4], const scalar_t* next) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
   constexpr int kU = 4 / IO::kVecs;  // independent accumulators, as softmax_row_sums
   const V mxv(mx);
-  V ev[kU], adv[kU], Av[kU], atdv[kU], atv[kU];
-  for (int u = 0; u < kU; ++u) ev[u] = adv[u] = Av[u] = atdv[u] = atv[u] = V(0);
+  V ev[kU], adv[kU], atdv[kU], atv[kU];
+  for (int u = 0; u < kU; ++u) ev[u] = adv[u] = atdv[u] = atv[u] = V(0);
   row_blocks<IO, kU>(C, [&](int64_t j, int64_t n, auto u) CBF_BLOCK {
     V xv[IO::kVecs], tv[IO::kVecs], e[IO::kVecs];
     if (next) __builtin_prefetch(next + j);
@@ -457,7 +457,6 @@ CBF_HD void softmax_row_smooth_sums(const RowLogits<scalar_t, kAdj>& X, const sc
       V av(1);
       if constexpr (kClass) {
         av = V::loadu(w + j + v * IO::kLanes, nv);  // zeros past nv
-        Av[u] = Av[u] + av;
         adv[u] = at::vec::fmadd(av, d, adv[u]);
       } else {
         adv[u] = adv[u] + d;
@@ -479,20 +478,18 @@ CBF_HD void softmax_row_smooth_sums(const RowLogits<scalar_t, kAdj>& X, const sc
   for (int u = 1; u < kU; ++u) {
     ev[0] = ev[0] + ev[u];
     adv[0] = adv[0] + adv[u];
-    Av[0] = Av[0] + Av[u];
     atdv[0] = atdv[0] + atdv[u];
     atv[0] = atv[0] + atv[u];
   }
   acc[0] = IO::hsum(ev[0]);
   acc[1] = IO::hsum(adv[0]);
-  acc[2] = kClass ? IO::hsum(Av[0]) : static_cast<acc_t>(C);
-  acc[3] = IO::hsum(atdv[0]);
-  acc[4] = IO::hsum(atv[0]);
+  acc[2] = IO::hsum(atdv[0]);
+  acc[3] = IO::hsum(atv[0]);
 }
 
 // The gradient pass of a smoothed row from the parked e_k: grad_k = cpe e_k - a_k (P t_k + Q)
 // (E p_k - e_k of math.h, smooth_coef; e from SoftTargets; for a class index the caller
-// writes grad_y).
+// writes grad_y, and every other class has t_k = 0).
 template <typename scalar_t, bool kHard, int kSmooth>
 CBF_HD void softmax_row_smooth_grad(const SoftTargets<scalar_t, kHard, kSmooth>& E,
                                     const at::opmath_type<scalar_t>* park, scalar_t* g, int64_t C,
@@ -502,7 +499,14 @@ CBF_HD void softmax_row_smooth_grad(const SoftTargets<scalar_t, kHard, kSmooth>&
   const V cpev(cpe);
   row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) CBF_BLOCK {
     V ev[IO::kVecs], gv[IO::kVecs];
-    E.load(j, n, ev);
+    if constexpr (kHard) {
+      // off the target e_k = a_k (P 0 + Q) = a_k Q, to the bit: no one-hot lane compare
+      CBF_UNROLL_VECS
+      for (int v = 0; v < IO::kVecs; ++v)
+        ev[v] = kSmooth == 2 ? V::loadu(E.w + j + v * IO::kLanes, IO::lanes(n, v)) * V(E.K.Q) : V(E.K.Q);
+    } else {
+      E.load(j, n, ev);
+    }
     CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
       const int64_t nv = IO::lanes(n, v);
@@ -515,10 +519,11 @@ CBF_HD void softmax_row_smooth_grad(const SoftTargets<scalar_t, kHard, kSmooth>&
 // Smoothed softmax cross-entropy, rows [i0, i1) (one vector's lanes at most): the passes of
 // softmax_rows with the effective target of math.h's smooth_coef,
 //   loss = E log sum - tx,  grad_k = E p_k - a_k (P t_k + Q).
+// A_all: A = sum_c a_c, the same for every row (class_weight_sum).
 template <typename scalar_t, bool kGrad, bool kHard, bool kClass, int kAdj>
 void softmax_smooth_rows(const Args<scalar_t>& a, const Smoothing& sm,
-                         const ClassOptions<at::opmath_type<scalar_t>>& adj, int64_t i0, int64_t i1,
-                         RowOut<at::opmath_type<scalar_t>>* out) {
+                         const ClassOptions<at::opmath_type<scalar_t>>& adj, at::opmath_type<scalar_t> A_all,
+                         int64_t i0, int64_t i1, RowOut<at::opmath_type<scalar_t>>* out) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
@@ -539,17 +544,17 @@ void softmax_smooth_rows(const Args<scalar_t>& a, const Smoothing& sm,
       continue;
     live[k] = true;
     if constexpr (kHard) xy[k] = rs.X.at(y[k]);  // before pass 2 parks over it
-    acc_t r[5];
+    acc_t r[4];
     softmax_row_smooth_sums<scalar_t, kHard, kClass>(rs.X, rs.t, a.w, C, mx[k], rs.park, r, rs.next);
     sum[k] = r[0];
     ad[k] = r[1];
-    A[k] = r[2];
+    A[k] = A_all;  // dead lanes keep 0 (class weighting's E has no s to zero it)
     if constexpr (kHard) {
       at_[k] = kClass ? s[k] : acc_t(1);  // a_y
       atd[k] = at_[k] * (xy[k] - mx[k]);
     } else {
-      atd[k] = r[3];
-      at_[k] = r[4];
+      atd[k] = r[2];
+      at_[k] = r[3];
     }
   }
   const V sumv = V::loadu(sum), sv = V::loadu(s), Av = V::loadu(A), atv = V::loadu(at_);
@@ -587,6 +592,16 @@ void softmax_smooth_rows(const Args<scalar_t>& a, const Smoothing& sm,
   }
 }
 
+// A = sum_c a_c of a smoothed cross-entropy row (math.h, smooth_coef): the class weights'
+// sum under PyTorch's class weighting, else C; the same for every row, so summed once a call.
+template <typename scalar_t>
+at::opmath_type<scalar_t> class_weight_sum(const Args<scalar_t>& a, bool class_weighting) {
+  if (!class_weighting) return static_cast<at::opmath_type<scalar_t>>(a.C);
+  double A = 0;
+  for (int64_t c = 0; c < a.C; ++c) A += a.w[c];
+  return static_cast<at::opmath_type<scalar_t>>(A);
+}
+
 // Calls f(std::integral_constant<int, kAdj>) with how the rows read their logits
 // (RowLogits): kScaledLogits where every offset is 0 (margins or a logit scale only).
 template <typename acc_t, typename F>
@@ -612,11 +627,12 @@ std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, const 
   return with_adjusted_logits(adj, a.C, [&](auto adj_c) {
     constexpr int kA = decltype(adj_c)::value;
     if (!focal && sm.active(hard)) {
+      const auto A_all = class_weight_sum(a, sm.class_weighting);
       return with_flags(sm.class_weighting, grad, hard, [&](auto class_c, auto grad_c, auto hard_c) {
         return run_row_groups<scalar_t, L>(
             a.N, a.C, group, a.per_row_out, [&](int64_t i0, int64_t i1, auto* out) {
               softmax_smooth_rows<scalar_t, decltype(grad_c)::value, decltype(hard_c)::value,
-                                  decltype(class_c)::value, kA>(a, sm, adj, i0, i1, out);
+                                  decltype(class_c)::value, kA>(a, sm, adj, A_all, i0, i1, out);
             });
       });
     }
