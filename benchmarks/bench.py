@@ -636,7 +636,7 @@ def linear_softmax_cell(
         "torch linear + cross_entropy": "torch linear + cross_entropy (unfused)",
     }
     fns = linear_memory.providers()
-    f0, w0, b0, y, cw = (t.to(device) for t in linear_memory._inputs(n, h, c, dtype))
+    f0, w0, b0, y, cw = (t.to(device) for t in linear_memory.make_inputs(n, h, c, dtype))
     f0, w0, b0 = (t.detach().requires_grad_() for t in (f0, w0, b0))
     steps = {}
     for name, key in names.items():
@@ -788,6 +788,8 @@ def finish(args, path: str) -> int:
     print()
     print(report.linear_table(rows))
     print(report.linear_softmax_table(rows))
+    if report.option_table(rows):
+        print(report.option_table(rows))
     print()
     if report.dense_table(rows):
         print(report.dense_table(rows))

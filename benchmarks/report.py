@@ -323,6 +323,57 @@ def linear_softmax_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# the option providers of bench.providers, whose cost is their time over plain "cbfused"
+OPTION_PREFIX = "cbfused "
+OPTION_SHAPES = [(1024, 1000), (65536, 80)]
+OPTION_TARGET = 1.10  # issue 20: each option at most 10% over the plain loss
+
+
+def _option_costs(rows: list[dict]) -> dict:
+    """(kernel, provider, N, C, dtype) -> [time over plain cbfused per run], forward+backward,
+    for the option providers and F.cross_entropy(weight, label_smoothing)."""
+    idxs = _indexes(flat_rows(rows))
+    out = {}
+    for r in flat_rows(rows):
+        p = r["provider"]
+        if r["mode"] != "fwd+bwd" or (not p.startswith(OPTION_PREFIX) and "label_smoothing" not in p):
+            continue
+        key = (r["kernel"], p, r["N"], r["C"], r["dtype"])
+        if key in out:
+            continue
+        xs = _ratios(
+            idxs,
+            (r["kernel"], p, "fwd+bwd", r["dtype"], r["N"], r["C"]),
+            (r["kernel"], "cbfused", "fwd+bwd", r["dtype"], r["N"], r["C"]),
+        )
+        if xs:
+            out[key] = xs
+    return out
+
+
+def option_table(rows: list[dict]) -> str:
+    """What each option costs: its forward+backward time over plain cbfused of the same loss,
+    float32 / bfloat16, per shape."""
+    costs = _option_costs(rows)
+    if not costs:
+        return ""
+    shapes = sorted({(n, c) for _, _, n, c, _ in costs}, key=lambda s: (s[0] * s[1], s[0]))
+    lines = [
+        "| option | loss | " + " | ".join(f"{n} x {c}" for n, c in shapes) + " |",
+        "|---|---|" + "---|" * len(shapes),
+    ]
+    for k, p in sorted(
+        {(k, p) for k, p, *_ in costs}, key=lambda kp: (not kp[1].startswith(OPTION_PREFIX), kp)
+    ):
+        cells = []
+        for n, c in shapes:
+            vals = [costs.get((k, p, n, c, d)) for d in ("float32", "bfloat16")]
+            cells.append(" / ".join(_fmt_ratios(v, 2) if v else "-" for v in vals))
+        name = p[len(OPTION_PREFIX) :] if p.startswith(OPTION_PREFIX) else p
+        lines.append(f"| `{name}` | {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     """The project's speed and memory targets: (what, met (None: not measured), numbers).
     With several runs a ratio target is met when the median over the runs meets it."""
@@ -510,6 +561,29 @@ def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                 ", ".join(f"{k[0]} {k[1]}x{k[2]}: {v:.2f}x" for k, v in pairs),
             )
         )
+    costs = {k: v for k, v in _option_costs(all_rows).items() if k[1].startswith(OPTION_PREFIX)}
+    if costs:
+        over = defaultdict(list)  # (option, loss) -> its cells' median costs over the target
+        for k, xs in costs.items():
+            if _median(xs) > OPTION_TARGET:
+                over[(k[1][len(OPTION_PREFIX) :], k[0])].append(_median(xs))
+        n_over = sum(len(v) for v in over.values())
+        out.append(
+            (
+                f"each option at most {OPTION_TARGET:.2f}x plain cbfused (forward+backward, "
+                + ", ".join(f"{n} x {c}" for n, c in OPTION_SHAPES)
+                + ")",
+                n_over == 0,
+                f"{len(costs) - n_over} of {len(costs)} cells within; over: "
+                + (
+                    "; ".join(
+                        f"{o} {k} in {len(v)} cell(s), {min(v):.2f}-{max(v):.2f}x"
+                        for (o, k), v in sorted(over.items())
+                    )
+                    or "none"
+                ),
+            )
+        )
     return out + dense_targets(all_rows)
 
 
@@ -664,6 +738,8 @@ if __name__ == "__main__":
     print()
     print(linear_table(rows))
     print(linear_softmax_table(rows))
+    print()
+    print(option_table(rows))
     print()
     print(dense_table(rows))
     print()
