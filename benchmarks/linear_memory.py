@@ -92,7 +92,9 @@ def _status(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _inputs(n, h, c, dtype, seed=0):
+def make_inputs(n, h, c, dtype, seed=0):
+    """The fused linear cells' inputs (features, weight, bias, target, class weights), the
+    same for this script and bench.py's linear+softmax cell."""
     g = torch.Generator().manual_seed(seed)
     f = torch.randn(n, h, generator=g).to(dtype).requires_grad_()
     w = (torch.randn(c, h, generator=g) * h**-0.5).to(dtype).requires_grad_()
@@ -106,10 +108,10 @@ def child(name: str, n: int, h: int, c: int, dtype_name: str) -> dict:
     """One provider, in this (fresh) process: the peak extra resident bytes of one call."""
     dtype = getattr(torch, dtype_name)
     fn = providers()[name]
-    small = _inputs(64, 32, 300, dtype)
+    small = make_inputs(64, 32, 300, dtype)
     fn(*small).backward()  # library start-up, outside the measurement
     del small
-    f, w, b, y, cw = _inputs(n, h, c, dtype)
+    f, w, b, y, cw = make_inputs(n, h, c, dtype)
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # reset VmHWM to the current resident set
     before = _status("VmRSS")

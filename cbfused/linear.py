@@ -141,10 +141,16 @@ def _product_step(h: int, itemsize: int) -> int:
     return max(64, _PRODUCT_BLOCK_BYTES // (h * itemsize))
 
 
+def _accumulates_directly(gw: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether grad_weight += g^T f runs as one matmul into gw for g and f of this dtype
+    (the same dtype, or CUDA's addmm with out_dtype), rather than by block products."""
+    return dtype == gw.dtype or (gw.is_cuda and _ADDMM_OUT_DTYPE)
+
+
 def _product_buffer(gw: torch.Tensor | None, features: torch.Tensor) -> torch.Tensor | None:
     """The buffer of _accumulate's block products, allocated once per pass like the chunk
     buffer; None where the matmul accumulates straight into gw."""
-    if gw is None or features.dtype == gw.dtype or (gw.is_cuda and _ADDMM_OUT_DTYPE):
+    if gw is None or _accumulates_directly(gw, features.dtype):
         return None
     c, h = gw.shape
     return features.new_empty((min(c, _product_step(h, features.element_size())), h))
@@ -159,10 +165,11 @@ def _accumulate(
 ) -> None:
     """grad_weight += g^T f, grad_bias += sum_rows g, into float32 / float64 accumulators."""
     if gw is not None:
-        if g.dtype == gw.dtype:
-            gw.addmm_(g.t(), f)  # no C x H temporary
-        elif gw.is_cuda and _ADDMM_OUT_DTYPE:
-            torch.addmm(gw, g.t(), f, out_dtype=gw.dtype, out=gw)  # float32 accumulation, no temporary
+        if _accumulates_directly(gw, g.dtype):
+            if g.dtype == gw.dtype:
+                gw.addmm_(g.t(), f)  # no C x H temporary
+            else:
+                torch.addmm(gw, g.t(), f, out_dtype=gw.dtype, out=gw)  # float32 accumulation, no temporary
         else:
             # reduced precision: the matmul in the input dtype (CPU has no bf16 x bf16 -> fp32
             # addmm), added into the float32 accumulator by blocks of classes (prod_buf) so

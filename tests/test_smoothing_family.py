@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from testing import (
     assert_bitwise_across_threads,
     assert_close_scaled,
+    assert_compiles_like_eager,
     assert_loss_close,
     make_counts,
     make_dense_inputs,
@@ -302,10 +303,7 @@ def test_compile_fullgraph():
         def step(v, crit=crit):
             return crit(v * 2.0, y)
 
-        eager = value_and_grad(step, x)
-        compiled = value_and_grad(torch.compile(step, fullgraph=True), x)
-        torch.testing.assert_close(compiled[0], eager[0])
-        torch.testing.assert_close(compiled[1], eager[1])
+        assert_compiles_like_eager(step, x)
 
 
 @pytest.mark.parametrize("loss_type", ["softmax_focal", *BINARY])

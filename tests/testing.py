@@ -66,6 +66,14 @@ def value_and_grad(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out.detach(), g
 
 
+def assert_compiles_like_eager(fn, x: torch.Tensor) -> None:
+    """fn under torch.compile(fullgraph=True) gives eager's loss and gradient w.r.t. x."""
+    eager = value_and_grad(fn, x)
+    compiled = value_and_grad(torch.compile(fn, fullgraph=True), x)
+    torch.testing.assert_close(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[1], eager[1])
+
+
 def assert_bitwise_across_threads(loss_fn, x: torch.Tensor, thread_counts=(1, 2, 4)) -> None:
     """loss_fn(x) and its gradient are bit for bit the same under each of thread_counts."""
     before = torch.get_num_threads()

@@ -84,29 +84,31 @@ void launch_rows(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& 
   }
 }
 
+// launch_rows for the call's loss type (kA or kB) and target kind.
+template <typename scalar_t, int kA, int kB, bool kSmooth, bool kAdj>
+void launch_kind(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm,
+                 const ClassOptions<at::opmath_type<scalar_t>>& adj, int64_t loss_type, bool hard,
+                 Stream stream) {
+  if (loss_type == kA) {
+    hard ? launch_rows<scalar_t, kA, true, kSmooth, kAdj>(a, pl, sm, adj, stream)
+         : launch_rows<scalar_t, kA, false, kSmooth, kAdj>(a, pl, sm, adj, stream);
+  } else {
+    hard ? launch_rows<scalar_t, kB, true, kSmooth, kAdj>(a, pl, sm, adj, stream)
+         : launch_rows<scalar_t, kB, false, kSmooth, kAdj>(a, pl, sm, adj, stream);
+  }
+}
+
 template <typename scalar_t, int kA, int kB, bool kAdj>
 void launch_with_adj(const RowArgs<scalar_t>& a, const Planes& pl, const Smoothing& sm,
                      const ClassOptions<at::opmath_type<scalar_t>>& adj, int64_t loss_type, bool hard,
                      Stream stream) {
   if constexpr (kA == kSoftmax) {
     if (sm.active(hard)) {  // smoothed softmax cross-entropy or softmax focal
-      if (loss_type == kA) {
-        hard ? launch_rows<scalar_t, kA, true, true, kAdj>(a, pl, sm, adj, stream)
-             : launch_rows<scalar_t, kA, false, true, kAdj>(a, pl, sm, adj, stream);
-      } else {
-        hard ? launch_rows<scalar_t, kB, true, true, kAdj>(a, pl, sm, adj, stream)
-             : launch_rows<scalar_t, kB, false, true, kAdj>(a, pl, sm, adj, stream);
-      }
+      launch_kind<scalar_t, kA, kB, true, kAdj>(a, pl, sm, adj, loss_type, hard, stream);
       return;
     }
   }
-  if (loss_type == kA) {
-    hard ? launch_rows<scalar_t, kA, true, false, kAdj>(a, pl, sm, adj, stream)
-         : launch_rows<scalar_t, kA, false, false, kAdj>(a, pl, sm, adj, stream);
-  } else {
-    hard ? launch_rows<scalar_t, kB, true, false, kAdj>(a, pl, sm, adj, stream)
-         : launch_rows<scalar_t, kB, false, false, kAdj>(a, pl, sm, adj, stream);
-  }
+  launch_kind<scalar_t, kA, kB, false, kAdj>(a, pl, sm, adj, loss_type, hard, stream);
 }
 
 // One loss family (kA or kB, hard or float targets); instantiated in softmax.cu and sigmoid.cu.

@@ -154,45 +154,37 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a,
 
 // The sigmoid / focal rows of one call, with alpha on or off and, for the focal loss with
 // hard targets, the power of a common integer gamma (1, 2) or of none as a constant.
-// eps > 0: label smoothing (kSmooth rows, no power shortcut).
+// eps > 0: label smoothing (kSmooth rows; smoothed targets are not 0 / 1, so no power).
 template <typename scalar_t, bool kFocal, bool kGrad, bool kHard>
 std::pair<double, double> run_sigmoid(const Args<scalar_t>& a, const at::opmath_type<scalar_t>* alpha_vec,
                                       double eps, int64_t N, scalar_t* per_row) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t e = static_cast<acc_t>(eps);
-  auto with_alpha = [&](auto alpha_c, auto pow_c) {
-    constexpr int kP = decltype(pow_c)::value;
-    if (eps > 0) {
-      if constexpr (kP == -1) {
-        return run_rows<scalar_t>(N, a.C, per_row, [&](int64_t i) {
-          return sigmoid_row<scalar_t, kFocal, kGrad, kHard, decltype(alpha_c)::value, -1, true>(a, alpha_vec,
-                                                                                                 e, i);
-        });
-      }
-    }
+  auto rows = [&](auto alpha_c, auto pow_c, auto smooth_c) {
     return run_rows<scalar_t>(N, a.C, per_row, [&](int64_t i) {
-      return sigmoid_row<scalar_t, kFocal, kGrad, kHard, decltype(alpha_c)::value, kP, false>(a, alpha_vec, e,
-                                                                                              i);
+      return sigmoid_row<scalar_t, kFocal, kGrad, kHard, decltype(alpha_c)::value, decltype(pow_c)::value,
+                         decltype(smooth_c)::value>(a, alpha_vec, e, i);
     });
   };
-  auto with_pow = [&](auto pow_c) {
-    if (a.alpha >= 0) return with_alpha(std::integral_constant<int, 1>{}, pow_c);
-    if (alpha_vec) return with_alpha(std::integral_constant<int, 2>{}, pow_c);
-    return with_alpha(std::integral_constant<int, 0>{}, pow_c);
+  auto with_alpha = [&](auto pow_c, auto smooth_c) {
+    if (a.alpha >= 0) return rows(std::integral_constant<int, 1>{}, pow_c, smooth_c);
+    if (alpha_vec) return rows(std::integral_constant<int, 2>{}, pow_c, smooth_c);
+    return rows(std::integral_constant<int, 0>{}, pow_c, smooth_c);
   };
+  constexpr std::integral_constant<int, -1> kNoPow{};
+  if (eps > 0) return with_alpha(kNoPow, std::true_type{});
   if constexpr (!kFocal || !kHard) {
-    return with_pow(std::integral_constant<int, -1>{});
+    return with_alpha(kNoPow, std::false_type{});
   } else {
-    if (eps > 0) return with_pow(std::integral_constant<int, -1>{});
     switch (a.gamma_int) {
       case -1:
-        return with_pow(std::integral_constant<int, -1>{});
+        return with_alpha(kNoPow, std::false_type{});
       case 1:
-        return with_pow(std::integral_constant<int, 1>{});
+        return with_alpha(std::integral_constant<int, 1>{}, std::false_type{});
       case 2:
-        return with_pow(std::integral_constant<int, 2>{});
+        return with_alpha(std::integral_constant<int, 2>{}, std::false_type{});
       default:
-        return with_pow(std::integral_constant<int, kAnyPow>{});
+        return with_alpha(std::integral_constant<int, kAnyPow>{}, std::false_type{});
     }
   }
 }
