@@ -332,9 +332,15 @@ CBF_HD T smooth_binary_target(T t, A eps) {
 // the softmax family's loss is taken on
 //   z_c = s x_c + b_c - s Delta_y [c == y],   b = tau log(pi),
 // read once per pass from the stored x, so d loss / d x_c = s d loss / d z_c.
+// Without a logit adjustment (b = 0: margins or a logit scale only) the logit is s x, the
+// same bits as s x + 0.
+template <typename T>
+CBF_HD T scaled_logit(T x, T s) {
+  return s * x;
+}
 template <typename T>
 CBF_HD T adjusted_logit(T x, T s, T b) {
-  return s * x + b;
+  return scaled_logit(x, s) + b;
 }
 
 // gamma as a small integer (0..8) when it is one, else -1: with hard (0 / 1) targets the

@@ -110,7 +110,7 @@ struct RowLogits {
         const int64_t nv = IO::lanes(n, v);
         if (nv == 0) break;
         xv[v] = kAdj == kOffsetLogits ? adjusted_logit(xv[v], V(s), V::loadu(b + j + v * IO::kLanes, nv))
-                                      : xv[v] * V(s);
+                                      : scaled_logit(xv[v], V(s));
       }
       if (j == jy) {  // the target's block, once per row and pass: its margin by a lane compare
         CBF_UNROLL_VECS
@@ -124,7 +124,8 @@ struct RowLogits {
   acc_t at(int64_t c) const {
     const acc_t xc = static_cast<acc_t>(x[c]);
     if constexpr (kAdj != kStoredLogits)
-      return (kAdj == kOffsetLogits ? adjusted_logit(xc, s, b[c]) : xc * s) - (c == y ? margin_y : acc_t(0));
+      return (kAdj == kOffsetLogits ? adjusted_logit(xc, s, b[c]) : scaled_logit(xc, s)) -
+             (c == y ? margin_y : acc_t(0));
     return xc;
   }
 };
