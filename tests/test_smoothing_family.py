@@ -162,6 +162,42 @@ def test_softmax_focal_gamma_zero_is_smoothed_cross_entropy(shape, kind):
                 torch.testing.assert_close(gf, gt, rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.parametrize("gamma", [2.0, 1.5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_softmax_focal_smoothed_near_p_one_half_and_one(dtype, gamma):
+    """The smoothed focal term of every class takes 1 - p as such where p <= 1/2 (no
+    cancellation there) and -expm1(log p) only in the vector that holds a class above 1/2:
+    rows with a class at p = 1/2, just above and below it, at p -> 1 and at p = 1 / C, in
+    several vectors of a row, each row's loss within float rounding of the float64
+    reference and the gradient within its scale."""
+    c = 40
+    x = torch.full((7, c), -4.0, dtype=torch.float64)
+    x[0, [3, 21]] = 12.0  # two classes at p = 1/2 (almost: the rest hold 38 e^-16)
+    x[1, 21] = 12.0 + 1e-3  # just above 1/2
+    x[1, 3] = 12.0
+    x[2, 21] = 12.0 - 1e-3  # just below
+    x[2, 3] = 12.0
+    x[3, 30] = 25.0  # p -> 1: 1 - p ~ 39 e^-29
+    x[4] = 0.0  # p = 1 / C
+    x[5, 17] = float(torch.log(torch.tensor(c - 1.0)) + 4.0)  # p = 1/2 on one class
+    x[6] = torch.linspace(-3, 3, c, dtype=torch.float64)
+    y = torch.tensor([3, 21, 3, 30, 5, 17, 39])
+    w = cbfused.class_balanced_weights(make_counts(c, seed=2), 0.999)
+    xd = x.to(dtype)
+    lo, go = value_and_grad(
+        lambda xi: cbfused.class_balanced_loss(
+            xi, y, weights=w, loss_type="softmax_focal", gamma=gamma, reduction="none", label_smoothing=0.1
+        ),
+        xd,
+    )
+    lr, gr = _reference(xd, y, w, "softmax_focal", "none", 0.1, gamma=gamma)
+    # every row's loss is a sum of non-negative terms: relative, row by row
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(lo.double(), lr, rtol=tol, atol=0)
+    for r in range(x.shape[0]):
+        assert_close_scaled(go[r], gr[r].to(dtype), dtype)
+
+
 def test_softmax_focal_smoothing_changes_the_loss():
     x, y, w, _ = _inputs((30, 8), torch.float64, "hard", "softmax_focal")
     kw = dict(weights=w, loss_type="softmax_focal", gamma=2.0, reduction="sum")

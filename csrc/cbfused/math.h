@@ -6,12 +6,15 @@
 // specialises MathOps for it). The semantics are those of
 // shared/design/losses.md; the derivations are in README.md ("Numerics").
 //
-// Every binary term is written as a convex combination in t and u = 1 - t so
-// that nothing cancels at saturated logits:
-//   bce(x, t)   = t * softplus(-x) + u * softplus(x)
+// Every binary term is written in t and u = 1 - t so that nothing cancels at saturated
+// logits:
+//   bce(x, t)   = t * softplus(-x) + u * softplus(x)  = (x >= 0 ? u : t) |x| + log(1 + e^-|x|)
 //   d bce / dx  = u * sigmoid(x) - t * sigmoid(-x)
-//   focal z     = t * softplus(x) + u * softplus(-x),   m = exp(-gamma * z)
-// which equal softplus(x) - t x, sigmoid(x) - t and t x + softplus(-x) exactly.
+//   focal z     = t * softplus(x) + u * softplus(-x)  = (x >= 0 ? t : u) |x| + log(1 + e^-|x|)
+//   m = exp(-gamma * z)
+// which equal softplus(x) - t x, sigmoid(x) - t and t x + softplus(-x) exactly. The
+// softplus mixes are taken in their right-hand form (softplus_mix): two non-negative terms,
+// one select and one multiply-add.
 #pragma once
 
 #include <cmath>
@@ -73,10 +76,13 @@ struct MathOps<double> : ScalarMathOps<double> {};
 // log1p, each accurate to a few ulp for every finite x (no log(1 + exp(x))).
 template <typename T>
 struct Logistic {
-  T sp_pos;   // softplus(x)  = log(1 + e^x)
-  T sp_neg;   // softplus(-x) = log(1 + e^-x)
-  T sig_pos;  // sigmoid(x)
-  T sig_neg;  // sigmoid(-x) = 1 - sigmoid(x), without the cancellation
+  T sp_pos;                       // softplus(x)  = log(1 + e^x)
+  T sp_neg;                       // softplus(-x) = log(1 + e^-x)
+  T sig_pos;                      // sigmoid(x)
+  T sig_neg;                      // sigmoid(-x) = 1 - sigmoid(x), without the cancellation
+  T abs_x;                        // |x|
+  T l;                            // log(1 + e^-|x|): softplus(+-x) = max(+-x, 0) + l
+  typename MathOps<T>::Mask pos;  // x >= 0
 };
 
 template <typename T>
@@ -93,7 +99,22 @@ CBF_HD Logistic<T> logistic(T x) {
   out.sp_neg = O::max(-x, zero) + l;
   out.sig_pos = O::select(pos, r, er);
   out.sig_neg = O::select(pos, er, r);
+  out.abs_x = O::abs(x);
+  out.l = l;
+  out.pos = pos;
   return out;
+}
+
+// a softplus(-x) + b softplus(x) for a + b = 1 (a, b >= 0): bce(x, t) with (a, b) = (t, u),
+// the focal exponent z with (u, t). Equal to (x >= 0 ? b : a) |x| + l, since
+// max(-x, 0) = |x| for x < 0 and max(x, 0) = |x| for x >= 0: two non-negative terms, so
+// nothing cancels, and one select and one multiply-add where the combination of the two
+// softplus takes five operations. (At a t = 0 lane the bits are those of softplus(x)
+// itself: 1 |x| + l and 0 |x| + l are exact.)
+template <typename T>
+CBF_HD T softplus_mix(const Logistic<T>& L, T a, T b) {
+  using O = MathOps<T>;
+  return O::select(L.pos, b, a) * L.abs_x + L.l;
 }
 
 // Class-balanced paper's sigmoid focal term (losses.md, "focal"), for a target
@@ -106,8 +127,18 @@ CBF_HD Logistic<T> logistic(T x) {
 // the integer pow_k: then m = (1 - p_t)^gamma = (u sigmoid(x) + t sigmoid(-x))^pow_k,
 // by multiplication instead of a second exp (same value, to rounding).
 //
-// kZeroT: the caller knows t = 0 (a one-hot row away from its class): the same formulas
-// with t = 0, u = 1 folded (the compiler may not fold 0 * v itself: inf * 0 is NaN).
+// kT, what the caller knows of t:
+//   kTargetAny:  nothing (t in [0, 1]);
+//   kTargetZero: t = 0 (a one-hot row away from its class): the same formulas with t = 0,
+//                u = 1 folded (the compiler may not fold 0 * v itself: inf * 0 is NaN);
+//   kTargetLow:  t <= 1/2 (label smoothing's eps / 2 away from a class index's class): the
+//                differences sigmoid(x) - t and 1 - sigmoid(x) - t taken directly, one
+//                operation each where the convex forms take two and sigmoid(-x). The
+//                convex forms guard the t -> 1 end (sigmoid(x) - 1 at large x loses all of
+//                sigmoid(-x)); for t <= 1/2 both forms carry the same absolute error, an
+//                ulp of t or of sigmoid(x).
+constexpr int kTargetAny = 0, kTargetZero = 1, kTargetLow = 2;
+
 template <bool kZeroT, typename T>
 CBF_HD T convex(T t, T u, T a, T b) {  // t a + u b
   if constexpr (kZeroT) {
@@ -135,13 +166,20 @@ CBF_HD T integer_power(T base, int k) {
   return m;
 }
 
-template <bool kFocal, bool kGrad, bool kZeroT = false, typename T, typename G>
+template <bool kFocal, bool kGrad, int kT = kTargetAny, typename T, typename G>
 CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1) {
   using O = MathOps<T>;
+  constexpr bool kZeroT = kT == kTargetZero;
   const T u = T(1) - t;
   const Logistic<T> L = logistic(x);
-  const T bce = convex<kZeroT>(t, u, L.sp_neg, L.sp_pos);
-  const T d1 = convex_diff<kZeroT>(t, u, L.sig_neg, L.sig_pos);  // sigmoid(x) - t
+  T bce, d1;  // bce(x, t), sigmoid(x) - t
+  if constexpr (kZeroT) {
+    bce = L.sp_pos;
+    d1 = L.sig_pos;
+  } else {
+    bce = softplus_mix(L, t, u);
+    d1 = kT == kTargetLow ? L.sig_pos - t : convex_diff<false>(t, u, L.sig_neg, L.sig_pos);
+  }
   if constexpr (!kFocal) {
     loss = bce;
     if constexpr (kGrad) grad = d1;
@@ -151,11 +189,13 @@ CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1) {
     if (pow_k >= 0) {
       m = integer_power(convex<kZeroT>(t, u, L.sig_neg, L.sig_pos), pow_k);  // (1 - p_t)^pow_k
     } else {
-      m = O::exp_nonpos(-g * convex<kZeroT>(t, u, L.sp_pos, L.sp_neg));
+      const T z = kZeroT ? L.sp_neg : softplus_mix(L, u, t);  // t x + softplus(-x)
+      m = O::exp_nonpos(-g * z);
     }
     loss = m * bce;
     if constexpr (kGrad) {
-      const T d2 = convex_diff<kZeroT>(t, u, L.sig_pos, L.sig_neg);  // 1 - sigmoid(x) - t
+      // 1 - sigmoid(x) - t
+      const T d2 = kT == kTargetLow ? u - L.sig_pos : convex_diff<kZeroT>(t, u, L.sig_pos, L.sig_neg);
       grad = m * (d1 + g * d2 * bce);
     }
   }
@@ -176,7 +216,7 @@ CBF_HD void torchvision_focal_term(T x, T t, G gamma, T& loss, T& grad, int pow_
   const T zero(0), one(1);
   const T u = one - t;
   const Logistic<T> L = logistic(x);
-  const T bce = t * L.sp_neg + u * L.sp_pos;
+  const T bce = softplus_mix(L, t, u);
   const T B = u * L.sig_pos + t * L.sig_neg;
   if (pow_k >= 0) {
     const T pk1 = pow_k >= 1 ? integer_power(B, pow_k - 1) : one;  // B^(k-1)
@@ -254,6 +294,24 @@ CBF_HD SoftmaxFocal<T> softmax_focal(T logp, G gamma, int pow_k = -1) {
     out.loss = pw * (-logp);
     out.G = pw * (one - g * p * ratio);
   }
+  return out;
+}
+
+// softmax_focal for a class with p <= 1/2, from log p and p itself (the CPU rows divide the
+// parked exp(x - max) by the row's sum): there 1 - p has no cancellation and lies in
+// [1/2, 1], so it is taken as 1 - p, and 1 / (1 - p) as 2 recip_1_2(2 (1 - p)): no expm1,
+// exp or division. The same factors as softmax_focal, to rounding. At most one class of a
+// row has p > 1/2: softmax_focal serves it.
+template <typename T, typename G>
+CBF_HD SoftmaxFocal<T> softmax_focal_low_p(T logp, T p, G gamma, int pow_k = -1) {
+  using O = MathOps<T>;
+  const T one(1), two(2), g(gamma);
+  const T q = one - p;
+  const T pw = pow_k >= 0 ? integer_power(q, pow_k) : O::exp_nonpos(g * O::log(q));
+  const T ratio = logp * (two * O::recip_1_2(two * q));  // log p / (1 - p)
+  SoftmaxFocal<T> out;
+  out.loss = pw * (-logp);
+  out.G = pw * (one - g * p * ratio);
   return out;
 }
 

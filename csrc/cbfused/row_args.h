@@ -70,12 +70,12 @@ struct Smoothing {
 template <typename acc_t>
 struct ClassOptions {
   const acc_t* offset = nullptr;     // b = tau log(pi)
-  const acc_t* margin = nullptr;     // Delta, on the target class (class-index targets)
+  const acc_t* margin = nullptr;     // Delta, on the target class (class-index targets; null: none)
   acc_t scale = 1;                   // s
   const acc_t* alpha_vec = nullptr;  // per-class alpha [C] (RowArgs::alpha < 0 then), or null
   CBF_HD bool adjusted() const { return offset != nullptr; }
   // s Delta_y, what the target's adjusted logit loses (0 for y < 0)
-  CBF_HD acc_t target_margin(int64_t y) const { return y >= 0 ? scale * margin[y] : acc_t(0); }
+  CBF_HD acc_t target_margin(int64_t y) const { return y >= 0 && margin ? scale * margin[y] : acc_t(0); }
 };
 
 template <typename acc_t>

@@ -302,6 +302,9 @@ struct RowIO {
 #endif
   }
 
+  // true when no lane of the comparison result m is set
+  static inline bool none(const V& m) { return m.zero_mask() == (1 << kLanes) - 1; }
+
   // Horizontal sum in a fixed lane order (deterministic, thread-independent): a shuffle
   // tree for float (at::vec's), a left-to-right sum for double.
   static inline acc_t hsum(const V& v) {

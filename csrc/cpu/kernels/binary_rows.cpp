@@ -35,7 +35,7 @@ constexpr int kAnyPow = -2;
 // Sigmoid cross-entropy and the paper's sigmoid focal loss, one row:
 //   l = s * sum_c alpha_t * m * bce(x_c, t_c),  grad_c = s * d/dx_c(...)
 // kSmooth: label smoothing eps, every t_c taken as math.h's smooth_binary_target (a hard
-// target's t = 0 blocks are no longer 0 then: kPow = -1 and no kZeroT blocks).
+// target's t = 0 blocks have t = eps / 2 then: kTargetLow blocks, and kPow = -1).
 // kAlpha (0: no alpha, 1: the scalar alpha, 2: a per-class alpha vector) and kPow (the focal power for hard
 // targets: -1 none, k >= 0 an integer gamma, kAnyPow read at run time) are template parameters, chosen once
 // per call (run_sigmoid), not tested per vector: the power's loop with a run-time trip count alone cost 5 to
@@ -81,11 +81,13 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a,
   // took 1.17x and focal 1.14x the float32 time, 1.08x and 1.08x with it inline (one
   // thread, alternating builds; RowIO's one-vector tail then made them 1.06x and 1.02x).
   // av: the vector's per-class alphas (kAlpha = 2).
-  auto vec = [&](auto zero_t, const V& xv, const V& tv, int64_t nv, const V& av)
+  // kind_t: math.h's kTarget* of the vector's t.
+  auto vec = [&](auto kind_t, const V& xv, const V& tv, int64_t nv, const V& av)
                  __attribute__((always_inline)) -> V {
-    constexpr bool kZeroT = decltype(zero_t)::value;
+    constexpr int kT = decltype(kind_t)::value;
+    constexpr bool kZeroT = kT == kTargetZero;
     V lv, dv;
-    binary_term<kFocal, kGrad, kZeroT>(xv, tv, gamma, lv, dv, pow_k);
+    binary_term<kFocal, kGrad, kT>(xv, tv, gamma, lv, dv, pow_k);
     if constexpr (kZeroT && kAlpha == 2) {
       const V at0v = alpha_t_of(V(0), av);  // 1 - alpha_c
       lacc = at::vec::fmadd(IO::keep(lv, nv, acc_t(0)), at0v, lacc);
@@ -104,11 +106,16 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a,
       return dv * gs;
     }
   };
-  // One block of kStep elements; kZeroT: a hard-target block without the row's class
-  // (every t is 0), where binary_term folds t away. kFull: a whole block (n = kStep
-  // known at compile time: no per-vector lane counts).
-  auto block = [&](auto zero_t, auto full_t, int64_t j) {
-    constexpr bool kZeroT = decltype(zero_t)::value;
+  // One block of kStep elements. kind_t: kTargetZero for a hard-target block without the
+  // row's class (every t is 0), where binary_term folds t away; kTargetLow for a smoothed
+  // hard-target block without it (every t is eps / 2); else kTargetAny. kFull: a whole
+  // block (n = kStep known at compile time: no per-vector lane counts).
+  using Any = std::integral_constant<int, kTargetAny>;
+  using Zero = std::integral_constant<int, kTargetZero>;
+  using Low = std::integral_constant<int, kTargetLow>;
+  const V t_off = kSmooth ? smooth_binary_target(V(0), eps) : V(0);  // t away from the class
+  auto block = [&](auto kind_t, auto full_t, int64_t j) {
+    constexpr int kT = decltype(kind_t)::value;
     constexpr bool kFull = decltype(full_t)::value;
     const int64_t n = kFull ? IO::kStep : std::min(IO::kStep, C - j);
     V xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs];
@@ -121,28 +128,27 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a,
       if (nv == 0) break;  // a float16 / bfloat16 tail of <= 16: no math on padding
       const int64_t k0 = j + v * IO::kLanes;
       const V av = kAlpha == 2 ? V::loadu(alpha_vec + k0, nv) : V(0);
-      if constexpr (kZeroT) {
-        gv[v] = vec(std::true_type{}, xv[v], V(0), nv, av);
+      if constexpr (kT != kTargetAny) {
+        gv[v] = vec(kind_t, xv[v], t_off, nv, av);
       } else if constexpr (kHard) {
         // the class block: only the vector that holds y takes the one-hot path
-        const bool has_y = y >= k0 && y < k0 + IO::kLanes;
-        if (kSmooth || has_y) {
-          const V oh = has_y ? one_hot_vector<IO>(y, k0) : V(0);
-          gv[v] = vec(std::false_type{}, xv[v], kSmooth ? smooth_binary_target(oh, eps) : oh, nv, av);
+        if (y >= k0 && y < k0 + IO::kLanes) {
+          const V oh = one_hot_vector<IO>(y, k0);
+          gv[v] = vec(Any{}, xv[v], kSmooth ? smooth_binary_target(oh, eps) : oh, nv, av);
         } else {
-          gv[v] = vec(std::true_type{}, xv[v], V(0), nv, av);
+          gv[v] = vec(std::conditional_t<kSmooth, Low, Zero>{}, xv[v], t_off, nv, av);
         }
       } else {
-        gv[v] = vec(std::false_type{}, xv[v], kSmooth ? smooth_binary_target(tv[v], eps) : tv[v], nv, av);
+        gv[v] = vec(Any{}, xv[v], kSmooth ? smooth_binary_target(tv[v], eps) : tv[v], nv, av);
       }
     }
     if constexpr (kGrad) IO::store(g + j, n, gv);
   };
   auto run = [&](auto full_t, int64_t j) {
-    if (kHard && !kSmooth && (y < j || y >= j + IO::kStep)) {
-      block(std::true_type{}, full_t, j);
+    if (kHard && (y < j || y >= j + IO::kStep)) {
+      block(std::conditional_t<kSmooth, Low, Zero>{}, full_t, j);
     } else {
-      block(std::false_type{}, full_t, j);
+      block(Any{}, full_t, j);
     }
   };
   int64_t j = 0;

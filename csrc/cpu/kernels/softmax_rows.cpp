@@ -97,7 +97,7 @@ struct RowLogits {
       s = adj.scale;
       y = y_;
       margin_y = adj.target_margin(y_);
-      if (y_ >= 0) jy = y_ - y_ % IO::kStep;
+      if (y_ >= 0 && adj.margin) jy = y_ - y_ % IO::kStep;
     }
   }
 
@@ -386,6 +386,11 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
       const auto E = targets(k);
       const V mxv(mx[k]), lsv(ls_k[k]);
       acc_t* const Gk = kGrad ? park_row<scalar_t, kScratch>(scratch, nullptr, C, R + k) : nullptr;
+      // with the gradient, pass 2 parked the exps: p = e / sum, and where every lane of a
+      // vector has p <= 1/2 (all but at most one vector of a row) softmax_focal_low_p needs
+      // no expm1, exp or division
+      const acc_t* const pe = kGrad ? park_row<scalar_t, kScratch>(scratch, nullptr, C, k) : nullptr;
+      const V inv_sum(acc_t(1) / sum[k]), half(acc_t(0.5));
       V lv(0), gsum(0);
       row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) CBF_BLOCK {
         V xv[IO::kVecs], ev[IO::kVecs];
@@ -395,7 +400,18 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
         for (int v = 0; v < IO::kVecs; ++v) {
           const int64_t nv = IO::lanes(n, v);
           if (nv == 0) break;
-          const auto f = softmax_focal<true>(log_softmax_of(xv[v], mxv, lsv), a.gamma, a.gamma_int);
+          const V logp = log_softmax_of(xv[v], mxv, lsv);
+          SoftmaxFocal<V> f;
+          if constexpr (kGrad) {
+            const V p = V::loadu(pe + j + v * IO::kLanes, nv) * inv_sum;  // zeros past nv
+            if (IO::none(p > half)) {
+              f = softmax_focal_low_p(logp, p, a.gamma, a.gamma_int);
+            } else {
+              f = softmax_focal<true>(logp, a.gamma, a.gamma_int);
+            }
+          } else {
+            f = softmax_focal<true>(logp, a.gamma, a.gamma_int);
+          }
           lv = lv + IO::keep(ev[v] * f.loss, nv, acc_t(0));
           gsum = gsum + IO::keep(ev[v] * f.G, nv, acc_t(0));
           if constexpr (kGrad) f.G.store(Gk + j + v * IO::kLanes, nv);  // for the gradient pass
@@ -621,9 +637,15 @@ constexpr int64_t kGroupElems = 1 << 12;
 
 template <typename scalar_t>
 std::pair<double, double> softmax_family_rows(const RowArgs<scalar_t>& a, const Smoothing& sm,
-                                              const ClassOptions<at::opmath_type<scalar_t>>& adj, bool focal,
-                                              bool grad, bool hard) {
+                                              const ClassOptions<at::opmath_type<scalar_t>>& adj_in,
+                                              bool focal, bool grad, bool hard) {
+  using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t L = RowIO<scalar_t>::kLanes;
+  // All-zero margins (a logit adjustment alone) as none: the passes then skip the target
+  // block's lane compare (s x - s 0 is s x to the bit).
+  ClassOptions<acc_t> adj = adj_in;
+  if (adj.margin && std::all_of(adj.margin, adj.margin + a.C, [](acc_t m) { return m == acc_t(0); }))
+    adj.margin = nullptr;
   const int64_t group = std::clamp<int64_t>(kGroupElems / std::max<int64_t>(a.C, 1), 1, L);
   return with_adjusted_logits(adj, a.C, [&](auto adj_c) {
     constexpr int kA = decltype(adj_c)::value;
