@@ -204,36 +204,31 @@ CBF_HD void softmax_row_sums(const RowLogits<scalar_t, kAdj>& X_, const scalar_t
 }
 
 // The gradient pass, from the parked e_k = exp(x_k - max): grad_k = cpe e_k (= cp p_k),
-// less, for soft rows (kSoft), st e_k (cross-entropy) or st e_k G_k (focal: G_k as pass 3
-// parked it in `Gk`), e from SoftTargets. For float32 / float64 `park` is the gradient row
-// itself (but for soft focal rows: park_scratch).
+// less, for soft rows (kSoft), st e_k (cross-entropy, e from SoftTargets) or st (e_k G_k)
+// (focal: pass 3 parked the product e_k G_k in `eG`, so this pass needs no targets). For
+// float32 / float64 `park` is the gradient row itself (but for soft focal rows:
+// park_scratch).
 template <typename scalar_t, bool kFocal, bool kSoft, typename Targets>
 CBF_HD void softmax_row_grad(const Targets& E, const at::opmath_type<scalar_t>* park,
-                             const at::opmath_type<scalar_t>* Gk, scalar_t* g, int64_t C,
+                             const at::opmath_type<scalar_t>* eG, scalar_t* g, int64_t C,
                              at::opmath_type<scalar_t> cpe, at::opmath_type<scalar_t> st) {
   using IO = RowIO<scalar_t>;
   using V = typename IO::V;
   const V cpev(cpe), stv(st);
   row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) CBF_BLOCK {
-    V ev[IO::kVecs], gv[IO::kVecs], Gv[IO::kVecs];
+    V ev[IO::kVecs], gv[IO::kVecs];
     CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
       const int64_t nv = IO::lanes(n, v);
       gv[v] = nv > 0 ? V::loadu(park + j + v * IO::kLanes, nv) : V(0);
-      if constexpr (kSoft && kFocal) Gv[v] = nv > 0 ? V::loadu(Gk + j + v * IO::kLanes, nv) : V(0);
+      if constexpr (kSoft && kFocal) ev[v] = nv > 0 ? V::loadu(eG + j + v * IO::kLanes, nv) : V(0);
     }
-    if constexpr (kSoft) E.load(j, n, ev);
+    if constexpr (kSoft && !kFocal) E.load(j, n, ev);
     CBF_UNROLL_VECS
     for (int v = 0; v < IO::kVecs; ++v) {
       if (IO::lanes(n, v) == 0) break;  // padding: gv[v] is 0 already
       V gk = cpev * gv[v];
-      if constexpr (kSoft) {
-        if constexpr (kFocal) {
-          gk = gk - stv * ev[v] * Gv[v];
-        } else {
-          gk = gk - stv * ev[v];
-        }
-      }
+      if constexpr (kSoft) gk = gk - stv * ev[v];  // ev: e_k, or (focal) e_k G_k
       gv[v] = gk;
     }
     IO::store(g + j, n, gv);
@@ -335,7 +330,7 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
   for (int64_t k = 0; k < L; ++k) sum[k] = acc_t(1);
   // Soft focal rows read their logits after pass 2: their exps are parked apart.
   constexpr bool kScratch = IO::kReduced || (kFocal && kSoft);
-  // soft focal rows: R rows of parked exps, then R rows of pass 3's G_k for the gradient
+  // soft focal rows: R rows of parked exps, then R rows of pass 3's e_k G_k for the gradient
   acc_t* const scratch = kGrad ? park_scratch<scalar_t, kScratch>(C, kFocal && kSoft ? 2 * R : R) : nullptr;
   for (int64_t k = 0; k < R; ++k) {
     SoftmaxRowStart<scalar_t, kAdj> r;
@@ -385,7 +380,8 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
       const RowLogits<scalar_t, kAdj> X(a.x + (i0 + k) * a.x_stride, adj, kHard ? y[k] : -1);
       const auto E = targets(k);
       const V mxv(mx[k]), lsv(ls_k[k]);
-      acc_t* const Gk = kGrad ? park_row<scalar_t, kScratch>(scratch, nullptr, C, R + k) : nullptr;
+      // e_c G_c, parked for the gradient pass
+      acc_t* const eGk = kGrad ? park_row<scalar_t, kScratch>(scratch, nullptr, C, R + k) : nullptr;
       // with the gradient, pass 2 parked the exps: p = e / sum, and where every lane of a
       // vector has p <= 1/2 (all but at most one vector of a row) softmax_focal_low_p needs
       // no expm1, exp or division
@@ -412,9 +408,10 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
           } else {
             f = softmax_focal<true>(logp, a.gamma, a.gamma_int);
           }
+          const V eG = ev[v] * f.G;
           lv = lv + IO::keep(ev[v] * f.loss, nv, acc_t(0));
-          gsum = gsum + IO::keep(ev[v] * f.G, nv, acc_t(0));
-          if constexpr (kGrad) f.G.store(Gk + j + v * IO::kLanes, nv);  // for the gradient pass
+          gsum = gsum + IO::keep(eG, nv, acc_t(0));
+          if constexpr (kGrad) eG.store(eGk + j + v * IO::kLanes, nv);
         }
       });
       loss[k] = st[k] * IO::hsum(lv);
@@ -435,9 +432,9 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
       if (!live[k]) continue;
       const int64_t i = i0 + k;
       scalar_t* g = a.grad + i * C;
-      const acc_t* Gk = kFocal && kSoft ? park_row<scalar_t, kScratch>(scratch, g, C, R + k) : nullptr;
+      const acc_t* eGk = kFocal && kSoft ? park_row<scalar_t, kScratch>(scratch, g, C, R + k) : nullptr;
       softmax_row_grad<scalar_t, kFocal, kSoft>(targets(k), park_row<scalar_t, kScratch>(scratch, g, C, k),
-                                                Gk, g, C, cpe[k], st[k] * pre);
+                                                eGk, g, C, cpe[k], st[k] * pre);
       if constexpr (!kSoft) g[y[k]] = static_cast<scalar_t>(cy[k]);
     }
   }
