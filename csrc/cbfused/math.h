@@ -274,6 +274,16 @@ struct SoftmaxFocal {
   T G;
 };
 
+// The factors from log p, p, pw = (1 - p)^gamma and ratio = log p / (1 - p), as
+// softmax_focal and softmax_focal_low_p compose them.
+template <typename T>
+CBF_HD SoftmaxFocal<T> softmax_focal_factors(T logp, T p, T pw, T ratio, T g) {
+  SoftmaxFocal<T> out;
+  out.loss = pw * (-logp);
+  out.G = pw * (T(1) - g * p * ratio);
+  return out;
+}
+
 template <bool kFocal, typename T, typename G>
 CBF_HD SoftmaxFocal<T> softmax_focal(T logp, G gamma, int pow_k = -1) {
   using O = MathOps<T>;
@@ -291,8 +301,7 @@ CBF_HD SoftmaxFocal<T> softmax_focal(T logp, G gamma, int pow_k = -1) {
     const T pw = pow_k >= 0 ? integer_power(q, pow_k)
                             : O::select(q_pos, O::exp_nonpos(g * O::log(safe_q)), gamma == G(0) ? one : zero);
     const T ratio = O::select(q_pos, logp / safe_q, -one);  // log p / (1 - p)
-    out.loss = pw * (-logp);
-    out.G = pw * (one - g * p * ratio);
+    out = softmax_focal_factors(logp, p, pw, ratio, g);
   }
   return out;
 }
@@ -309,10 +318,7 @@ CBF_HD SoftmaxFocal<T> softmax_focal_low_p(T logp, T p, G gamma, int pow_k = -1)
   const T q = one - p;
   const T pw = pow_k >= 0 ? integer_power(q, pow_k) : O::exp_nonpos(g * O::log(q));
   const T ratio = logp * (two * O::recip_1_2(two * q));  // log p / (1 - p)
-  SoftmaxFocal<T> out;
-  out.loss = pw * (-logp);
-  out.G = pw * (one - g * p * ratio);
-  return out;
+  return softmax_focal_factors(logp, p, pw, ratio, g);
 }
 
 // A softmax-family row's results, the one composition of every backend and layout (the

@@ -113,6 +113,7 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a,
   using Any = std::integral_constant<int, kTargetAny>;
   using Zero = std::integral_constant<int, kTargetZero>;
   using Low = std::integral_constant<int, kTargetLow>;
+  using Off = std::conditional_t<kSmooth, Low, Zero>;                // a hard row's t away from its class
   const V t_off = kSmooth ? smooth_binary_target(V(0), eps) : V(0);  // t away from the class
   auto block = [&](auto kind_t, auto full_t, int64_t j) {
     constexpr int kT = decltype(kind_t)::value;
@@ -136,7 +137,7 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a,
           const V oh = one_hot_vector<IO>(y, k0);
           gv[v] = vec(Any{}, xv[v], kSmooth ? smooth_binary_target(oh, eps) : oh, nv, av);
         } else {
-          gv[v] = vec(std::conditional_t<kSmooth, Low, Zero>{}, xv[v], t_off, nv, av);
+          gv[v] = vec(Off{}, xv[v], t_off, nv, av);
         }
       } else {
         gv[v] = vec(Any{}, xv[v], kSmooth ? smooth_binary_target(tv[v], eps) : tv[v], nv, av);
@@ -146,7 +147,7 @@ RowOut<at::opmath_type<scalar_t>> sigmoid_row(const Args<scalar_t>& a,
   };
   auto run = [&](auto full_t, int64_t j) {
     if (kHard && (y < j || y >= j + IO::kStep)) {
-      block(std::conditional_t<kSmooth, Low, Zero>{}, full_t, j);
+      block(Off{}, full_t, j);
     } else {
       block(Any{}, full_t, j);
     }
