@@ -514,17 +514,26 @@ CBF_HD void softmax_row_smooth_grad(const SoftTargets<scalar_t, kHard, kSmooth>&
   row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) CBF_BLOCK {
     V ev[IO::kVecs], gv[IO::kVecs];
     if constexpr (kHard) {
-      // off the target e_k = a_k (P 0 + Q) = a_k Q, to the bit: no one-hot lane compare
+      // off the target e_k = a_k (P 0 + Q) = a_k Q: no one-hot lane compare; under class
+      // weighting grad_k = cpe e_k - w_k Q in one fused multiply-subtract
       CBF_UNROLL_VECS
-      for (int v = 0; v < IO::kVecs; ++v)
-        ev[v] = kSmooth == 2 ? V::loadu(E.w + j + v * IO::kLanes, IO::lanes(n, v)) * V(E.K.Q) : V(E.K.Q);
+      for (int v = 0; v < IO::kVecs; ++v) {
+        const int64_t nv = IO::lanes(n, v);
+        if (nv == 0) {
+          gv[v] = V(0);
+          continue;
+        }
+        const V cp = cpev * V::loadu(park + j + v * IO::kLanes, nv);
+        gv[v] = kSmooth == 2 ? at::vec::fnmadd(V::loadu(E.w + j + v * IO::kLanes, nv), V(E.K.Q), cp)
+                             : cp - V(E.K.Q);
+      }
     } else {
       E.load(j, n, ev);
-    }
-    CBF_UNROLL_VECS
-    for (int v = 0; v < IO::kVecs; ++v) {
-      const int64_t nv = IO::lanes(n, v);
-      gv[v] = nv > 0 ? cpev * V::loadu(park + j + v * IO::kLanes, nv) - ev[v] : V(0);
+      CBF_UNROLL_VECS
+      for (int v = 0; v < IO::kVecs; ++v) {
+        const int64_t nv = IO::lanes(n, v);
+        gv[v] = nv > 0 ? cpev * V::loadu(park + j + v * IO::kLanes, nv) - ev[v] : V(0);
+      }
     }
     IO::store(g + j, n, gv);
   });
