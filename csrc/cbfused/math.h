@@ -266,8 +266,9 @@ CBF_HD T softmax_one_minus_p(T logp) {
 // ratio log p / (1 - p) tends to -1 there; (1 - p)^gamma is exp(gamma log(1 - p))
 // with the limits 0^gamma = 0 (gamma > 0) and 0^0 = 1, so gamma < 1 never
 // produces the inf * 0 of d/dp (1 - p)^gamma. pow_k >= 0: gamma is that integer
-// (small_integer_gamma), and (1 - p)^gamma is a product (the same value to rounding, the same
-// limits), two transcendentals fewer: the soft rows take it for every class.
+// (small_integer_gamma), and (1 - p)^gamma is a product and for pow_k >= 1 G too
+// (softmax_focal_integer; the same values to rounding, the same limits): two
+// transcendentals and a division fewer, which the soft rows save for every class.
 template <typename T>
 struct SoftmaxFocal {
   T loss;  // (1 - p)^gamma * (-log p)
@@ -284,6 +285,19 @@ CBF_HD SoftmaxFocal<T> softmax_focal_factors(T logp, T p, T pw, T ratio, T g) {
   return out;
 }
 
+// The same factors for an integer gamma = k >= 1 from q = 1 - p:
+//   loss = q^k (-log p),  G = q^(k-1) (q - gamma p log p)
+// (G as above, multiplied out): products only, no ratio and so no division, and q and
+// -gamma p log p are both >= 0, so nothing cancels; at q = 0 (p = 1) G = 0, the limit.
+template <typename T>
+CBF_HD SoftmaxFocal<T> softmax_focal_integer(T logp, T p, T q, T g, int k) {
+  const T qk1 = integer_power(q, k - 1);  // q^(k-1)
+  SoftmaxFocal<T> out;
+  out.loss = (qk1 * q) * (-logp);
+  out.G = qk1 * (q - g * p * logp);
+  return out;
+}
+
 template <bool kFocal, typename T, typename G>
 CBF_HD SoftmaxFocal<T> softmax_focal(T logp, G gamma, int pow_k = -1) {
   using O = MathOps<T>;
@@ -296,10 +310,11 @@ CBF_HD SoftmaxFocal<T> softmax_focal(T logp, G gamma, int pow_k = -1) {
     const T g(gamma);
     const T q = softmax_one_minus_p(logp);
     const T p = O::exp_nonpos(logp);
+    if (pow_k >= 1) return softmax_focal_integer(logp, p, q, g, pow_k);
     const auto q_pos = O::gt(q, zero);
     const T safe_q = O::select(q_pos, q, one);
-    const T pw = pow_k >= 0 ? integer_power(q, pow_k)
-                            : O::select(q_pos, O::exp_nonpos(g * O::log(safe_q)), gamma == G(0) ? one : zero);
+    const T pw =
+        pow_k == 0 ? one : O::select(q_pos, O::exp_nonpos(g * O::log(safe_q)), gamma == G(0) ? one : zero);
     const T ratio = O::select(q_pos, logp / safe_q, -one);  // log p / (1 - p)
     out = softmax_focal_factors(logp, p, pw, ratio, g);
   }
@@ -308,15 +323,16 @@ CBF_HD SoftmaxFocal<T> softmax_focal(T logp, G gamma, int pow_k = -1) {
 
 // softmax_focal for a class with p <= 1/2, from log p and p itself (the CPU rows divide the
 // parked exp(x - max) by the row's sum): there 1 - p has no cancellation and lies in
-// [1/2, 1], so it is taken as 1 - p, and 1 / (1 - p) as 2 recip_1_2(2 (1 - p)): no expm1,
-// exp or division. The same factors as softmax_focal, to rounding. At most one class of a
-// row has p > 1/2: softmax_focal serves it.
+// [1/2, 1], so it is taken as 1 - p, and (for a gamma that is no integer >= 1) 1 / (1 - p)
+// as 2 recip_1_2(2 (1 - p)): no expm1, exp or division. The same factors as softmax_focal,
+// to rounding. At most one class of a row has p > 1/2: softmax_focal serves it.
 template <typename T, typename G>
 CBF_HD SoftmaxFocal<T> softmax_focal_low_p(T logp, T p, G gamma, int pow_k = -1) {
   using O = MathOps<T>;
   const T one(1), two(2), g(gamma);
   const T q = one - p;
-  const T pw = pow_k >= 0 ? integer_power(q, pow_k) : O::exp_nonpos(g * O::log(q));
+  if (pow_k >= 1) return softmax_focal_integer(logp, p, q, g, pow_k);
+  const T pw = pow_k == 0 ? one : O::exp_nonpos(g * O::log(q));
   const T ratio = logp * (two * O::recip_1_2(two * q));  // log p / (1 - p)
   return softmax_focal_factors(logp, p, pw, ratio, g);
 }

@@ -67,6 +67,23 @@ struct SoftTargets {
       ev[v] = alpha_vec ? e * V::loadu(alpha_vec + k0, nv) : e;
     }
   }
+
+  // Class-index rows: e off the target, a_c Q (alpha_c) (smooth_target at t_c = 0, to the
+  // bit), with no one-hot lane compare; target_share() is what class y adds to it.
+  CBF_HD void load_off_target(int64_t j, int64_t n, V* ev) const {
+    static_assert(kHard && kSmooth != 0, "class-index rows with smoothing");
+    CBF_UNROLL_VECS
+    for (int v = 0; v < IO::kVecs; ++v) {
+      const int64_t nv = IO::lanes(n, v), k0 = j + v * IO::kLanes;
+      const V e = kSmooth == 2 ? V::loadu(w + k0, nv) * V(K.Q) : V(K.Q);
+      ev[v] = alpha_vec ? e * V::loadu(alpha_vec + k0, nv) : e;
+    }
+  }
+  // e_y less its off-target part: a_y P (alpha_y)
+  CBF_HD acc_t target_share() const {
+    const acc_t share = (kSmooth == 2 ? w[y] : acc_t(1)) * K.P;
+    return alpha_vec ? share * alpha_vec[y] : share;
+  }
 };
 
 // How the passes read a row's logits: as stored (kAdj = kStoredLogits), or adjusted
@@ -338,7 +355,7 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
                                                                    T[k], mx[k], out[k]))
       continue;
     live[k] = true;
-    if constexpr (!kSoft) xy[k] = r.X.at(y[k]);  // before pass 2 parks over it
+    if constexpr (kHard) xy[k] = r.X.at(y[k]);  // before pass 2 parks over it
     softmax_row_sums<scalar_t, !kHard && !kFocal, kGrad>(r.X, r.t, C, mx[k], r.park, sum[k], tx[k], r.next);
   }
   // Row k's soft targets (its logits: margin at a class index y)
@@ -374,7 +391,9 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
     r.loss.store(loss);
     r.cp.store(cp);
   } else {
-    // Pass 3 (soft focal), per row: sum_c e_c * focal loss, sum_c e_c G_c.
+    // Pass 3 (soft focal), per row: sum_c e_c * focal loss, sum_c e_c G_c. For a class
+    // index the blocks take e off the target for every class, and the target's share
+    // follows for all rows at once (below).
     for (int64_t k = 0; k < R; ++k) {
       if (!live[k]) continue;
       const RowLogits<scalar_t, kAdj> X(a.x + (i0 + k) * a.x_stride, adj, kHard ? y[k] : -1);
@@ -391,7 +410,11 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
       row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) CBF_BLOCK {
         V xv[IO::kVecs], ev[IO::kVecs];
         X.load(j, n, xv);
-        E.load(j, n, ev);
+        if constexpr (kHard) {
+          E.load_off_target(j, n, ev);
+        } else {
+          E.load(j, n, ev);
+        }
         CBF_UNROLL_VECS
         for (int v = 0; v < IO::kVecs; ++v) {
           const int64_t nv = IO::lanes(n, v);
@@ -416,6 +439,22 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
       });
       loss[k] = st[k] * IO::hsum(lv);
       cp[k] = st[k] * IO::hsum(gsum);
+    }
+    if constexpr (kHard) {
+      // the target's share of e times its focal terms, one row per lane (dead lanes:
+      // log p = 0, finite)
+      const SoftmaxFocal<V> fy =
+          softmax_focal<true>(log_softmax_of(V::loadu(xy), V::loadu(mx), ls), a.gamma, a.gamma_int);
+      alignas(64) acc_t ly[L], gy[L];
+      fy.loss.store(ly);
+      fy.G.store(gy);
+      for (int64_t k = 0; k < R; ++k) {
+        if (!live[k]) continue;
+        const acc_t share = targets(k).target_share();
+        loss[k] += st[k] * (share * ly[k]);
+        cp[k] += st[k] * (share * gy[k]);
+        if constexpr (kGrad) park_row<scalar_t, kScratch>(scratch, nullptr, C, R + k)[y[k]] += share * gy[k];
+      }
     }
   }
   for (int64_t k = 0; k < R; ++k)
@@ -514,8 +553,9 @@ CBF_HD void softmax_row_smooth_grad(const SoftTargets<scalar_t, kHard, kSmooth>&
   row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) CBF_BLOCK {
     V ev[IO::kVecs], gv[IO::kVecs];
     if constexpr (kHard) {
-      // off the target e_k = a_k (P 0 + Q) = a_k Q: no one-hot lane compare; under class
-      // weighting grad_k = cpe e_k - w_k Q in one fused multiply-subtract
+      // off the target e_k = a_k (P 0 + Q) = a_k Q (SoftTargets::load_off_target, written
+      // out here): under class weighting grad_k = cpe e_k - w_k Q in one fused
+      // multiply-subtract
       CBF_UNROLL_VECS
       for (int v = 0; v < IO::kVecs; ++v) {
         const int64_t nv = IO::lanes(n, v);
