@@ -316,3 +316,29 @@ def test_bfloat16_gradients_round_like_torch_denormals_and_nan_included(loss_typ
     tiny = finite & (want != 0) & (want.abs() < torch.finfo(torch.bfloat16).tiny)
     if loss_type != "softmax" and gamma == 0:  # sigmoid(-90) ~ 8e-40: bfloat16 denormals
         assert tiny.sum() >= 10, tiny.sum()
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.5])
+def test_float32_soft_focal_power_accurate_to_a_few_ulp_for_p_up_to_one_half(gamma):
+    """The soft softmax focal rows take (1 - p)^gamma of every class with p <= 1/2 from
+    log1p(-p) (the CPU vector version a polynomial of its own, math.h's log1p_neg_half):
+    per row, one class at p = sigmoid(x) over [1e-30, 1/2] against float64, its focal loss
+    (1 - p)^gamma (-log p) and gradient -(1 - p) G, the other classes at p = 0 (two
+    vectors of a row, so the class's vector holds no p above 1/2)."""
+    x = -torch.logspace(-4.0, 1.84, 20001, dtype=torch.float64).float()  # p from 1/2 - 2.5e-5 to 1e-30
+    x = torch.cat([x, torch.tensor([0.0, -1e-6, -0.7, -3.0, -17.0, -40.0])])
+    n, c = x.shape[0], 32
+    z = torch.full((n, c), -200.0)
+    z[:, 31] = x  # the class
+    z[:, 0] = 0.0  # the row's other class with p > 0, in another vector
+    t = torch.zeros(n, c)
+    t[:, 31] = 1.0
+    w = torch.ones(c, dtype=torch.float64)
+    loss, grad = _loss_and_grad(z, t, w, loss_type="softmax_focal", gamma=gamma, reduction="none")
+    xd = x.double()
+    p = torch.sigmoid(xd)
+    logp = -torch.nn.functional.softplus(-xd)
+    q = torch.sigmoid(-xd)
+    G = q.pow(gamma - 1) * (q - gamma * p * logp)
+    _assert_ulps(loss, q.pow(gamma) * -logp, 4.0)
+    _assert_ulps(grad[:, 31], -q * G, 4.0)

@@ -50,6 +50,9 @@ struct ScalarMathOps {
   static CBF_HD T expm1_nonpos(T x) { return ::expm1(x); }
   // log1p for x in [0, 1] (the CPU vector version exploits the narrow domain).
   static CBF_HD T log1p_unit(T x) { return log1p(x); }
+  // log1p for x in [-1/2, 0]: log(1 - p) of a probability p <= 1/2, exact for tiny p where
+  // log(1 - p) would round 1 - p first (the CPU vector version exploits the narrow domain).
+  static CBF_HD T log1p_neg_half(T x) { return log1p(x); }
   static CBF_HD T abs(T x) { return ::fabs(x); }
   // 1 / x for x in [1, 2] (the CPU vector version may use a hardware estimate + Newton).
   static CBF_HD T recip_1_2(T x) { return T(1) / x; }
@@ -65,6 +68,7 @@ struct MathOps<float> : ScalarMathOps<float> {
   static CBF_HD float log(float x) { return ::logf(x); }
   static CBF_HD float log1p(float x) { return ::log1pf(x); }
   static CBF_HD float log1p_unit(float x) { return ::log1pf(x); }
+  static CBF_HD float log1p_neg_half(float x) { return ::log1pf(x); }
   static CBF_HD float expm1_nonpos(float x) { return ::expm1f(x); }
   static CBF_HD float abs(float x) { return ::fabsf(x); }
 };
@@ -324,16 +328,18 @@ CBF_HD SoftmaxFocal<T> softmax_focal(T logp, G gamma, int pow_k = -1) {
 // softmax_focal for a class with p <= 1/2, from log p and p itself (the CPU rows divide the
 // parked exp(x - max) by the row's sum): there 1 - p has no cancellation and lies in
 // [1/2, 1], so it is taken as 1 - p, and (for a gamma that is no integer >= 1) 1 / (1 - p)
-// as 2 recip_1_2(2 (1 - p)): no expm1, exp or division. The same factors as softmax_focal,
-// to rounding. At most one class of a row has p > 1/2: softmax_focal serves it.
+// as 2 recip_1_2(2 (1 - p)) and (1 - p)^gamma as exp(gamma log1p(-p)) (log1p_neg_half, a
+// polynomial on the CPU): no expm1, general log or division. The same factors as
+// softmax_focal, to rounding. At most one class of a row has p > 1/2: softmax_focal serves
+// it.
 template <typename T, typename G>
 CBF_HD SoftmaxFocal<T> softmax_focal_low_p(T logp, T p, G gamma, int pow_k = -1) {
   using O = MathOps<T>;
   const T one(1), two(2), g(gamma);
   const T q = one - p;
   if (pow_k >= 1) return softmax_focal_integer(logp, p, q, g, pow_k);
-  const T pw = pow_k == 0 ? one : O::exp_nonpos(g * O::log(q));
-  const T ratio = logp * (two * O::recip_1_2(two * q));  // log p / (1 - p)
+  const T pw = pow_k == 0 ? one : O::exp_nonpos(g * O::log1p_neg_half(-p));  // (1 - p)^gamma
+  const T ratio = logp * (two * O::recip_1_2(two * q));                      // log p / (1 - p)
   return softmax_focal_factors(logp, p, pw, ratio, g);
 }
 
