@@ -407,36 +407,45 @@ void softmax_rows(const Args<scalar_t>& a, const Smoothing& sm,
       const acc_t* const pe = kGrad ? park_row<scalar_t, kScratch>(scratch, nullptr, C, k) : nullptr;
       const V inv_sum(acc_t(1) / sum[k]), half(acc_t(0.5));
       V lv(0), gsum(0);
-      row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) CBF_BLOCK {
-        V xv[IO::kVecs], ev[IO::kVecs];
-        X.load(j, n, xv);
-        if constexpr (kHard) {
-          E.load_off_target(j, n, ev);
-        } else {
-          E.load(j, n, ev);
-        }
-        CBF_UNROLL_VECS
-        for (int v = 0; v < IO::kVecs; ++v) {
-          const int64_t nv = IO::lanes(n, v);
-          if (nv == 0) break;
-          const V logp = log_softmax_of(xv[v], mxv, lsv);
-          SoftmaxFocal<V> f;
-          if constexpr (kGrad) {
-            const V p = V::loadu(pe + j + v * IO::kLanes, nv) * inv_sum;  // zeros past nv
-            if (IO::none(p > half)) {
-              f = softmax_focal_low_p(logp, p, a.gamma, a.gamma_int);
+      // The row's largest p is 1 / sum (its max's exp is 1): with sum >= 2 every class has
+      // p <= 1/2 and no vector needs the test (NaN: the test, as before).
+      auto blocks = [&](auto all_low_c) __attribute__((always_inline)) {
+        row_blocks<IO, 1>(C, [&](int64_t j, int64_t n, auto) CBF_BLOCK {
+          V xv[IO::kVecs], ev[IO::kVecs];
+          X.load(j, n, xv);
+          if constexpr (kHard) {
+            E.load_off_target(j, n, ev);
+          } else {
+            E.load(j, n, ev);
+          }
+          CBF_UNROLL_VECS
+          for (int v = 0; v < IO::kVecs; ++v) {
+            const int64_t nv = IO::lanes(n, v);
+            if (nv == 0) break;
+            const V logp = log_softmax_of(xv[v], mxv, lsv);
+            SoftmaxFocal<V> f;
+            if constexpr (kGrad) {
+              const V p = V::loadu(pe + j + v * IO::kLanes, nv) * inv_sum;  // zeros past nv
+              if (decltype(all_low_c)::value || IO::none(p > half)) {
+                f = softmax_focal_low_p(logp, p, a.gamma, a.gamma_int);
+              } else {
+                f = softmax_focal<true>(logp, a.gamma, a.gamma_int);
+              }
             } else {
               f = softmax_focal<true>(logp, a.gamma, a.gamma_int);
             }
-          } else {
-            f = softmax_focal<true>(logp, a.gamma, a.gamma_int);
+            const V eG = ev[v] * f.G;
+            lv = lv + IO::keep(ev[v] * f.loss, nv, acc_t(0));
+            gsum = gsum + IO::keep(eG, nv, acc_t(0));
+            if constexpr (kGrad) eG.store(eGk + j + v * IO::kLanes, nv);
           }
-          const V eG = ev[v] * f.G;
-          lv = lv + IO::keep(ev[v] * f.loss, nv, acc_t(0));
-          gsum = gsum + IO::keep(eG, nv, acc_t(0));
-          if constexpr (kGrad) eG.store(eGk + j + v * IO::kLanes, nv);
-        }
-      });
+        });
+      };
+      if (kGrad && sum[k] >= acc_t(2)) {
+        blocks(std::true_type{});
+      } else {
+        blocks(std::false_type{});
+      }
       loss[k] = st[k] * IO::hsum(lv);
       cp[k] = st[k] * IO::hsum(gsum);
     }
