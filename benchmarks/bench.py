@@ -688,6 +688,12 @@ def write_csv(rows: list[Row], path: str) -> None:
             wr.writerow(d)
 
 
+def set_gamma(gamma: float) -> None:
+    """The focal gamma every cell of this process uses (--gamma)."""
+    global GAMMA
+    GAMMA = gamma
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the whole grid (slow)")
@@ -721,10 +727,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--system-malloc", action="store_true", help="measure with glibc malloc, not jemalloc")
     ap.add_argument("--thp", action="store_true", help="set THP_MEM_ALLOC_ENABLE=1 (PyTorch's huge pages)")
+    ap.add_argument(
+        "--gamma",
+        type=float,
+        default=GAMMA,
+        help=f"the focal losses' gamma (default {GAMMA}; the published tables are at the default)",
+    )
     ap.add_argument("--run-index", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error(f"--runs must be >= 1, got {args.runs}")
+    if not (args.gamma >= 0 and math.isfinite(args.gamma)):
+        ap.error(f"--gamma must be a finite number >= 0, got {args.gamma}")
+    if args.publish and args.gamma != GAMMA:
+        ap.error(f"--publish writes the tables at gamma = {GAMMA}; got --gamma {args.gamma}")
+    set_gamma(args.gamma)
     grid = "full" if args.full else "quick"
     if args.publish:
         path = os.path.join(HERE, "results", f"{args.device}-{grid}.csv")

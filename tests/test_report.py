@@ -1,9 +1,11 @@
-"""benchmarks/report.py's option-cost table and its target, on rows made up here (the
-benchmark itself is not run by the tests)."""
+"""benchmarks/report.py's option-cost table and its target, on rows made up here, and
+bench.py's argument checks (the benchmark itself is not run by the tests)."""
 
 import math
 import os
 import sys
+
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
@@ -57,3 +59,24 @@ def test_option_target_names_the_cells_over_it():
     )
     _, ok, nums = _option_target(_rows([1.05, 1.2, 1.08]))
     assert ok is True and "1 of 1 cells within; over: none" in nums
+
+
+def test_bench_gamma_flag_refuses_bad_values_and_publishing(capsys):
+    """--gamma sets the focal losses' gamma of every cell; a negative or non-finite value,
+    or --publish away from the default (the published tables are at gamma = 2), is an
+    error naming the value before anything is measured."""
+    import bench
+
+    for argv, match in [
+        (["--gamma", "-1"], "--gamma must be a finite number >= 0, got -1.0"),
+        (["--gamma", "nan"], "--gamma must be a finite number >= 0, got nan"),
+        (["--publish", "--gamma", "1.5"], "--publish writes the tables at gamma = 2.0; got --gamma 1.5"),
+    ]:
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+        assert match in capsys.readouterr().err
+    bench.set_gamma(1.5)
+    try:
+        assert bench.GAMMA == 1.5
+    finally:
+        bench.set_gamma(2.0)
