@@ -170,12 +170,12 @@ CBF_HD T integer_power(T base, int k) {
   return m;
 }
 
+// The term above from logistic(x) (L) and u = 1 - t, for a caller that has them already;
+// binary_term (below) from x.
 template <bool kFocal, bool kGrad, int kT = kTargetAny, typename T, typename G>
-CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1) {
+CBF_HD void binary_term_of(const Logistic<T>& L, T t, T u, G gamma, T& loss, T& grad, int pow_k = -1) {
   using O = MathOps<T>;
   constexpr bool kZeroT = kT == kTargetZero;
-  const T u = T(1) - t;
-  const Logistic<T> L = logistic(x);
   T bce, d1;  // bce(x, t), sigmoid(x) - t
   if constexpr (kZeroT) {
     bce = L.sp_pos;
@@ -205,21 +205,35 @@ CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1) {
   }
 }
 
+template <bool kFocal, bool kGrad, int kT = kTargetAny, typename T, typename G>
+CBF_HD void binary_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1) {
+  binary_term_of<kFocal, kGrad, kT>(logistic(x), t, T(1) - t, gamma, loss, grad, pow_k);
+}
+
 // torchvision.ops.sigmoid_focal_loss's term, exactly its semantics for soft
 // targets too: loss = bce * (1 - p_t)^gamma, p_t = p t + (1 - p)(1 - t).
 //   B = 1 - p_t = u sigmoid(x) + t sigmoid(-x),  m = B^gamma
 //   dm/dx = gamma * m * sigmoid(x) sigmoid(-x) (u - t) / B
-// For binary t this equals binary_term<true>. B = 0 only when t is 0 or 1 and
-// x saturates past the dtype's range; there m -> 0 (gamma > 0) and dm -> 0.
+// B = 0 only when t is 0 or 1 and x saturates past the dtype's range; there m -> 0
+// (gamma > 0) and dm -> 0.
 // pow_k >= 0: gamma is that integer (small_integer_gamma), for any t in [0, 1]: then
 // m = B^k and dm/dx = k B^(k-1) sigmoid(x) sigmoid(-x) (u - t) by multiplication, with no
 // log, exp or division (the same values to rounding; at B = 0 the same limits).
+// binary_t: the caller knows every t is 0 or 1. Then B = exp(-z) with binary_term's focal
+// exponent z = t softplus(x) + u softplus(-x), so m = exp(-gamma z) and
+// dm/dx = gamma m (u sigmoid(-x) - t sigmoid(x)): binary_term<true>, the same values to
+// rounding, with no log of B and no division (for any gamma).
 template <bool kGrad, typename T, typename G>
-CBF_HD void torchvision_focal_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1) {
+CBF_HD void torchvision_focal_term(T x, T t, G gamma, T& loss, T& grad, int pow_k = -1,
+                                   bool binary_t = false) {
   using O = MathOps<T>;
   const T zero(0), one(1);
   const T u = one - t;
   const Logistic<T> L = logistic(x);
+  if (binary_t && pow_k < 0) {
+    binary_term_of<true, kGrad>(L, t, u, gamma, loss, grad);
+    return;
+  }
   const T bce = softplus_mix(L, t, u);
   const T B = u * L.sig_pos + t * L.sig_neg;
   if (pow_k >= 0) {

@@ -55,7 +55,11 @@ double focal_elementwise(const FocalPlan& p, double gamma, double alpha, double 
         lv[v] = gv[v] = V(0);
         if (nv == 0) break;
         V l, d;
-        torchvision_focal_term<kGrad>(xv[v], tv[v], g, l, d, pow_k);
+        // Every lane's target 0 or 1 (padding lanes load 0): the term without a log of B,
+        // at a gamma that is no small integer. One multiply and compare per vector; a NaN
+        // target takes the general form.
+        const bool binary = pow_k < 0 && IO::none(tv[v] * (V(acc_t(1)) - tv[v]) != V(acc_t(0)));
+        torchvision_focal_term<kGrad>(xv[v], tv[v], g, l, d, pow_k, binary);
         if (has_alpha || av) {
           const V at = has_alpha     ? alpha_t(tv[v], al)
                        : per_element ? alpha_t_of(tv[v], V::loadu(av + j + v * IO::kLanes, nv))
