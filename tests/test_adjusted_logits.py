@@ -54,6 +54,8 @@ def _torch_adjusted(x, y, counts, tau, margins, scale):
         {"logit_adjustment": 0.5},
         {"margins": True, "logit_scale": 30.0},
         {"logit_adjustment": 1.0, "margins": True, "logit_scale": 2.0},
+        {"margins": True},  # s Delta <= log 2: the CPU exchanges the target's term after the sums
+        {"logit_adjustment": 1.0, "margins": True},
         {"logit_adjustment": 1.0, "label_smoothing": 0.1, "weighting": "class"},
     ],
     ids=lambda kw: ",".join(kw),
@@ -215,9 +217,16 @@ def test_matches_reference_every_dtype_and_layout(loss_type, shape, dtype, kind)
     for layout in ["plain", "channels_last"] if len(shape) == 4 else ["plain"]:
         xl = _layout(x, layout)
         yl = _layout(y, layout) if y.is_floating_point() else y
-        for reduction in ["mean", "none"]:
-            lo, go = _ours(xl, yl, counts, loss_type, reduction, 0.7, margins, 3.0)
-            lr, gr = _reference(xl, yl, counts, loss_type, reduction, 0.7, margins, 3.0)
+        # s Delta up to 1.5, and (s = 1, LDAM's max_margin 0.5) up to log 2, where the CPU
+        # exchanges the target's term of the sum after the passes
+        for reduction, tau, scale in [
+            ("mean", 0.7, 3.0),
+            ("none", 0.7, 3.0),
+            ("mean", 0.0, 1.0),
+            ("none", 0.7, 1.0),
+        ]:
+            lo, go = _ours(xl, yl, counts, loss_type, reduction, tau, margins, scale)
+            lr, gr = _reference(xl, yl, counts, loss_type, reduction, tau, margins, scale)
             assert_close_scaled(lo, lr.to(dtype), dtype)
             assert_close_scaled(go, gr.to(dtype), dtype)
         for weighting in ["class", "sample"]:  # with label smoothing, both weighting rules
@@ -252,31 +261,43 @@ def test_saturated_scaled_logits_stay_finite():
         torch.testing.assert_close(go.double(), want_g, rtol=0, atol=8 * ulp_z * 30)
 
 
+@pytest.mark.parametrize(
+    "s, margins",
+    [(32.0, [0.5, 1.5, -0.25, 3.0, 7.0]), (1.0, [0.5, 0.125, 0.6875, 0.25, 0.0])],
+    ids=["margins-in-the-passes", "margins-after-the-sums"],
+)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("shape", [(256, 5), (256, 80), (4, 5, 8, 8)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("loss_type", ["softmax", "softmax_focal"])
-def test_float32_margins_keep_confident_rows_to_an_ulp_of_one(loss_type, shape, smoothing):
+def test_float32_margins_keep_confident_rows_to_an_ulp_of_one(loss_type, shape, smoothing, s, margins):
     """Rows whose target leads the other logits by 0 to 100, with target margins M = s Delta
-    of -8, 16, 48, 96 and 224: float32 loss and gradient (d / dz) within 4 ulp of one (of
-    the loss where it is larger) of the float64 reference, the confident rows' small
-    1 - p_y included. The exps' shift must be the max of the logits with the margin (the
-    target's own where it leads, so its term is exp(0) = 1): a kernel that shifted by the
-    max before the margin, tried as a speed-up, was off by about an ulp of M (9 to 46 ulp
-    at M = 48) and at M = 96 underflowed the whole sum. Logits, scale and margins are exact
-    in float32, so only the kernels' own rounding is measured."""
+    of -8, 16, 48, 96 and 224, or of 0 to 0.6875 (<= log 2): float32 loss and gradient
+    (d / dz) within 4 ulp of one (of the loss where it is larger) of the float64 reference,
+    the confident rows' small 1 - p_y included. The exps' shift must be the max of the logits
+    with the margin (the target's own where it leads, so its term is exp(0) = 1): a kernel
+    that shifted by the max before the margin, tried as a speed-up, was off by about an ulp
+    of M (9 to 46 ulp at M = 48) and at M = 96 underflowed the whole sum. Only where every
+    M <= log 2 does the CPU shift by the max before the margin (an ulp of M is then at most
+    half an ulp of one) and exchange the target's term of the sum after the passes: the
+    second case. The loss without the gradient (the forward-only kernels) is the same to the
+    bit. Logits, scale and margins are exact in float32, so only the kernels' own rounding
+    is measured."""
     g = torch.Generator().manual_seed(11)
     n, c = shape[0], shape[1]
-    s = 32.0  # s x exact
-    x = torch.randint(-128, 129, shape, generator=g).double() / 256  # z = s x, multiples of 1/8
+    x = torch.randint(-128, 129, shape, generator=g).double() / (8 * s)  # z = s x, multiples of 1/8
     y = torch.randint(0, c, (n, *shape[2:]), generator=g)
     lead = (torch.arange(y.numel()) % 101).double().reshape(y.shape) / s  # 0 .. 100 in z
     x.scatter_(1, y.unsqueeze(1), (x.amax(1) + lead).unsqueeze(1))
-    margins = torch.tensor([0.5, 1.5, -0.25, 3.0, 7.0], dtype=torch.float64).repeat((c + 4) // 5)[:c]
+    margins = torch.tensor(margins, dtype=torch.float64).repeat((c + 4) // 5)[:c]
     w = torch.ones(c, dtype=torch.float64)
     kw = dict(loss_type=loss_type, gamma=2.0, margins=margins, logit_scale=s, label_smoothing=smoothing)
     lo, go = value_and_grad(
         lambda xi: cbfused.class_balanced_loss(xi, y, weights=w.float(), reduction="none", **kw), x.float()
     )
+    with torch.no_grad():
+        assert torch.equal(
+            cbfused.class_balanced_loss(x.float(), y, weights=w.float(), reduction="none", **kw), lo
+        )
     lr, gr = value_and_grad(lambda xi: reference.class_balanced_loss(xi, y, w, reduction="none", **kw), x)
     eps = torch.finfo(torch.float32).eps
     tol = 4 * eps * lr.abs().clamp(min=1)
